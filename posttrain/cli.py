@@ -1,0 +1,117 @@
+"""`posttrain <command>`: parses arguments, builds the config, calls the command.
+
+Heavy imports (torch, transformers, vllm) happen inside the commands, so `posttrain --help`
+and config errors come back at once. Each feature adds its commands through a function
+``add_commands(subparsers)`` listed in ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from posttrain.config import ChatConfig, ConfigError, describe, load_config, to_yaml
+
+COMMAND_MODULES: tuple[str, ...] = ()  # e.g. "posttrain.verifiers.cli"; each has add_commands()
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from posttrain import models
+
+    for name, builtin in models.BUILTINS.items():
+        folder = models.cache_root() / "models" / name
+        state = "prepared" if models.is_prepared(folder, builtin) else "not prepared"
+        print(f"{name:24s} {state:13s} {builtin.description}")
+    print("(any HF hub id or local model folder works too)")
+    return 0
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from posttrain import models
+
+    folder = models.prepare(args.name, cache_dir=args.cache_dir, source=args.source, force=args.force)
+    print(folder)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    overrides = [f"model.name={args.model}"] if args.model else []
+    if args.no_think:
+        overrides.append("generation.enable_thinking=false")
+    for flag, key in (("budget", "reasoning_budget"), ("max_new_tokens", "max_new_tokens"),
+                      ("temperature", "temperature"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"generation.{key}={getattr(args, flag)}")
+    cfg = load_config(ChatConfig, args.config, overrides + list(args.set))
+    if args.system is not None:
+        cfg.system = args.system
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    from posttrain.chat import chat
+
+    result = chat(cfg, args.prompt)
+    reasoning = f", {result.reasoning_tokens} reasoning" if result.reasoning_tokens is not None else ""
+    print(f"[{result.new_tokens} tokens{reasoning} in {result.seconds:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_models = sub.add_parser("models", help="list or prepare built-in models")
+    models_sub = p_models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_sub.add_parser("list", help="built-in names and whether they are prepared").set_defaults(func=_models_list)
+    p_prep = models_sub.add_parser("prepare", help="build a built-in model into the cache (once)")
+    p_prep.add_argument("name")
+    p_prep.add_argument("--source", choices=("auto", "hub", "gguf"), default="auto",
+                        help="smollm2: hub, the packaged GGUF, or hub with GGUF fallback (default)")
+    p_prep.add_argument("--cache-dir", default=None, help="default: $POSTTRAIN_CACHE/models")
+    p_prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    p_prep.set_defaults(func=_models_prepare)
+
+    p_chat = sub.add_parser("chat", help="generate an answer to one prompt (HF generate, streamed)")
+    p_chat.add_argument("prompt")
+    p_chat.add_argument("--model", help="built-in name, hub id or local folder")
+    p_chat.add_argument("--no-think", action="store_true", help="answer without reasoning")
+    p_chat.add_argument("--budget", type=int, help="reasoning token budget (announced and enforced)")
+    p_chat.add_argument("--max-new-tokens", type=int)
+    p_chat.add_argument("--temperature", type=float)
+    p_chat.add_argument("--seed", type=int)
+    p_chat.add_argument("--system", help="system message")
+    p_chat.add_argument("--config", help="YAML with ChatConfig sections (model, generation)")
+    p_chat.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set generation.top_p=0.9 (repeatable)")
+    p_chat.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p_chat.set_defaults(func=_chat)
+
+    p_cfg = sub.add_parser("config", help="show every key of a config with its default and help")
+    p_cfg.add_argument("kind", choices=("chat",))
+    p_cfg.set_defaults(func=lambda a: print("\n".join(describe(ChatConfig))) or 0)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"posttrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("posttrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Typed configuration: pydantic models, YAML presets, dotted overrides.
+
+Imports without torch. Every stage config subclasses :class:`Config`, which forbids unknown
+keys, so a typo in a YAML file or an override (``trainer.lr=1e-5``) is an error that names the
+key, the value and what is allowed, instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from posttrain.atomic import atomic_write_text
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+class Config(BaseModel):
+    """Base of every config section: strict keys, validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Config):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="built-in name (`posttrain models list`), HF hub id, or local folder",
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    trust_remote_code: bool = Field(False, description="allow model code from the hub")
+    chat_template: Literal["posttrain", "model"] = Field(
+        "posttrain", description="posttrain = our reasoning-aware template; model = the tokenizer's own"
+    )
+
+
+class GenerationConfig(Config):
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated after the prompt")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    enable_thinking: bool = Field(True, description="generation prompt opens <think> (else <think></think>)")
+    reasoning_budget: int | None = Field(
+        None, ge=0, description="max reasoning tokens; announced in the prompt and enforced"
+    )
+    seed: int = 0
+
+
+class ChatConfig(Config):
+    """`posttrain chat`: one prompt, one streamed answer."""
+
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    system: str = Field(
+        "You are a helpful AI assistant.",
+        description="system message ('' for none); small chat models answer better with one",
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> nested dict; values are YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[C],
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> C:
+    """Build ``cls`` from (defaults <- ``base`` <- YAML file <- dotted overrides)."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = deep_merge(data, load_yaml(path))
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    return validate(cls, data)
+
+
+def validate(cls: type[C], data: dict[str, Any]) -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(cls, exc)) from None
+
+
+def format_errors(cls: type[Config], exc: ValidationError) -> str:
+    lines = [f"invalid {cls.__name__}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(cls, err["loc"][:-1])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            lines.append(f"  {loc}: unknown key{did_you_mean}; allowed: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {loc} = {err.get('input')!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(cls: type[Config], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = cls
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: Config, run_dir: str | os.PathLike[str], name: str = "config.yaml") -> Path:
+    """Write the fully resolved config into the run folder (atomically)."""
+    target = Path(run_dir) / name
+    atomic_write_text(target, to_yaml(cfg))
+    return target
+
+
+def describe(cls: type[Config], prefix: str = "") -> list[str]:
+    """One line per leaf field: ``key: type = default  # help`` (for `--help-config`)."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Config):
+            lines.extend(describe(ann, key + "."))
+            continue
+        default = json.dumps(field.default, default=str)
+        help_text = f"  # {field.description}" if field.description else ""
+        lines.append(f"{key} = {default}{help_text}")
+    return lines

@@ -1,0 +1,1 @@
+"""Verifiable environments: protocol, registry, built-ins, mixing (issue: Environments)."""

@@ -1,0 +1,1 @@
+"""GenRM: circular pairwise judging, reward-model training, the RLHF stage (issue: GenRM)."""

@@ -1,0 +1,1 @@
+"""Orchestration: Ray cluster start/attach, named actors, placement groups, metrics."""

@@ -1,0 +1,1 @@
+"""RLVR stage: GRPO controller loop, trainer actor, policy loss, advantages (issue: RLVR)."""

@@ -1,0 +1,1 @@
+"""Rollout: generation engines (vLLM | transformers), thinking budget, weight sync."""

@@ -1,0 +1,1 @@
+"""SFT stage: reasoning-budget data, exact packing, long-context training (issue: SFT)."""

@@ -1,0 +1,1 @@
+"""Verifiers: sandboxed code execution, math and instruction checkers (issue: Verifiers)."""
