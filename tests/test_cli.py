@@ -1,0 +1,71 @@
+"""The `posttrain` command: help, dry runs, errors, and real chats (end-to-end smoke)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from posttrain.cli import main
+
+
+def posttrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_only_working_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("models", "chat", "config"):
+        assert command in out
+
+
+def test_chat_dry_run_prints_resolved_config(capsys):
+    assert main(["chat", "--model", "tiny-llama", "--no-think", "--budget", "5",
+                 "--set", "generation.top_p=0.5", "--dry-run", "hi"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["name"] == "tiny-llama"
+    assert cfg["generation"] == {**cfg["generation"], "enable_thinking": False, "reasoning_budget": 5, "top_p": 0.5}
+
+
+def test_config_error_exits_2_with_the_key(capsys):
+    assert main(["chat", "--set", "generation.temprature=1", "--dry-run", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "generation.temprature: unknown key" in err and "did you mean 'temperature'" in err
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["models", "prepare", "nope"]) == 2
+    assert "unknown built-in model 'nope'" in capsys.readouterr().err
+
+
+def test_config_describe(capsys):
+    assert main(["config", "chat"]) == 0
+    out = capsys.readouterr().out
+    assert "generation.reasoning_budget = null  # max reasoning tokens" in out
+
+
+def test_models_list(capsys, tiny_llama_dir):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama" in out and "prepared" in out and "tiny-nemotron-h" in out
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-nemotron-h"])
+def test_chat_runs_on_tiny_models(model, tiny_llama_dir, tiny_nemotron_dir):
+    proc = posttrain("chat", "--model", model, "--max-new-tokens", "12", "--budget", "4", "hi")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("<think>\n") and "</think>" in proc.stdout  # budget 4 forced the close
+    assert "12 tokens" in proc.stderr
+
+
+def test_chat_smollm2_gives_a_real_answer(smollm2_dir):
+    proc = posttrain("chat", "--model", "smollm2-135m-instruct", "--no-think", "--max-new-tokens", "32",
+                     "What is the capital of France? Answer in one sentence.")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout

@@ -1,0 +1,98 @@
+"""Typed config: presets, dotted overrides, errors that name the key, resolved config on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.config import ChatConfig, ConfigError, load_config, parse_overrides, write_resolved
+
+PRESET = Path(__file__).parents[1] / "configs" / "chat" / "default.yaml"
+
+
+def test_preset_loads_and_overrides_win():
+    cfg = load_config(ChatConfig, PRESET, ["generation.max_new_tokens=7", "model.name=tiny-llama"])
+    assert cfg.generation.max_new_tokens == 7
+    assert cfg.model.name == "tiny-llama"
+    assert cfg.generation.reasoning_budget == 128  # from the preset
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_overrides(["a.b=1e-5", "a.c=true", "d=[1, 2]", "e=null", "f="]) == {
+        "a": {"b": "1e-5", "c": True}, "d": [1, 2], "e": None, "f": ""}
+    cfg = load_config(ChatConfig, overrides=["generation.temperature=1e-1"])
+    assert cfg.generation.temperature == pytest.approx(0.1)
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(ChatConfig, overrides=["generation.max_new_token=5"])
+    msg = str(err.value)
+    assert "generation.max_new_token: unknown key" in msg
+    assert "did you mean 'max_new_tokens'" in msg
+    assert "allowed:" in msg and "temperature" in msg
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match="trainer: unknown key"):
+        load_config(ChatConfig, overrides=["trainer.lr=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("generation.temperature=hot", "generation.temperature = 'hot'"),
+        ("generation.max_new_tokens=0", "greater than or equal to 1"),
+        ("model.dtype=float8", "'auto', 'float32', 'bfloat16' or 'float16'"),
+        ("generation.reasoning_budget=-3", "generation.reasoning_budget = -3"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(ChatConfig, overrides=[override])
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides([bad])
+
+
+def test_override_conflict():
+    with pytest.raises(ConfigError, match="conflicts"):
+        parse_overrides(["a=1", "a.b=2"])
+
+
+def test_bad_yaml_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(ChatConfig, tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(ChatConfig, tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ChatConfig, tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ChatConfig, PRESET, ["generation.seed=3"])
+    path = write_resolved(cfg, tmp_path / "run")
+    assert load_config(ChatConfig, path) == cfg
+    assert yaml.safe_load(path.read_text())["generation"]["seed"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp files left
+
+
+def test_assignment_is_validated():
+    cfg = ChatConfig()
+    with pytest.raises(Exception, match="max_new_tokens"):
+        cfg.generation.max_new_tokens = -1
+
+
+def test_config_imports_without_torch():
+    code = "import sys, posttrain.config, posttrain.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
