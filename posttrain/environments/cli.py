@@ -1,0 +1,77 @@
+"""`posttrain env list | show NAME | check NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from posttrain.config import parse_overrides
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from posttrain.environments.registry import EnvConfig, load_environment
+
+    options = parse_overrides(args.option) if args.option else {}
+    if args.options_json:
+        options.update(json.loads(args.options_json))
+    return load_environment(EnvConfig(name=args.name, options=options))
+
+
+def _list(args: argparse.Namespace) -> int:
+    from posttrain.environments import registry
+
+    for name in registry.builtin_names():
+        print(f"{name:24s} built-in")
+    for name in registry.entry_point_names():
+        print(f"{name:24s} entry point ({registry.ENTRY_POINT_GROUP})")
+    print("(or any module:Class implementing posttrain.environments.base.Environment)")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    env = _load(args)
+    samples = list(env.samples(args.split, args.seed))
+    print(f"{env.name}: {len(samples)} {args.split} samples (seed {args.seed})")
+    for s in samples[: args.n]:
+        print(f"--- {s.id}  info={json.dumps(s.info, default=str)[:200]}")
+        for m in s.messages:
+            print(f"[{m['role']}] {m['content']}")
+        print(f"[gold] {str(s.answer)[:500]}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from posttrain.environments.check import check_environment, reward_histogram, sample_with_model
+
+    env = _load(args)
+    report = check_environment(env, n=args.n, seed=args.seed)
+    print("\n".join(report.lines()))
+    if args.model:
+        _, scores = sample_with_model(env, args.model, args.n, seed=args.seed)
+        print(f"reward distribution of {len(scores)} completions sampled from {args.model}:")
+        print("\n".join(reward_histogram(scores)))
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
+    return 0 if report.ok else 1
+
+
+def add_commands(sub: Any) -> None:
+    p_env = sub.add_parser("env", help="list, show and check verifiable environments")
+    env_sub = p_env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    env_sub.add_parser("list", help="built-in and installed environments").set_defaults(func=_list)
+    for action, func, help_text in (("show", _show, "print a few samples with their gold answers"),
+                                    ("check", _check, "gold scores 1.0, garbage/adversarial scores 0")):
+        p = env_sub.add_parser(action, help=help_text)
+        p.add_argument("name", help="built-in name, entry point name, or module:Class")
+        p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="environment option, e.g. -o size=50 -o levels=[1,2] (repeatable)")
+        p.add_argument("--options-json", help="environment options as one JSON object")
+        p.add_argument("--n", type=int, default=5 if action == "show" else 10, help="samples to use")
+        p.add_argument("--seed", type=int, default=0)
+        if action == "show":
+            p.add_argument("--split", default="train", choices=("train", "test"))
+        else:
+            p.add_argument("--model", help="also sample completions from this model and show their rewards")
+        p.set_defaults(func=func)

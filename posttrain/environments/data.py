@@ -1,0 +1,126 @@
+"""Loading and validating environment datasets before training starts.
+
+``load_rows`` takes what users point at: a local JSONL/JSON/Parquet/CSV file, a local dataset
+folder, or a hub id (through ``datasets``). ``validate_rows`` checks every row up front and
+reports bad ones by row index and field, so a malformed record never stops a run midway:
+by default bad rows are dropped with a warning that lists them; ``on_invalid="error"``
+refuses the dataset instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+OnInvalid = Literal["skip", "error"]
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset or one of its rows is unusable; the message names row and field."""
+
+
+def load_rows(source: str, split: str = "train", limit: int | None = None,
+              subset: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local file/folder or a hub dataset, as plain dicts."""
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            fmt = _FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(_FORMATS)}")
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        elif path.is_dir():
+            ds = datasets.load_dataset(str(path), subset, split=split)
+        else:
+            ds = datasets.load_dataset(source, subset, split=split)  # a hub id
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many kinds; name the source
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {exc}") from exc
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(row) for row in ds]
+
+
+def require(row: Any, fields: dict[str, type | tuple[type, ...]]) -> list[str]:
+    """Problems of one row: missing fields, wrong types, empty strings."""
+    if not isinstance(row, dict):
+        return [f"row is {type(row).__name__}, not a mapping"]
+    problems = []
+    for name, kind in fields.items():
+        if name not in row or row[name] is None:
+            problems.append(f"field {name!r} missing")
+        elif not isinstance(row[name], kind) or isinstance(row[name], bool) and bool not in _as_tuple(kind):
+            problems.append(f"field {name!r} is {type(row[name]).__name__}, expected {_kind_name(kind)}")
+        elif isinstance(row[name], str) and not row[name].strip():
+            problems.append(f"field {name!r} is empty")
+    return problems
+
+
+def validate_rows(rows: Iterable[Any], convert: Callable[[int, Any], Any], *, source: str,
+                  on_invalid: OnInvalid = "skip") -> list[Any]:
+    """Apply ``convert(index, row)`` to every row; it raises DataError for a bad row.
+
+    Returns the converted good rows. All problems are collected before deciding, so the
+    report lists every bad row, not just the first.
+    """
+    good, bad = [], []
+    for i, row in enumerate(rows):
+        try:
+            good.append(convert(i, row))
+        except DataError as exc:
+            bad.append(f"row {i}: {exc}")
+    if bad:
+        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        message = f"{source}: {len(bad)} invalid row(s):\n  {shown}"
+        if on_invalid == "error":
+            raise DataError(message)
+        log.warning("%s\n(dropped; set on_invalid=error to refuse the dataset)", message)
+    if not good:
+        raise DataError(f"{source}: no valid rows")
+    return good
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where an environment's prompts come from: a dataset (``source``) or its own generator."""
+
+    source: str | None = None  # None: the environment generates its prompts offline
+    size: int = 300  # generated prompts in the train split
+    test_size: int = 60  # generated prompts in the test split
+    limit: int | None = None  # first rows of a dataset only
+    on_invalid: OnInvalid = "skip"
+    test_source: str | None = None  # a separate dataset for the test split
+
+    def check_split(self, split: str) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
+        if self.size < 1 or self.test_size < 1:
+            raise ValueError(f"size and test_size must be >= 1 (got {self.size}, {self.test_size})")
+
+    def generated_count(self, split: str) -> int:
+        return self.size if split == "train" else self.test_size
+
+    def rows(self, split: str, convert: Callable[[Any], Any]) -> list[Any]:
+        """Load ``split`` of the dataset and convert every row (bad rows reported, see validate_rows)."""
+        source = self.test_source if split == "test" and self.test_source else self.source
+        if source is None:
+            raise ValueError("no dataset source configured")
+        return validate_rows(load_rows(source, split=split, limit=self.limit), lambda i, row: convert(row),
+                             source=source, on_invalid=self.on_invalid)

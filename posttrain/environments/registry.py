@@ -1,0 +1,90 @@
+"""Finding environments: built-in names, ``module:Class`` paths, and entry points.
+
+A separate pip package ships an environment by declaring, in its pyproject.toml::
+
+    [project.entry-points."posttrain.environments"]
+    my_env = "my_package.env:MyEnv"
+
+Every environment is built the same way: ``cls(**options)``, where ``options`` is the
+``environments[i].options`` mapping of the run config. Unknown or bad options are the
+environment's own ``TypeError``/``ValueError``, reported with the environment's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field
+
+from posttrain.config import Config
+from posttrain.environments.base import Environment
+
+ENTRY_POINT_GROUP = "posttrain.environments"
+
+_BUILTINS: dict[str, str] = {
+    "math": "posttrain.environments.math_env:MathEnv",
+    "code": "posttrain.environments.code_env:CodeEnv",
+    "instruction_following": "posttrain.environments.instruction_env:InstructionEnv",
+    "json_schema": "posttrain.environments.json_env:JsonSchemaEnv",
+    "reasoning_gym": "posttrain.environments.reasoning_gym_env:ReasoningGymEnv",
+}
+
+
+class EnvLoadError(LookupError):
+    """An environment could not be found or built."""
+
+
+class EnvConfig(Config):
+    name: str = Field(description="built-in name, entry-point name, or module:Class")
+    weight: float = Field(1.0, gt=0, description="share of each step's prompts (normalised over envs)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the environment")
+
+
+def builtin_names() -> list[str]:
+    return sorted(_BUILTINS)
+
+
+def entry_point_names() -> list[str]:
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def find_class(name: str) -> Callable[..., Environment]:
+    """Resolve ``name`` (built-in, entry point, or ``module:Class``) to a class or factory."""
+    target = _BUILTINS.get(name)
+    if target is None:
+        eps = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if eps:
+            try:
+                return eps[0].load()
+            except Exception as exc:
+                raise EnvLoadError(f"entry point {name!r} ({eps[0].value}) failed to load: {exc}") from exc
+        if ":" not in name:
+            known = ", ".join(builtin_names() + entry_point_names())
+            raise EnvLoadError(f"unknown environment {name!r}; known: {known}; or give module:Class")
+        target = name
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EnvLoadError(f"environment {name!r}: cannot import {module_name!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise EnvLoadError(f"environment {name!r}: {module_name!r} has no attribute {attr!r}") from None
+
+
+def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
+    if isinstance(cfg, str):
+        cfg = EnvConfig(name=cfg, options=options)
+    cls = find_class(cfg.name)
+    try:
+        env = cls(**cfg.options)
+    except (TypeError, ValueError) as exc:
+        raise EnvLoadError(f"environment {cfg.name!r}: bad options {cfg.options}: {exc}") from exc
+    missing = [a for a in ("name", "samples", "score") if not hasattr(env, a)]
+    if missing:
+        raise EnvLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} (see posttrain.environments.base)")
+    return env

@@ -1,0 +1,185 @@
+"""The only code of ours that runs inside the sandbox, next to the candidate program.
+
+It is passed to ``python3 -I -S -c`` (standard library only, no project imports) and speaks
+one JSON object per line: requests arrive on fd ``argv[1]``, replies leave on fd
+``argv[2]``. The candidate shares this process, so it can tamper with anything here: that
+is fine, because only *values* leave (tagged JSON of plain types), the expected values are
+never inside, and the comparison runs on the trusted side. At worst tampering makes its own
+answers wrong. stdin is /dev/null; stdout/stderr go to a capped log pipe.
+
+Requests: ``{"source": str, "entry_point": str | null}`` first (compile + exec), then
+``{"args": [...], "kwargs": {...}}`` (call the entry point) or ``{"stdin": str}`` (run the
+program as a script on that input, reply with what it printed).
+"""
+
+import os
+import sys
+
+try:  # the C parts of json: importing the json package costs ~12 ms (re, enum...) per run
+    import _json
+
+    class _Ctx:
+        strict, object_hook, object_pairs_hook, parse_float, parse_int, memo = True, None, None, float, int, {}
+
+        def parse_constant(name):
+            raise ValueError("JSON constant " + name)
+
+    _scan = _json.make_scanner(_Ctx)
+    _quote = _json.encode_basestring_ascii
+
+    def loads(text):
+        obj, end = _scan(text.strip(), 0)
+        return obj
+
+    def dumps(obj):
+        if obj is None:
+            return "null"
+        if obj is True or obj is False:
+            return "true" if obj else "false"
+        t = type(obj)
+        if t is str:
+            return _quote(obj)
+        if t is int:
+            return int.__repr__(obj)
+        if t is float:
+            return float.__repr__(obj)
+        if t is list:
+            return "[" + ", ".join([dumps(v) for v in obj]) + "]"
+        if t is dict:
+            return "{" + ", ".join([_quote(k) + ": " + dumps(v) for k, v in obj.items()]) + "}"
+        raise TypeError("cannot write " + t.__name__)
+except ImportError:  # pragma: no cover - an interpreter without the C accelerator
+    from json import dumps, loads
+
+
+def encode(value, depth=0):
+    """Plain values to tagged JSON; anything else (subclasses included) is refused."""
+    if depth > 100:
+        raise ValueError("value nested deeper than 100")
+    t = type(value)
+    if value is None or t is bool or t is str:
+        return value
+    if t is int:
+        return value if abs(value) < 2**53 else {"$int": str(value)}
+    if t is float:
+        return value if value == value and abs(value) != float("inf") else {"$float": repr(value)}
+    if t is list:
+        return [encode(v, depth + 1) for v in value]
+    if t is tuple:
+        return {"$tuple": [encode(v, depth + 1) for v in value]}
+    if t is set or t is frozenset:
+        return {"$set": [encode(v, depth + 1) for v in value]}
+    if t is dict:
+        return {"$dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
+    raise TypeError("cannot return a value of type " + t.__name__)
+
+
+def decode(obj):
+    """Inverse of encode for arguments sent by the trusted side."""
+    if isinstance(obj, list):
+        return [decode(v) for v in obj]
+    if isinstance(obj, dict):
+        ((tag, v),) = obj.items()
+        if tag == "$int":
+            return int(v)
+        if tag == "$float":
+            return float(v)
+        if tag == "$tuple":
+            return tuple(decode(x) for x in v)
+        if tag == "$set":
+            return set(decode(x) for x in v)
+        if tag == "$dict":
+            return {decode(k): decode(x) for k, x in v}
+        raise ValueError("unknown tag " + tag)
+    return obj
+
+
+def failure(exc):
+    kind = "memory" if isinstance(exc, MemoryError) else "raised"
+    if isinstance(exc, RecursionError):
+        kind = "recursion"
+    return {"status": kind, "type": type(exc).__name__, "message": str(exc)[:500]}
+
+
+def apply_limits(limits):
+    """Lower our own rlimits before any candidate code runs (hard limits: no way back up)."""
+    import resource
+
+    for name, (soft, hard) in limits.items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+
+
+def main():
+    requests = os.fdopen(int(sys.argv[1]), "rb")
+    reply_fd = int(sys.argv[2])
+    apply_limits(loads(sys.argv[3]))
+    del sys.argv[1:]
+
+    def reply(obj):
+        data = (dumps(obj) + "\n").encode()
+        while data:
+            data = data[os.write(reply_fd, data):]
+
+    reply({"status": "hello"})  # before any candidate code: proves the sandbox itself started
+
+    setup = loads(requests.readline().decode())
+    try:
+        code = compile(setup["source"], "<candidate>", "exec")
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        reply({"status": "syntax_error", "type": type(exc).__name__, "message": str(exc)[:500]})
+        return
+    entry = setup.get("entry_point")
+    if entry is not None:
+        namespace = {"__name__": "__candidate__", "__builtins__": __builtins__}
+        try:
+            exec(code, namespace)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit included: it is the candidate's failure
+            reply(dict(failure(exc), stage="setup"))
+            return
+        if not callable(namespace.get(entry)):
+            reply({"status": "missing_entry_point", "message": "no callable named %r" % entry})
+            return
+    reply({"status": "ready"})
+    for line in requests:
+        request = loads(line.decode())
+        if "stdin" in request:
+            reply(run_script(code, request["stdin"]))
+            continue
+        try:
+            kwargs = {k: decode(v) for k, v in request.get("kwargs", {}).items()}
+            value = namespace[entry](*decode(request["args"]), **kwargs)
+        except BaseException as exc:  # noqa: BLE001
+            reply(failure(exc))
+            continue
+        try:
+            reply({"status": "ok", "value": encode(value)})
+        except (TypeError, ValueError, RecursionError) as exc:
+            reply({"status": "unserializable", "message": str(exc)[:500]})
+
+
+def run_script(code, stdin):
+    """Run the program as ``__main__`` with ``stdin`` and return what it wrote to sys.stdout."""
+    import io
+
+    out = io.StringIO()
+    saved = sys.stdin, sys.stdout
+    sys.stdin, sys.stdout = io.StringIO(stdin), out
+    status = {"status": "ok"}
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            status = {"status": "raised", "type": "SystemExit", "message": str(exc.code)[:200]}
+    except BaseException as exc:  # noqa: BLE001
+        status = failure(exc)
+        import traceback
+
+        traceback.print_exc(file=saved[1])
+    finally:
+        sys.stdin, sys.stdout = saved
+    status["stdout"] = out.getvalue()
+    return status
+
+
+if __name__ == "__main__":
+    main()

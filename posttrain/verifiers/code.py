@@ -1,0 +1,203 @@
+"""Score a candidate program against unit tests without trusting anything it says.
+
+Only test *inputs* enter the sandbox; the candidate's return values come back as tagged JSON
+of plain types (no subclasses, no objects with a custom ``__eq__``) and are compared with the
+expected values here, on the trusted side. HumanEval-style ``check(candidate)`` code runs
+here too, with ``candidate`` a proxy whose every call is a round trip into the sandbox. So
+``os._exit(0)``, ``atexit``, ``sys.excepthook``, patched ``unittest``/``assert``, fake success
+markers or an always-true ``__eq__`` cannot turn a wrong program into a pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from posttrain.verifiers import _runner
+from posttrain.verifiers.sandbox import Isolation, Limits, Sandbox, SandboxError
+
+# Error kinds carried by results (for metrics): why a sample failed, or "passed".
+PASSED, WRONG, TIMEOUT, MEMORY, CRASH = "passed", "wrong_answer", "timeout", "memory", "crash"
+SYNTAX, RUNTIME, OUTPUT_LIMIT, INFRA = "syntax_error", "runtime_error", "output_limit", "infra"
+
+
+@dataclasses.dataclass
+class CodeResult:
+    """Verdict for one program. ``kind == "infra"`` means *not scored*: never count it as 0."""
+
+    passed: bool
+    kind: str
+    seconds: float
+    detail: str = ""
+    log: str = ""  # first bytes of the program's stdout/stderr
+
+    @property
+    def reward(self) -> float | None:
+        return None if self.kind == INFRA else float(self.passed)
+
+
+class SandboxAbort(BaseException):
+    """Raised through the trusted test code when the sandbox run is over (timeout, crash...).
+
+    A BaseException so that a test's ``except Exception`` cannot swallow it.
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+class CandidateRaised(Exception):
+    """The candidate raised inside the sandbox (tests may expect this, so it is an Exception)."""
+
+
+_FAILURE_KINDS = {"timeout": TIMEOUT, "memory": MEMORY, "crash": CRASH, "output_limit": OUTPUT_LIMIT,
+                  "malformed": WRONG, "syntax_error": SYNTAX, "recursion": RUNTIME}
+
+
+def decode_value(obj: Any) -> Any:
+    """Tagged JSON from the sandbox to fresh plain Python values; anything odd is ValueError."""
+    try:
+        return _runner.decode(obj)
+    except (ValueError, TypeError, RecursionError, AttributeError) as exc:
+        raise ValueError(f"malformed value from the sandbox: {exc}") from None
+
+
+class CandidateProxy:
+    """Stands in for the candidate function on the trusted side: each call runs in the sandbox."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            request = {"args": _runner.encode(list(args)), "kwargs": {k: _runner.encode(v) for k, v in kwargs.items()}}
+        except (TypeError, ValueError) as exc:
+            raise SandboxAbort(INFRA, f"test passes an argument the sandbox cannot carry: {exc}") from None
+        self.calls += 1
+        reply = self._sandbox.request(request)
+        status = reply.get("status")
+        if status == "ok":
+            try:
+                return decode_value(reply.get("value"))
+            except ValueError as exc:
+                raise SandboxAbort(WRONG, str(exc)) from None
+        if status == "raised":
+            raise CandidateRaised(f"{reply.get('type')}: {reply.get('message')}")
+        if status == "unserializable":
+            raise SandboxAbort(WRONG, f"candidate returned a non-plain value ({reply.get('message')})")
+        raise SandboxAbort(_FAILURE_KINDS.get(str(status), CRASH), str(reply.get("message", status)))
+
+
+def _setup_failure(reply: dict[str, Any]) -> tuple[str, str]:
+    status = reply.get("status")
+    detail = f"{reply.get('type', '')}: {reply.get('message', '')}".strip(": ")
+    if status == "syntax_error":
+        return SYNTAX, detail
+    if status in ("raised", "recursion", "memory"):
+        return (MEMORY if status == "memory" else RUNTIME), f"while loading: {detail}"
+    if status == "missing_entry_point":
+        return WRONG, detail
+    return _FAILURE_KINDS.get(str(status), CRASH), detail
+
+
+def check_function(program: str, entry_point: str, test: str, *, helpers: str = "",
+                   limits: Limits | None = None, isolation: Isolation | None = None) -> CodeResult:
+    """Run ``test`` (asserts, or a ``check(candidate)`` function) against ``entry_point`` of ``program``.
+
+    ``helpers`` is trusted code (e.g. a HumanEval prompt that defines helper functions the test
+    uses) executed on the trusted side before ``test``. The program itself only runs sandboxed.
+    """
+    start = time.monotonic()
+    try:
+        with Sandbox(limits, isolation) as sandbox:
+            kind, detail = _run_function_tests(sandbox, program, entry_point, test, helpers)
+            log_text = sandbox.log_text()
+    except SandboxError as exc:
+        kind, detail, log_text = INFRA, str(exc), ""
+    return CodeResult(kind == PASSED, kind, time.monotonic() - start, detail, log_text)
+
+
+def _run_function_tests(sandbox: Sandbox, program: str, entry_point: str, test: str,
+                        helpers: str) -> tuple[str, str]:
+    reply = sandbox.start(program, entry_point)
+    if reply.get("status") != "ready":
+        return _setup_failure(reply)
+    proxy = CandidateProxy(sandbox)
+    namespace: dict[str, Any] = {"__name__": "__verifier__"}
+    if helpers:
+        try:  # trusted dataset code; a prompt that is only a signature does not compile, and is not needed
+            exec(compile(helpers, "<helpers>", "exec"), namespace)
+        except Exception:  # noqa: BLE001
+            namespace = {"__name__": "__verifier__"}
+    try:
+        namespace.update({entry_point: proxy, "candidate": proxy})
+        exec(compile(test, "<test>", "exec"), namespace)  # trusted dataset code
+        if callable(namespace.get("check")):
+            namespace["check"](proxy)
+    except SandboxAbort as exc:
+        return exc.kind, exc.detail
+    except CandidateRaised as exc:
+        return RUNTIME, str(exc)[:500]
+    except AssertionError as exc:
+        return WRONG, f"assertion failed {exc}"[:500]
+    except Exception as exc:  # noqa: BLE001 - the test's own error on a bad value means: wrong
+        return WRONG, f"{type(exc).__name__}: {exc}"[:500]
+    if proxy.calls == 0:
+        return INFRA, "the test never called the candidate: check the test code"
+    return PASSED, f"{proxy.calls} calls"
+
+
+def outputs_match(got: str, expected: str) -> bool:
+    """Competitive-programming comparison: same whitespace-separated tokens."""
+    return got.split() == expected.split()
+
+
+def check_io(program: str, cases: Sequence[tuple[str, str]], *, limits: Limits | None = None,
+             isolation: Isolation | None = None) -> CodeResult:
+    """Run ``program`` as a script on each ``(stdin, expected_stdout)`` case; all must match."""
+    start = time.monotonic()
+    kind, detail, log_text = PASSED, f"{len(cases)} cases", ""
+    try:
+        with Sandbox(limits, isolation) as sandbox:
+            reply = sandbox.start(program, None)
+            if reply.get("status") != "ready":
+                kind, detail = _setup_failure(reply)
+            for i, (stdin, expected) in enumerate(cases if kind == PASSED else ()):
+                reply = sandbox.request({"stdin": stdin})
+                status, out = reply.get("status"), reply.get("stdout")
+                if status != "ok" or not isinstance(out, str):
+                    kind = RUNTIME if status == "raised" else _FAILURE_KINDS.get(str(status), CRASH)
+                    detail = f"case {i}: {reply.get('type', '')} {reply.get('message', status)}"[:500]
+                    break
+                if not outputs_match(out, expected):
+                    kind, detail = WRONG, f"case {i}: output differs"
+                    break
+            log_text = sandbox.log_text()
+    except SandboxError as exc:
+        kind, detail = INFRA, str(exc)
+    return CodeResult(kind == PASSED, kind, time.monotonic() - start, detail, log_text)
+
+
+def humaneval_program(problem: dict[str, Any], completion: str) -> str:
+    """HumanEval convention: the program is the prompt followed by the completion."""
+    return problem["prompt"] + completion
+
+
+def check_humaneval(problem: dict[str, Any], completion: str, *, limits: Limits | None = None,
+                    isolation: Isolation | None = None) -> CodeResult:
+    """One HumanEval-shaped record (``prompt``, ``test``, ``entry_point``) and a completion."""
+    for key in ("prompt", "test", "entry_point"):
+        if key not in problem:
+            raise ValueError(f"problem {problem.get('task_id', '?')!r} lacks {key!r}: HumanEval records need "
+                             "task_id, prompt, test, entry_point")
+    return check_function(humaneval_program(problem, completion), problem["entry_point"], problem["test"],
+                          helpers=problem["prompt"], limits=limits, isolation=isolation)
+
+
+def to_json(result: CodeResult) -> str:
+    return json.dumps(dataclasses.asdict(result))

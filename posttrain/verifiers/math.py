@@ -1,0 +1,231 @@
+"""Math answers: extract the final answer, decide equivalence with math-verify, in bounded time.
+
+math-verify's own timeouts use SIGALRM (main thread only: ValueError in a threaded Ray actor)
+and some parsed results hang *after* its timeout, so each check runs in a worker process that
+is killed and respawned on a hard deadline. Model text is never given to ``sympify`` (it
+evaluates code): both sides are parsed with math-verify's LaTeX grammar only, the gold
+wrapped in ``$…$`` (189/193 right vs 142/193 raw, measured), and answers are length-capped.
+A verdict is always a bool or an error kind — never an exception turned silently into 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+EXTRACTORS = ("boxed", "answer_is", "last_number")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?|-?\.\d+%?")
+_ANSWER_IS = re.compile(r"answer is[:\s]*", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class MathConfig:
+    """How predictions are read and how long a check may take."""
+
+    extract: tuple[str, ...] = EXTRACTORS  # tried in order: "boxed", "answer_is", "last_number"
+    max_answer_chars: int = 256  # longer extracted answers score 0 (kind "answer_too_long")
+    max_text_chars: int = 200_000  # only the tail of longer completions is searched
+    timeout_s: float = 6.0  # hard deadline per check (the worker is killed and respawned)
+    parse_timeout_s: int = 2  # math-verify's own (SIGALRM) timeouts inside the worker
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.extract if e not in EXTRACTORS]
+        if unknown or not self.extract:
+            raise ValueError(f"math extract must be a non-empty subset of {EXTRACTORS} (got {self.extract!r})")
+
+
+@dataclasses.dataclass
+class MathResult:
+    """``kind``: correct, wrong_answer, no_answer, answer_too_long, timeout, or infra (not scored)."""
+
+    correct: bool
+    kind: str
+    seconds: float
+    extracted: str | None = None
+    detail: str = ""
+
+    @property
+    def reward(self) -> float | None:
+        return None if self.kind == "infra" else float(self.correct)
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}`` (or ``\\fbox{…}``), braces balanced; linear time."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+        j += 1
+    return None
+
+
+def _answer_is(text: str) -> str | None:
+    matches = list(_ANSWER_IS.finditer(text[-10_000:]))
+    if not matches:
+        return None
+    rest = text[-10_000:][matches[-1].end():].strip()
+    line = rest.split("\n", 1)[0].strip().rstrip(".").strip()
+    return line.strip("$ ") or None
+
+
+def _last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text[-10_000:])
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_answer(text: str, methods: Sequence[str] = EXTRACTORS, max_text_chars: int = 200_000) -> str | None:
+    """The final answer of a completion by the first method that finds one, or None."""
+    text = text[-max_text_chars:]
+    for method in methods:
+        found = {"boxed": _boxed, "answer_is": _answer_is, "last_number": _last_number}[method](text)
+        if found is not None and found.strip():
+            return found.strip()
+    return None
+
+
+def _verify(gold: str, answer: str, parse_timeout_s: int) -> bool:
+    """Inside the worker: parse both with the LaTeX grammar only (no sympify of model text)."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    gold_parsed = parse(f"${gold}$", extraction_config=config, parsing_timeout=parse_timeout_s)
+    answer_parsed = parse(f"${answer}$", extraction_config=config, parsing_timeout=parse_timeout_s)
+    if not gold_parsed:
+        raise ValueError(f"gold answer {gold[:80]!r} does not parse as LaTeX: fix the dataset row")
+    return bool(answer_parsed) and verify(gold_parsed, answer_parsed, timeout_seconds=parse_timeout_s)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL us when the process that started us dies (a killed Ray actor, say),
+    so a check stuck in sympy cannot outlive its owner."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def serve() -> None:
+    """The checker process: JSON lines ``[gold, answer, timeout]`` in, ``[status, value]`` out.
+
+    Started as ``python -c`` (not multiprocessing: spawn re-imports ``__main__``, which breaks
+    under stdin scripts and some launchers; fork is unsafe in threaded Ray actors).
+    """
+    _die_with_parent()
+    out = os.fdopen(os.dup(1), "w")
+    sys.stdout = sys.stderr  # nothing the libraries print can corrupt the protocol
+    import math_verify  # noqa: F401  (import once, before the first deadline starts)
+
+    out.write('["ready", null]\n')
+    out.flush()
+    for line in sys.stdin:
+        gold, answer, parse_timeout_s = json.loads(line)
+        try:
+            reply = ["ok", _verify(gold, answer, parse_timeout_s)]
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as an error kind
+            reply = ["error", f"{type(exc).__name__}: {exc}"[:300]]
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class MathChecker:
+    """Checks (prediction, gold) pairs in a killable worker process. Use as a context manager."""
+
+    def __init__(self, config: MathConfig | None = None) -> None:
+        self.config = config or MathConfig()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def __enter__(self) -> MathChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ensure_worker(self) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from posttrain.verifiers.math import serve; serve()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+            if self._readline(120.0) != ["ready", None]:
+                self.close()
+                raise RuntimeError("math-verify worker did not start: pip install 'math-verify[antlr4_13_2]'")
+        return self._proc
+
+    def _readline(self, timeout_s: float) -> Any:
+        """One reply line, or None at the deadline (never blocks past it)."""
+        assert self._proc is not None and self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+        if not ready:
+            return None
+        line = self._proc.stdout.readline()  # the worker writes whole lines with one flush
+        return json.loads(line) if line else None
+
+    def check(self, prediction: str, gold: str) -> MathResult:
+        """Is the final answer of ``prediction`` equivalent to ``gold``?"""
+        start = time.monotonic()
+        answer = extract_answer(prediction, self.config.extract, self.config.max_text_chars)
+
+        def result(correct: bool, kind: str, detail: str = "") -> MathResult:
+            return MathResult(correct, kind, time.monotonic() - start, answer, detail)
+
+        if answer is None:
+            return result(False, "no_answer")
+        if len(answer) > self.config.max_answer_chars:
+            return result(False, "answer_too_long", f"{len(answer)} > {self.config.max_answer_chars} chars")
+        try:
+            proc = self._ensure_worker()
+            assert proc.stdin is not None
+            proc.stdin.write((json.dumps([str(gold), answer, self.config.parse_timeout_s]) + "\n").encode())
+            proc.stdin.flush()
+            reply = self._readline(self.config.timeout_s)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.close()
+            return result(False, "infra", f"checker worker failed: {exc}")
+        if reply is None:
+            self.restarts += 1
+            self.close()
+            return result(False, "timeout", f"no verdict within {self.config.timeout_s}s; worker restarted")
+        status, value = reply
+        if status == "error":
+            kind = "infra" if "gold answer" in str(value) else "wrong_answer"
+            return result(False, kind, str(value))
+        return result(bool(value), "correct" if value else "wrong_answer")
+
+    def close(self) -> None:
+        """Kill the worker (and anything it started) and reap it."""
+        if self._proc is not None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._proc.wait(5)
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    stream.close()
+            self._proc = None
+
+
+def check_pairs(pairs: Sequence[tuple[str, str]], config: MathConfig | None = None) -> list[MathResult]:
+    """Check many (prediction, gold) pairs with one worker process."""
+    with MathChecker(config) as checker:
+        return [checker.check(pred, gold) for pred, gold in pairs]

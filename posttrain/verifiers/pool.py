@@ -1,0 +1,151 @@
+"""A pool of named Ray actors (``sandbox-0``, ``sandbox-1``…) that run verifiers.
+
+Each actor runs one job at a time (its sandbox and math worker are single-use resources), so
+concurrency is bounded by the pool size; extra jobs wait in the pool's queue. A call that
+exceeds ``call_timeout_s`` (the sandbox enforces its own, shorter wall limit, so this means
+a stuck worker) or whose actor died is reported as an ``infra`` result and the actor is
+restarted by Ray (``max_restarts``), keeping its name. Results carry timing and error kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from posttrain.verifiers.code import INFRA, CodeResult, check_humaneval, check_io
+from posttrain.verifiers.math import MathChecker, MathConfig, MathResult
+from posttrain.verifiers.sandbox import Limits, detect_isolation
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeJob:
+    """One program to score: a HumanEval-shaped ``problem`` and a ``completion``, or I/O ``cases``."""
+
+    completion: str
+    problem: dict[str, Any] | None = None
+    cases: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class MathJob:
+    prediction: str
+    answer: str
+
+
+class VerifierWorker:
+    """Body of one ``sandbox-N`` actor: runs code and math jobs, one at a time."""
+
+    def __init__(self, limits: Limits, math_config: MathConfig) -> None:
+        self.limits = limits
+        self.isolation = detect_isolation()
+        self.math = MathChecker(math_config)
+
+    def describe(self) -> str:
+        return self.isolation.describe()
+
+    def run(self, job: CodeJob | MathJob) -> CodeResult | MathResult:
+        if isinstance(job, MathJob):
+            return self.math.check(job.prediction, job.answer)
+        if job.problem is not None:
+            return check_humaneval(job.problem, job.completion, limits=self.limits, isolation=self.isolation)
+        return check_io(job.completion, job.cases, limits=self.limits, isolation=self.isolation)
+
+
+def _infra(job: CodeJob | MathJob, seconds: float, detail: str) -> CodeResult | MathResult:
+    if isinstance(job, MathJob):
+        return MathResult(False, "infra", seconds, None, detail)
+    return CodeResult(False, INFRA, seconds, detail)
+
+
+class VerifierPool:
+    """``map(jobs)`` -> results in job order, at most ``num_workers`` running at once.
+
+    A job whose actor died is re-sent up to ``retries`` times; a job that ran past
+    ``call_timeout_s`` is not (it would likely hang again) and comes back as ``infra``.
+    """
+
+    def __init__(self, num_workers: int = 2, limits: Limits | None = None, math_config: MathConfig | None = None,
+                 call_timeout_s: float = 60.0, num_cpus_per_worker: float = 1.0, retries: int = 1,
+                 name_prefix: str = "sandbox") -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
+        if not ray.is_initialized():
+            raise RuntimeError("call ray.init() before creating a VerifierPool")
+        self.limits = limits or Limits()
+        if call_timeout_s <= self.limits.wall_s:
+            raise ValueError(f"call_timeout_s ({call_timeout_s}) must exceed the sandbox wall limit "
+                             f"({self.limits.wall_s}) so a stuck worker is told apart from a slow program")
+        self.call_timeout_s = call_timeout_s
+        self.retries = retries  # re-sends of a job whose actor died (never of one that timed out)
+        actor_cls = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus_per_worker)(VerifierWorker)
+        self.names = [f"{name_prefix}-{i}" for i in range(num_workers)]  # a second pool needs another prefix
+        self.workers = [actor_cls.options(name=name).remote(self.limits, math_config or MathConfig())
+                        for name in self.names]
+        self.restarts = 0
+
+    def describe(self) -> str:
+        return ray.get(self.workers[0].describe.remote(), timeout=self.call_timeout_s)
+
+    def map(self, jobs: list[CodeJob | MathJob]) -> list[CodeResult | MathResult]:
+        """Run every job; a failure of the infrastructure becomes an ``infra`` result, never a 0."""
+        results: list[Any] = [None] * len(jobs)
+        queue = deque(range(len(jobs)))
+        attempts = [0] * len(jobs)
+        idle = deque(range(len(self.workers)))
+        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (job index, worker index, start)
+        while queue or running:
+            while queue and idle:
+                i, w = queue.popleft(), idle.popleft()
+                running[self.workers[w].run.remote(jobs[i])] = (i, w, time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i, w, start = running.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    attempts[i] += 1
+                    if attempts[i] <= self.retries:  # e.g. sent while the actor was restarting
+                        queue.appendleft(i)
+                        self._wait_alive(w)
+                    else:
+                        results[i] = _infra(jobs[i], time.monotonic() - start, f"{self.names[w]} failed: {exc}"[:500])
+                idle.append(w)
+            now = time.monotonic()
+            for ref, (i, w, start) in list(running.items()):
+                if now - start > self.call_timeout_s:
+                    del running[ref]
+                    self._restart(w)
+                    detail = f"{self.names[w]} gave no result in {self.call_timeout_s}s; worker restarted"
+                    results[i] = _infra(jobs[i], now - start, detail)
+                    idle.append(w)
+        return results
+
+    def _restart(self, w: int) -> None:
+        """Kill a stuck actor; Ray restarts it under the same name (max_restarts=-1)."""
+        log.warning("restarting stuck verifier actor %s", self.names[w])
+        ray.kill(self.workers[w], no_restart=False)
+        self.restarts += 1
+        self._wait_alive(w)
+
+    def _wait_alive(self, w: int, timeout_s: float = 120.0) -> None:
+        """Block until actor ``w`` answers again (Ray fails calls sent while it restarts)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[w].describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ray.exceptions.RayError:
+                time.sleep(0.2)
+        raise RuntimeError(f"verifier actor {self.names[w]} did not come back within {timeout_s}s after a restart")
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        self.workers = []

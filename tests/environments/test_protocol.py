@@ -1,0 +1,92 @@
+"""score_safely / score_batch: a misbehaving environment never crashes or hangs a step."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from posttrain.environments.base import Sample, Score, score_batch, score_safely
+
+SAMPLE = Sample(id="s", messages=[{"role": "user", "content": "q"}], answer="a")
+
+
+class Env:
+    name = "fake"
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def samples(self, split, seed):
+        return [SAMPLE]
+
+    async def score(self, sample, completion):
+        return await self.behaviour(completion)
+
+
+async def crash(_):
+    raise KeyError("bug in env")
+
+
+async def hang(_):
+    await asyncio.sleep(3600)
+
+
+def returns(value):
+    async def fn(_):
+        return value
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error_prefix"),
+    [
+        (crash, "crash:KeyError"),
+        (returns(0.7), "bad_score_type:float"),
+        (returns(Score(math.nan)), "bad_reward"),
+        (returns(Score(math.inf)), "bad_reward"),
+        (returns(Score("1")), "bad_reward"),  # type: ignore[arg-type]
+        (returns(Score(True)), "bad_reward"),  # type: ignore[arg-type]
+    ],
+)
+def test_failures_become_zero_with_an_error(behaviour, error_prefix):
+    score = asyncio.run(score_safely(Env(behaviour), SAMPLE, "x"))
+    assert score.reward == 0.0 and score.error.startswith(error_prefix)
+
+
+def test_timeout_is_bounded():
+    score = asyncio.run(score_safely(Env(hang), SAMPLE, "x", timeout=0.2))
+    assert (score.reward, score.error) == (0.0, "timeout")
+
+
+@pytest.mark.parametrize("completion", [None, 3, b"bytes", ["list"]])
+def test_non_string_completion(completion):
+    score = asyncio.run(score_safely(Env(returns(Score(1.0))), SAMPLE, completion))
+    assert score.reward == 0.0 and score.error.startswith("bad_completion")
+
+
+def test_reward_clipped_to_unit_interval():
+    assert asyncio.run(score_safely(Env(returns(Score(5.0))), SAMPLE, "x")).reward == 1.0
+    assert asyncio.run(score_safely(Env(returns(Score(-2.0))), SAMPLE, "x")).reward == 0.0
+
+
+def test_batch_keeps_order_and_bounds_concurrency():
+    running, peak = 0, 0
+
+    async def slow(completion):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        return Score(float(completion))
+
+    scores = asyncio.run(score_batch(Env(slow), [SAMPLE] * 20, [str(i % 2) for i in range(20)], concurrency=3))
+    assert [s.reward for s in scores] == [float(i % 2) for i in range(20)]
+    assert peak == 3
+
+
+def test_batch_length_mismatch():
+    with pytest.raises(ValueError, match="2 samples but 1 completions"):
+        asyncio.run(score_batch(Env(crash), [SAMPLE, SAMPLE], ["x"]))

@@ -1,0 +1,61 @@
+"""The Ray pool: named actors, bounded concurrency, results in order, restart of a stuck worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from posttrain.verifiers.code import CodeResult
+from posttrain.verifiers.math import MathResult
+from posttrain.verifiers.pool import CodeJob, MathJob, VerifierPool
+from posttrain.verifiers.sandbox import Limits
+
+pytestmark = pytest.mark.slow  # a local Ray cluster takes 10-20 s to start
+
+PROBLEM = {"task_id": "t", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/ptv-")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, namespace="verifiers-test",
+             configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_pool_runs_code_and_math_jobs_in_order(ray_local):
+    pool = VerifierPool(num_workers=2, limits=Limits(wall_s=3), call_timeout_s=20)
+    try:
+        assert ray_local.get_actor("sandbox-0") and ray_local.get_actor("sandbox-1")
+        print("pool isolation:", pool.describe())
+        jobs = [CodeJob("    return a + b\n", PROBLEM), CodeJob("    return a - b\n", PROBLEM),
+                MathJob("\\boxed{\\frac{1}{2}}", "0.5"), MathJob("42", "41"),
+                CodeJob("    while True:\n        pass\n", PROBLEM),
+                CodeJob("print(int(input()) * 2)\n", None, (("21", "42"),))]
+        results = pool.map(jobs)
+        assert [type(r) for r in results] == [CodeResult, CodeResult, MathResult, MathResult, CodeResult, CodeResult]
+        assert [r.kind for r in results] == ["passed", "wrong_answer", "correct", "wrong_answer", "timeout", "passed"]
+        assert all(r.seconds > 0 for r in results)
+    finally:
+        pool.shutdown()
+
+
+def test_stuck_worker_is_restarted_and_reported_as_infra(ray_local):
+    pool = VerifierPool(num_workers=1, limits=Limits(wall_s=2), call_timeout_s=4)
+    try:
+        stuck = dict(PROBLEM, test="import time\ntime.sleep(60)\n")  # trusted-side test code hangs
+        results = pool.map([CodeJob("    return a + b\n", stuck), CodeJob("    return a + b\n", PROBLEM)])
+        assert results[0].kind == "infra" and results[0].reward is None and "restarted" in results[0].detail
+        assert results[1].passed, results[1]
+        assert pool.restarts == 1
+        assert pool.map([MathJob("\\boxed{3}", "3")])[0].correct  # the restarted actor keeps working
+    finally:
+        pool.shutdown()
