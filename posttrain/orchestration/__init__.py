@@ -1,1 +1,1 @@
-"""Orchestration: Ray cluster start/attach, named actors, placement groups, metrics."""
+"""Orchestration: Ray cluster start/attach, named actors, calls with deadlines (``cluster``)."""

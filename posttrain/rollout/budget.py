@@ -98,3 +98,41 @@ class HFThinkingBudget:
                 scores[row].fill_(float("-inf"))
                 scores[row, token] = 0.0
         return scores
+
+
+class IncrementalBudget:
+    """One request's budget for engines that hand over the growing output list each step.
+
+    vLLM's per-request logits processors are called as ``fn(output_ids, logits_row)`` with a
+    live reference to the request's output tokens; this feeds the new ones to a
+    :class:`BudgetTracker` and forces the closing tag when the tracker says so.
+    """
+
+    def __init__(self, spec: BudgetSpec, decode: Any) -> None:
+        self.tracker = BudgetTracker(spec, decode)
+        self._seen = 0
+
+    def __call__(self, output_ids: list[int], logits: Any) -> Any:  # logits: [V]
+        for token in output_ids[self._seen :]:
+            self.tracker.observe(int(token))
+        self._seen = len(output_ids)
+        token = self.tracker.forced_token()
+        if token is not None:
+            logits.fill_(float("-inf"))
+            logits[token] = 0.0
+        return logits
+
+
+def count_reasoning_tokens(spec: BudgetSpec, decode: Any, token_ids: list[int]) -> int:
+    """Reasoning tokens of a completion that began inside ``<think>``, as the budget counts them.
+
+    Replays the same state machine the generator ran, so the count is exactly what the budget
+    enforced (forced closing-tag tokens are not counted).
+    """
+    tracker = BudgetTracker(spec, decode)
+    for token in token_ids:
+        if tracker.closed:
+            break
+        tracker.forced_token()  # advances into forcing exactly where generation did
+        tracker.observe(int(token))
+    return tracker.reasoning_tokens

@@ -1,0 +1,124 @@
+"""Ray start/attach, named actors and calls that fail loudly instead of hanging.
+
+Later stages (trainer, sandboxes, GenRM) reuse these: ``init_ray()`` attaches to
+``RAY_ADDRESS`` when set, else starts a private local cluster with its own temp dir (never
+the shared /tmp/ray), no dashboard, and auth off (Ray 2.60 otherwise writes a token that breaks
+later ``ray job submit``); ``start_actor`` names actors by role (``rollout-0``) so the
+dashboard shows who is who; ``gather`` turns a dead actor or a hang into a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+NAMESPACE = "posttrain"
+DEFAULT_TEMP_DIR = "/tmp/ray-posttrain"
+
+
+class ActorDiedError(RuntimeError):
+    """A named actor died during a call (killed, out of memory, crashed in C code)."""
+
+
+class ActorTimeoutError(TimeoutError):
+    """A named actor did not answer in time (hung or far too slow)."""
+
+
+def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
+             namespace: str = NAMESPACE, dashboard: bool = False) -> None:
+    """Attach to ``address``/``RAY_ADDRESS`` or start a private local cluster; idempotent.
+
+    ``dashboard`` is off by default: it costs ~100 MiB and seconds of start-up that tests and
+    benchmarks do not need; runs that want to watch named actors turn it on.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=namespace, log_to_driver=True)
+        return
+    temp_dir = temp_dir or os.environ.get("POSTTRAIN_RAY_TEMP_DIR", DEFAULT_TEMP_DIR)
+    os.makedirs(temp_dir, exist_ok=True)
+    # Ray 2.60 turns a loopback _node_ip_address into the host's own IP
+    # (services.resolve_ip_for_localhost), so its ports listen there; keep the host firewalled.
+    ray.init(num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir, include_dashboard=dashboard,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, env: dict[str, str] | None = None,
+                **kwargs: Any) -> Any:
+    """Start ``cls`` as the named actor ``name``; refuse if one by that name is alive."""
+    import ray
+
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        pass
+    else:
+        raise RuntimeError(f"a Ray actor named {name!r} already exists in namespace {NAMESPACE!r}; "
+                           "shut the old one down first (or use other names)")
+    options: dict[str, Any] = dict(name=name, num_cpus=num_cpus, max_restarts=0, max_concurrency=1)
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
+    return ray.remote(cls).options(**options).remote(*args, **kwargs)
+
+
+def get_actor(name: str) -> Any:
+    import ray
+
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        raise LookupError(f"no Ray actor named {name!r} in namespace {NAMESPACE!r}; is the stage running?") from None
+
+
+def gather(refs: list[Any], names: list[str], timeout_s: float, what: str = "call") -> list[Any]:
+    """``ray.get`` of one ref per actor, with a deadline; errors name the actor.
+
+    A dead actor raises :class:`ActorDiedError`; a missed deadline raises
+    :class:`ActorTimeoutError`; an exception inside the actor is re-raised as is (its type
+    carries the meaning, e.g. ``BackendUnsupportedError``).
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    results = []
+    for ref, name in zip(refs, names):
+        try:
+            results.append(ray.get(ref, timeout=timeout_s))
+        except GetTimeoutError:
+            raise ActorTimeoutError(f"{name}: {what} gave no answer within {timeout_s:g} s "
+                                    "(hung or overloaded; raise the timeout if the work is just big)") from None
+        except RayActorError as exc:
+            raise ActorDiedError(f"{name} died during {what}: {_first_line(exc)}") from exc
+        except RayTaskError as exc:
+            err = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc.as_instanceof_cause()
+            if hasattr(err, "add_note"):
+                err.add_note(f"(raised in Ray actor {name} during {what})")
+            raise err from None
+    return results
+
+
+def kill_actor(handle: Any) -> None:
+    import ray
+
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already dead
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative part of a Ray error: its first few lines (pid, name, cause)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return "; ".join(lines[:4])[:600] if lines else type(exc).__name__

@@ -1,0 +1,121 @@
+"""transformers backend: HF ``generate`` for architectures vLLM cannot run here (e.g. NemotronH
+MoE on vLLM-CPU), and a reference to check vLLM's logprobs against. Slower, same interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain import models
+from posttrain.config import ModelConfig, RolloutConfig
+from posttrain.rollout.budget import HFThinkingBudget
+from posttrain.rollout.types import RolloutError, Sample, SamplingSpec, WeightUpdate
+from posttrain.rollout.weight_sync import FULL_FILE
+
+
+class HFBackend:
+    """Generate, score and swap weights of one in-memory ``transformers`` model."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: str, model: ModelConfig, cfg: RolloutConfig, rank: int = 0) -> None:
+        import torch
+
+        torch.set_num_threads(cfg.cpus_per_engine)
+        self.cfg = cfg
+        self.model = models.load_model(model_dir, dtype=model.dtype, revision=model.revision,
+                                       trust_remote_code=model.trust_remote_code)
+        self.tokenizer = models.load_tokenizer(model_dir, revision=model.revision,
+                                               trust_remote_code=model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self._base_state: dict[str, Any] | None = None  # kept while a LoRA delta is merged in
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec, budget_mask: list[bool]) -> list[list[Sample]]:
+        """Prompts run one batch per budget setting (a logits processor spans a whole batch); each
+        prompt is repeated ``n`` times (greedy decoding refuses ``num_return_sequences > 1``)."""
+        result: list[list[Sample] | None] = [None] * len(prompts)
+        for use_budget in (False, True):
+            idx = [i for i, m in enumerate(budget_mask) if bool(m) == use_budget]
+            if idx:
+                budget = spec.reasoning_budget if use_budget else None
+                for i, samples in zip(idx, self._generate([prompts[i] for i in idx], spec, budget)):
+                    result[i] = samples
+        return [r or [] for r in result]
+
+    def _generate(self, prompts: list[list[int]], spec: SamplingSpec, budget: int | None) -> list[list[Sample]]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        ids, mask = self._left_pad([p for p in prompts for _ in range(spec.n)])  # [B*n, T]
+        processors = [HFThinkingBudget(self.tokenizer, budget, spec.budget_grace)] if budget is not None else []
+        sampling = (dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
+                    if spec.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        torch.manual_seed(spec.seed + spec.first_index)  # per call: samples depend on the batch make-up
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=spec.max_tokens,
+                logits_processor=LogitsProcessorList(processors), return_dict_in_generate=True,
+                output_scores=self.cfg.logprobs == "processed", output_logits=self.cfg.logprobs == "raw",
+                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id, **sampling)
+        steps = out.scores if self.cfg.logprobs == "processed" else out.logits  # T x [B*n, V]
+        new = out.sequences[:, ids.shape[1] :]  # [B*n, T]
+        logps = torch.stack([torch.log_softmax(s.float(), -1) for s in steps], 1)  # [B*n, T, V]
+        picked = logps.gather(2, new[:, :, None])[:, :, 0]  # [B*n, T]
+        samples = [self._trim(new[r].tolist(), picked[r].tolist()) for r in range(new.shape[0])]
+        return [samples[p * spec.n : (p + 1) * spec.n] for p in range(len(prompts))]
+
+    def _trim(self, tokens: list[int], logprobs: list[float]) -> Sample:
+        eos = self.tokenizer.eos_token_id
+        if eos in tokens:
+            end = tokens.index(eos) + 1
+            return Sample(tokens[:end], logprobs[:end], "stop")
+        return Sample(tokens, logprobs, "length")
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        from posttrain.rollout.weight_sync import sequence_logprobs
+
+        return [sequence_logprobs(self.model, seq, max(start, 1)) for seq, start in zip(sequences, starts)]
+
+    def apply(self, update: WeightUpdate) -> None:
+        """Full: load the tensors in place. LoRA: base + B·A·scale merged (base kept to undo)."""
+        import os
+
+        from safetensors.torch import load_file
+
+        if update.transport != "shm":
+            raise RolloutError(f"transformers backend has no transport {update.transport!r} (have: shm)")
+        if update.kind == "full":
+            state = load_file(os.path.join(update.path, FULL_FILE))
+            self._base_state = None
+            self._load(state)
+        else:
+            self._merge_lora(update.path)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if unexpected or missing:
+            raise RolloutError(f"weight update does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    def _merge_lora(self, folder: str) -> None:
+        from posttrain.rollout.lora import merged_state
+
+        if self._base_state is None:
+            self._base_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self._load(merged_state(self._base_state, folder))
+
+    def shutdown(self) -> None:
+        self.model = None

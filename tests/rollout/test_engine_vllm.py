@@ -1,0 +1,133 @@
+"""The vLLM engine through Ray on a tiny model: samples, logprobs, budget, weight sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.rollout.pool import LogprobCheck, RolloutPool
+from posttrain.rollout.weight_sync import full_state_dict
+
+PROMPTS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Write a haiku about rain."}],
+]
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_llama_dir):
+    cfg = RolloutConfig(max_model_len=512, kv_cache_gib=1, enable_lora=True, max_lora_rank=8)
+    with RolloutPool(ModelConfig(name=str(tiny_llama_dir)), cfg) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir):
+    from posttrain import models
+
+    return models.load_model(str(tiny_llama_dir), device="cpu")
+
+
+def test_runs_vllm_as_named_actor(pool):
+    import ray
+
+    assert pool.infos[0].backend == "vllm" and pool.infos[0].fallback_reason is None
+    assert ray.get_actor("rollout-0") is not None
+
+
+def test_n_samples_with_logprobs(pool):
+    gen = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3)
+    groups = pool.generate(PROMPTS + PROMPTS[:1], gen, n=3)
+    assert [len(g) for g in groups] == [3, 3, 3, 3]
+    assert groups[3][0].token_ids != groups[0][0].token_ids  # a repeated prompt gets its own samples
+    for p, group in enumerate(groups):
+        assert [r.prompt_index for r in group] == [p] * 3 and [r.sample_index for r in group] == [0, 1, 2]
+        for r in group:
+            assert 0 < len(r.token_ids) <= 24 and len(r.logprobs) == len(r.token_ids)
+            assert all(math.isfinite(lp) and lp <= 0 for lp in r.logprobs)
+            assert r.finish_reason in ("stop", "length") and r.engine == "rollout-0"
+            assert r.reasoning is not None  # thinking on by default
+    assert len({tuple(r.token_ids) for r in groups[0]}) > 1  # samples differ
+    again = pool.generate(PROMPTS[:1], gen, n=3)  # same seed and position: reproducible
+    assert [r.token_ids for r in again[0]] == [r.token_ids for r in groups[0]]
+
+
+def test_thinking_budget_is_enforced(pool, tokenizer):
+    budget = 12
+    gen = GenerationConfig(max_new_tokens=48, temperature=1.0, reasoning_budget=budget)
+    grace = math.ceil(budget * 0.1)
+    close = tokenizer.encode("</think>", add_special_tokens=False)
+    for r in (r for group in pool.generate(PROMPTS, gen, n=2) for r in group):
+        assert r.reasoning_closed, r.text
+        assert r.reasoning_tokens <= budget + grace
+        starts = [i for i in range(len(r.token_ids)) if r.token_ids[i : i + len(close)] == close]
+        assert starts and starts[0] <= budget + grace + 1  # + 1: a forced "\n" before a mid-line cut
+        assert r.answer.strip(), f"no answer after the forced </think>: {r.text!r}"
+
+
+def test_thinking_off_has_no_reasoning(pool):
+    gen = GenerationConfig(max_new_tokens=8, enable_thinking=False, reasoning_budget=2)
+    for r in pool.generate(PROMPTS[:2], gen)[0]:
+        assert r.reasoning is None and r.reasoning_tokens == 0
+
+
+def test_logprobs_match_transformers(pool, hf_model):
+    """Teacher-forced and sampled logprobs of vLLM vs an HF forward (fp32: ~1e-6)."""
+    r = pool.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=16, temperature=1.0))[0][0]
+    check = LogprobCheck.from_model(hf_model, r.prompt_ids + r.token_ids, len(r.prompt_ids))
+    assert pool.logprob_diff(check) < 1e-4
+    assert max(abs(a - b) for a, b in zip(r.logprobs, check.logprobs)) < 1e-4  # T=1: policy == model
+
+
+def test_sync_changes_output_and_restores_it(pool, hf_model):
+    gen = GenerationConfig(max_new_tokens=16, enable_thinking=False)
+    before = pool.generate(PROMPTS, gen)
+    original = {k: v.clone() for k, v in full_state_dict(hf_model).items()}
+    fixed = before[0][0].prompt_ids + before[0][0].token_ids
+    try:
+        with torch.no_grad():
+            for p in hf_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        report = pool.sync_weights(full_state_dict(hf_model),
+                                   check=LogprobCheck.from_model(hf_model, fixed, len(before[0][0].prompt_ids)))
+        assert report.max_abs_logprob_diff is not None and report.max_abs_logprob_diff < 1e-4
+        assert report.num_bytes > 0 and report.seconds > 0
+        assert report.metrics()["sync/max_abs_logprob_diff"] == report.max_abs_logprob_diff
+        changed = pool.generate(PROMPTS, gen)
+        assert [g[0].token_ids for g in changed] != [g[0].token_ids for g in before]
+    finally:
+        hf_model.load_state_dict(original, strict=False)
+        restore = pool.sync_weights(original)
+    assert restore.kind == "full"
+    after = pool.generate(PROMPTS, gen)
+    assert [g[0].token_ids for g in after] == [g[0].token_ids for g in before]
+    assert [g[0].logprobs for g in after] == [g[0].logprobs for g in before]
+
+
+def test_lora_sync_matches_peft_and_full_sync_drops_it(pool, hf_model):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    gen = GenerationConfig(max_new_tokens=12, enable_thinking=False)
+    base = pool.generate(PROMPTS[:1], gen)[0][0]
+    fixed = base.prompt_ids + base.token_ids
+    original = {k: v.clone() for k, v in full_state_dict(hf_model).items()}
+    peft_model = get_peft_model(hf_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    try:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        report = pool.sync_weights(get_peft_model_state_dict(peft_model), "lora",
+                                   lora_config=peft_model.peft_config["default"].to_dict(),
+                                   check=LogprobCheck.from_model(peft_model, fixed, len(base.prompt_ids)))
+        assert report.kind == "lora" and report.max_abs_logprob_diff < 1e-3
+        assert pool.generate(PROMPTS[:1], gen)[0][0].token_ids != base.token_ids
+    finally:
+        hf_model = peft_model.unload()
+        hf_model.load_state_dict(original, strict=False)
+    pool.sync_weights(original)  # full weights replace the adapter
+    assert pool.generate(PROMPTS[:1], gen)[0][0].token_ids == base.token_ids
