@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from posttrain.config import ChatConfig, ConfigError, describe, load_config, to_yaml
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "posttrain.verifiers.cli", "posttrain.environments.cli",
+    "posttrain.sft.cli", "posttrain.verifiers.cli", "posttrain.environments.cli", "posttrain.rlvr.cli",
 )  # each has add_commands()
 
 

@@ -1,7 +1,7 @@
 """Loading and validating environment datasets before training starts.
 
-``load_rows`` takes what users point at: a local JSONL/JSON/Parquet/CSV file, a local dataset
-folder, or a hub id (through ``datasets``). ``validate_rows`` checks every row up front and
+``load_rows`` (``posttrain.dataset_io``) takes what users point at: a local JSONL/JSON/Parquet/CSV
+file, a local dataset folder, or a hub id. ``validate_rows`` checks every row up front and
 reports bad ones by row index and field, so a malformed record never stops a run midway:
 by default bad rows are dropped with a warning that lists them; ``on_invalid="error"``
 refuses the dataset instead.
@@ -12,42 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+from posttrain.dataset_io import DataError, load_rows
+
+__all__ = ["DataError", "DataSpec", "OnInvalid", "load_rows", "require", "validate_rows"]
 log = logging.getLogger(__name__)
 
 OnInvalid = Literal["skip", "error"]
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """A dataset or one of its rows is unusable; the message names row and field."""
-
-
-def load_rows(source: str, split: str = "train", limit: int | None = None,
-              subset: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a local file/folder or a hub dataset, as plain dicts."""
-    import datasets
-
-    path = Path(source).expanduser()
-    try:
-        if path.is_file():
-            fmt = _FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(_FORMATS)}")
-            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-        elif path.is_dir():
-            ds = datasets.load_dataset(str(path), subset, split=split)
-        else:
-            ds = datasets.load_dataset(source, subset, split=split)  # a hub id
-    except DataError:
-        raise
-    except Exception as exc:  # datasets raises many kinds; name the source
-        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {exc}") from exc
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return [dict(row) for row in ds]
 
 
 def require(row: Any, fields: dict[str, type | tuple[type, ...]]) -> list[str]:

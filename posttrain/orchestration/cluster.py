@@ -25,11 +25,14 @@ class ActorTimeoutError(TimeoutError):
 
 
 def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
-             namespace: str = NAMESPACE, dashboard: bool = False) -> None:
+             namespace: str = NAMESPACE, dashboard: bool = False, metrics_export_port: int | None = None) -> None:
     """Attach to ``address``/``RAY_ADDRESS`` or start a private local cluster; idempotent.
 
     ``dashboard`` is off by default: it costs ~100 MiB and seconds of start-up that tests and
     benchmarks do not need; runs that want to watch named actors turn it on.
+    ``metrics_export_port`` (default ``$POSTTRAIN_METRICS_PORT``, else Ray's choice) fixes where
+    Ray serves Prometheus metrics, ours included (``ray_posttrain_*``): a Prometheus config or
+    ``curl http://127.0.0.1:PORT/metrics`` finds them there.
     """
     import ray
 
@@ -44,8 +47,9 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
     os.makedirs(temp_dir, exist_ok=True)
     # Ray 2.60 turns a loopback _node_ip_address into the host's own IP
     # (services.resolve_ip_for_localhost), so its ports listen there; keep the host firewalled.
+    port = metrics_export_port or int(os.environ.get("POSTTRAIN_METRICS_PORT", "0")) or None
     ray.init(num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", log_to_driver=True, _metrics_export_port=port)
 
 
 def shutdown_ray() -> None:

@@ -116,3 +116,9 @@ def test_readme_example_is_the_tested_plugin():
     block = readme.split("```python\n", 1)[1].split("```", 1)[0]
     assert block.strip() == PLUGIN.strip()
     assert 'echo = "echo_env:EchoEnv"' in readme
+
+
+def test_env_check_samples_from_a_model(capsys, tiny_llama_dir):
+    assert main(["env", "check", "math", "-o", "size=4", "--n", "2", "--model", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "reward distribution of 2 completions sampled from tiny-llama" in out

@@ -1,0 +1,40 @@
+"""Reading dataset rows from where users keep them: a local file or folder, or a hub id.
+
+One loader for every stage (SFT message sets, environment prompt sets), through ``datasets``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset or one of its rows is unusable; the message names the source, row and field."""
+
+
+def load_rows(source: str, split: str = "train", limit: int | None = None,
+              subset: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local JSONL/JSON/Parquet/CSV file, a local dataset folder, or a hub dataset id."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if source.startswith((".", "/", "~")) and not path.exists():
+        raise FileNotFoundError(f"dataset path {source!r} not found")
+    try:
+        if path.is_file():
+            fmt = FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FORMATS)}")
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        else:  # a local dataset folder or a hub id
+            ds = datasets.load_dataset(str(path) if path.is_dir() else source, subset, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many kinds; name the source
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {exc}") from exc
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(row) for row in ds]

@@ -1,0 +1,88 @@
+"""Step metrics to three places: ``metrics.jsonl`` in the run folder, TensorBoard events, and
+Ray custom metrics (``ray.util.metrics`` gauges, shown on the dashboard's metrics endpoint with
+a ``ray_`` prefix). Each sink is optional and a failing sink never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def gauge_name(key: str, prefix: str = "posttrain") -> str:
+    """``env/math/reward`` -> ``posttrain_env_math_reward`` (Prometheus-safe)."""
+    return f"{prefix}_{_UNSAFE.sub('_', key)}"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, stage: str, tensorboard: bool = True, ray_metrics: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except Exception as exc:  # tensorboard missing: the JSONL still has everything
+                log.warning("TensorBoard events disabled: %s", exc)
+        self._ray = ray_metrics
+        self._gauges: dict[str, Any] = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._ray:
+            self._to_ray(step, clean)
+
+    def _to_ray(self, step: int, metrics: dict[str, float]) -> None:
+        try:
+            import ray
+            from ray.util.metrics import Gauge
+
+            if not ray.is_initialized():
+                return
+            for k, v in {"step": float(step), **metrics}.items():
+                name = gauge_name(k)
+                if name not in self._gauges:
+                    self._gauges[name] = Gauge(name, description=f"posttrain {k}", tag_keys=("stage",))
+                self._gauges[name].set(v, tags={"stage": self.stage})
+        except Exception as exc:  # metrics must never stop a step
+            log.warning("Ray metrics disabled: %s", exc)
+            self._ray = False
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class PhaseTimer:
+    """``with timer("gen"): ...`` records ``time/gen_s``; one instance per step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"time/{phase}_s"] = self.seconds.get(f"time/{phase}_s", 0.0) + time.perf_counter() - start

@@ -1,0 +1,31 @@
+"""Held-out evaluation: greedy answers to each environment's test split, scored like training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.config import GenerationConfig
+from posttrain.environments.base import Environment
+
+
+def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,
+             concurrency: int = 8, timeout: float = 60.0) -> dict[str, float]:
+    """``eval/<env>/accuracy`` (reward 1.0, no error) and ``eval/<env>/reward`` per environment.
+
+    ``engines`` is anything with ``generate(prompts, gen, n)`` (a RolloutPool or the loop's Engines).
+    """
+    from posttrain.rlvr.loop import score_rollouts
+
+    greedy = gen.model_copy(update={"temperature": 0.0})
+    out: dict[str, float] = {}
+    for key, env in envs.items():
+        samples = list(env.samples("test", seed))[:n_prompts]
+        if not samples:
+            continue
+        groups = engines.generate([s.messages for s in samples], greedy, 1)
+        scores = score_rollouts({key: env}, [(key, s) for s in samples], groups, concurrency, timeout)
+        name = getattr(env, "name", key)
+        out[f"eval/{name}/accuracy"] = sum(s.error is None and s.reward >= 1.0 for s in scores) / len(scores)
+        out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
+        out[f"eval/{name}/prompts"] = float(len(scores))
+    return out

@@ -1,0 +1,34 @@
+"""Trainer-side per-token logprobs of completions, without ``[tokens, vocab]`` logits.
+
+The trunk runs once; the LM head is applied only at the positions that predict completion
+tokens, a chunk at a time (``training.loss.token_logprobs``), so the extra memory is one
+``[chunk, vocab]`` block however long the rollouts are.
+Logits are divided by the sampling temperature: the engine's logprobs are those of the
+tempered policy it sampled from, and the ratio must compare like with like.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain.rlvr.batch import TrainBatch
+from posttrain.training.loss import token_logprobs, trunk_and_head
+
+
+def completion_logprobs(model: Any, batch: TrainBatch, temperature: float = 1.0,
+                        chunk_size: int = 1024) -> torch.Tensor:
+    """``[B, Tc]`` logprobs of the completion tokens where ``batch.mask`` is set (0 elsewhere)."""
+    trunk, head = trunk_and_head(model)
+    device = head.weight.device
+    hidden = trunk(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                   use_cache=False).last_hidden_state  # [B, T, H]
+    keep = batch.mask.to(device) > 0  # [B, Tc]
+    rows = torch.arange(len(batch), device=device)[:, None].expand_as(keep)
+    picked = hidden[rows[keep], batch.positions.to(device)[keep]]  # [N, H]
+    values = token_logprobs(picked, head.weight, batch.completion_ids.to(device)[keep], head.bias,
+                            temperature, chunk_size)
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=device)
+    out[keep] = values
+    return out

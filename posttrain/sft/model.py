@@ -1,0 +1,93 @@
+"""Model set-up for training: packing exactness, LoRA (peft), router freezing, checkpointing."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from posttrain.sft.config import LoraConfig, TrainConfig
+from posttrain.sft.packing import Mode
+
+log = logging.getLogger(__name__)
+
+# Layer kinds whose transformers implementation runs a recurrent state or a causal convolution
+# along the row: position ids do not reset them, so packed documents would leak into each other.
+STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+NEMOTRON_H_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"]
+
+
+def packing_blocker(model: Any) -> str | None:
+    """Why packing would not be exact for ``model`` (None when it is)."""
+    stateful = sorted({type(m).__name__ for m in model.modules() if STATEFUL.search(type(m).__name__)})
+    if stateful:
+        return (f"{', '.join(stateful)} carry state along the row and ignore document boundaries "
+                "(transformers passes no seq_idx)")
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in PACKING_ATTENTION:
+        return f"attention implementation {attn!r} does not isolate packed documents"
+    return None
+
+
+def resolve_packing(requested: str, model: Any) -> Mode:
+    """``auto`` -> pack when exact else pad; ``pack`` on a model where it is not exact is an error."""
+    blocker = packing_blocker(model)
+    if requested == "pad":
+        return "pad"
+    if blocker is None:
+        return "pack"
+    if requested == "pack":
+        raise ValueError(f"train.packing=pack is not exact for {type(model).__name__}: {blocker}. "
+                         "Use train.packing=auto or pad (one document per row, exact).")
+    log.warning("packing off for %s: %s; using exact padding (one document per row)", type(model).__name__, blocker)
+    return "pad"
+
+
+def lora_targets(cfg: LoraConfig, model: Any) -> list[str] | str:
+    if cfg.target_modules != "auto":
+        return cfg.target_modules
+    return NEMOTRON_H_LORA_TARGETS if model.config.model_type == "nemotron_h" else "all-linear"
+
+
+def freeze_router(model: Any) -> int:
+    """Freeze MoE router weights (gates choosing experts); returns how many tensors were frozen."""
+    frozen = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if type(module).__name__.endswith("Router") or leaf in ("gate", "router"):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+                frozen += 1
+    if frozen == 0:
+        raise ValueError(f"train.freeze_router=true but {type(model).__name__} has no MoE router; set it to false")
+    return frozen
+
+
+def prepare_for_training(model: Any, train: TrainConfig, lora: LoraConfig) -> Any:
+    """Gradient checkpointing, then LoRA or full fine-tuning, then router freezing."""
+    if train.gradient_checkpointing:
+        if getattr(model, "supports_gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            log.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
+    if lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                  target_modules=lora_targets(lora, model), task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, peft_cfg)
+        except ValueError as exc:
+            raise ValueError(f"lora.target_modules={peft_cfg.target_modules!r} does not fit "
+                             f"{type(model).__name__}: {exc}. Name Linear layers explicitly.") from exc
+    if train.freeze_router:
+        log.info("froze %d router tensors", freeze_router(model))
+    model.train()
+    return model
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,102 @@
+"""Micro-batch planning and collation: exact packing or exact padding.
+
+``pack``: documents are concatenated into one row; ``position_ids`` restart at 0 for each
+document, which transformers turns into a block-diagonal causal mask (SDPA/eager) or varlen
+attention (flash-attention), so no token attends across documents. Each document's first token
+gets no label, so the previous document never learns to predict it.
+
+``pad``: one document per row, right-padded; exact for every architecture, including Mamba
+layers whose transformers implementation ignores ``seq_idx`` and would carry state across packed
+documents. The plan is a pure function of (lengths, seed, epoch): every data-parallel process
+builds the same plan and takes its share, and resume skips to a step without any data state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from posttrain.training.loss import IGNORE_INDEX
+
+Mode = Literal["pack", "pad"]
+MicroBatch = list[int]  # sample indices
+Step = list[MicroBatch]
+
+
+def group_micro_batches(lengths: Sequence[int], order: Sequence[int], max_tokens: int, mode: Mode) -> list[MicroBatch]:
+    """Fill micro-batches in ``order``: pack = total length <= max_tokens; pad = rows x longest <= max_tokens."""
+    batches: list[MicroBatch] = []
+    current: MicroBatch = []
+    longest = total = 0
+    for idx in order:
+        n = lengths[idx]
+        if n > max_tokens:
+            raise ValueError(f"sample {idx} has {n} tokens > micro-batch size {max_tokens}")
+        fits = (total + n <= max_tokens) if mode == "pack" else ((len(current) + 1) * max(longest, n) <= max_tokens)
+        if current and not fits:
+            batches.append(current)
+            current, longest, total = [], 0, 0
+        current.append(idx)
+        longest, total = max(longest, n), total + n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_steps(lengths: Sequence[int], *, max_tokens: int, micro_batches_per_step: int, epochs: int,
+               seed: int, mode: Mode, max_steps: int | None = None) -> list[Step]:
+    """All optimizer steps of a run: each a list of ``micro_batches_per_step`` micro-batches.
+
+    Samples are shuffled per epoch (``seed + epoch``); a trailing group smaller than a full step
+    is dropped so every step has the same shape (and splits evenly over processes).
+    """
+    steps: list[Step] = []
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+        order = torch.randperm(len(lengths), generator=g).tolist()
+        micro = group_micro_batches(lengths, order, max_tokens, mode)
+        full = len(micro) // micro_batches_per_step * micro_batches_per_step
+        steps.extend(micro[i : i + micro_batches_per_step] for i in range(0, full, micro_batches_per_step))
+    if not steps:
+        raise ValueError(f"not enough data for one step of {micro_batches_per_step} micro-batches of "
+                         f"{max_tokens} tokens; lower train.micro_batches_per_step or micro_batch_tokens")
+    return steps[:max_steps] if max_steps else steps
+
+
+def _labels(ids: list[int], mask: list[int]) -> list[int]:
+    return [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+def collate_packed(docs: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """``[(ids, loss_mask), ...]`` -> one packed row: input_ids / labels / position_ids ``[1, T]``."""
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    for doc_ids, mask in docs:
+        doc_labels = _labels(doc_ids, mask)
+        doc_labels[0] = IGNORE_INDEX  # never predicted from the previous document
+        ids += doc_ids
+        labels += doc_labels
+        pos += range(len(doc_ids))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([pos])}
+
+
+def collate_padded(docs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One document per row, right-padded: input_ids / labels / attention_mask ``[B, L]``."""
+    longest = max(len(ids) for ids, _ in docs)
+    ids = torch.full((len(docs), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(docs), longest), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(docs), longest), dtype=torch.long)
+    for row, (doc_ids, mask) in enumerate(docs):
+        n = len(doc_ids)
+        ids[row, :n] = torch.tensor(doc_ids)
+        labels[row, :n] = torch.tensor(_labels(doc_ids, mask))
+        attn[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def collate(docs: Sequence[tuple[list[int], list[int]]], mode: Mode, pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_packed(docs) if mode == "pack" else collate_padded(docs, pad_id)

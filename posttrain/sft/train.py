@@ -1,0 +1,210 @@
+"""The SFT driver: data -> model -> steps -> checkpoints, one readable loop.
+
+Each optimizer step takes ``train.micro_batches_per_step`` micro-batches (split over the
+data-parallel processes of ``torchrun``). The loss is the sum of token NLLs divided by the number
+of loss tokens in the *whole step*, known before the forward pass from the plan, so it is the
+same token mean whatever the micro-batch split, the packing, or the number of processes.
+Gradients are summed over processes with one all-reduce per tensor (gloo on CPU, NCCL on GPU):
+plain data parallelism, written out instead of DDP so that accumulation needs no ``no_sync``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain import models
+from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
+from posttrain.config import write_resolved
+from posttrain.sft import data as sft_data
+from posttrain.sft.config import SFTConfig
+from posttrain.sft.model import count_params, prepare_for_training, resolve_packing
+from posttrain.sft.packing import Mode, Step, collate, plan_steps
+from posttrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.training.loss import causal_lm_nll_sum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def _all_reduce_(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean NLL of the step
+    grad_norm: float
+    loss_tokens: int
+    tokens: int  # non-pad tokens processed by all processes
+
+
+def train_step(model: Any, optimizer: Any, scheduler: Any, step: Step, samples: list[sft_data.Tokenized],
+               mode: Mode, pad_id: int, cfg: SFTConfig, d: Dist, device: str) -> StepResult:
+    """Forward/backward over this process's share of ``step``, all-reduce, clip, update."""
+    loss_tokens = sum(samples[i].n_loss_tokens for mb in step for i in mb)  # global, same on every rank
+    tokens = sum(len(samples[i].input_ids) for mb in step for i in mb)
+    nll_total = torch.zeros((), dtype=torch.float32)
+    for mb in step[d.rank :: d.world]:
+        batch = collate([(samples[i].input_ids, samples[i].loss_mask) for i in mb], mode, pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        nll, _ = causal_lm_nll_sum(model, batch, cfg.train.loss_chunk_size)
+        (nll / loss_tokens).backward()
+        nll_total += nll.detach().float().cpu()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # experts no token was routed to have no grad on this rank; others may
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        _all_reduce_(p.grad, d)
+    clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(float(_all_reduce_(nll_total, d)) / loss_tokens, grad_norm, loss_tokens, tokens)
+
+
+def save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    """``RUN/model``: a plain HF model folder (LoRA merged into the weights), written atomically."""
+    target = run_dir / "model"
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with file_lock(run_dir / ".model.lock"):
+        remove_stale_tmp(target)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return target
+
+
+def build_optimizer(model: Any, cfg: SFTConfig, total_steps: int) -> tuple[Any, Any]:
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
+                              num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Run SFT; returns the run folder. ``stop_after`` ends early after that step (preemption drills, tests)."""
+    d = init_distributed()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.run_dir)
+    device = models.default_device()
+    tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
+                                      trust_remote_code=cfg.model.trust_remote_code, template=cfg.model.chat_template)
+    dataset = sft_data.build(cfg.data, tokenizer, cfg.train.micro_batch_tokens)  # bad rows fail here, before the model
+    torch.manual_seed(cfg.train.seed)
+    model = models.load_model(cfg.model.name, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
+                              trust_remote_code=cfg.model.trust_remote_code)
+    mode = resolve_packing(cfg.train.packing, model)
+    model = prepare_for_training(model, cfg.train, cfg.lora)
+    if cfg.train.micro_batches_per_step % d.world:
+        raise ValueError(f"train.micro_batches_per_step={cfg.train.micro_batches_per_step} must be a multiple "
+                         f"of the number of processes ({d.world})")
+    steps = plan_steps([len(s.input_ids) for s in dataset.samples], max_tokens=cfg.train.micro_batch_tokens,
+                       micro_batches_per_step=cfg.train.micro_batches_per_step, epochs=cfg.train.epochs,
+                       seed=cfg.train.seed, mode=mode, max_steps=cfg.train.max_steps)
+    optimizer, scheduler = build_optimizer(model, cfg, len(steps))
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+    if ckpt is not None:
+        start = int(load_checkpoint(ckpt, model, optimizer, scheduler)["step"])
+        log.info("resumed from %s (step %d of %d)", ckpt.path, start, len(steps))
+    trainable, total = count_params(model)
+    if d.main:
+        write_resolved(cfg, run_dir)
+        log.info("%d samples (%s; %d overlong dropped), %s, %d steps x %d micro-batches of <= %d tokens, "
+                 "%d processes, %.2fM of %.2fM params trainable", len(dataset.samples), dataset.modes,
+                 dataset.dropped_overlong, mode, len(steps), cfg.train.micro_batches_per_step,
+                 cfg.train.micro_batch_tokens, d.world, trainable / 1e6, total / 1e6)
+    _loop(model, optimizer, scheduler, steps, dataset.samples, mode, tokenizer, cfg, d, device, start, stop_after)
+    if d.main and (stop_after is None or stop_after >= len(steps)):
+        log.info("final model: %s", save_final(model, tokenizer, run_dir))
+    return run_dir
+
+
+def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples: list[sft_data.Tokenized],
+          mode: Mode, tokenizer: Any, cfg: SFTConfig, d: Dist, device: str, start: int,
+          stop_after: int | None) -> None:
+    from tqdm import tqdm
+
+    writer = _tensorboard(Path(cfg.run_dir)) if d.main else None
+    bar = tqdm(total=len(steps), initial=start, desc="sft", unit="step", disable=not (d.main and cfg.progress))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seen = 0
+    for index in range(start, len(steps)):
+        t0 = time.perf_counter()
+        r = train_step(model, optimizer, scheduler, steps[index], samples, mode, pad_id, cfg, d, device)
+        step, tok_s = index + 1, r.tokens / (time.perf_counter() - t0)
+        seen += r.tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+        if writer is not None and step % cfg.train.log_every == 0:
+            for key, value in (("loss", r.loss), ("grad_norm", r.grad_norm), ("lr", scheduler.get_last_lr()[0]),
+                               ("tokens_per_s", tok_s), ("loss_tokens", r.loss_tokens)):
+                writer.add_scalar(f"train/{key}", value, step)
+            writer.flush()
+            if not cfg.progress:
+                log.info("step %d/%d loss %.4f grad_norm %.3f %.0f tok/s", step, len(steps), r.loss, r.grad_norm, tok_s)
+        every = cfg.train.save_every
+        last = step == len(steps) or step == stop_after
+        if d.main and ((every and step % every == 0) or last):
+            save_checkpoint(cfg.run_dir, step, model, optimizer, scheduler, tokenizer,
+                            {"tokens_this_session": seen}, keep_last=cfg.train.keep_last)
+        if step == stop_after:
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; keep training if a slim install lacks it
+        log.warning("tensorboard not installed: no event files (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

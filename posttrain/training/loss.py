@@ -1,0 +1,93 @@
+"""Token losses that never materialise full ``[tokens, vocab]`` logits.
+
+Why our own instead of ``model(labels=...)``: the HF path builds logits for every position
+(``[T, V]`` floats, 6 GiB at 32K tokens x 49K vocab in fp32, twice that with gradients). Here
+only positions that carry loss are projected, a chunk at a time, and each chunk is recomputed
+in the backward pass (activation checkpointing), so peak extra memory is one
+``[chunk, V]`` block however long the sequence. TRL 1.16 chunks too, but its CPU fallback
+keeps a ~3 GiB fixed cost and the loss here is the plain sum we need for exact token
+normalisation across micro-batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    # hidden: [c, H], weight: [V, H], targets: [c] -> [c] log p(target)
+    logits = F.linear(hidden, weight, bias).float() * inv_temp  # [c, V], freed after this call
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   bias: torch.Tensor | None = None, temperature: float = 1.0,
+                   chunk_size: int = 2048) -> torch.Tensor:
+    """``[N]`` log p(targets) under ``softmax(head(hidden) / temperature)``, a chunk at a time.
+
+    ``hidden: [N, H]`` final hidden states of the positions that predict ``targets: [N]``;
+    ``weight: [V, H]`` the LM head. Each chunk is recomputed in backward, so at most one
+    ``[chunk_size, V]`` block of logits exists at a time.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for logprobs (got {temperature}); greedy has none")
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}")
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            parts.append(checkpoint(_chunk_logprobs, h, weight, bias, t, 1.0 / temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(h, weight, bias, t, 1.0 / temperature))
+    return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
+
+
+def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    bias: torch.Tensor | None = None, chunk_size: int = 2048) -> torch.Tensor:
+    """Sum of token negative log-likelihoods (0-dim fp32; 0 when ``N == 0``), see :func:`token_logprobs`."""
+    return -token_logprobs(hidden, weight, targets, bias, 1.0, chunk_size).sum()
+
+
+def trunk_and_head(model: Any) -> tuple[Any, Any]:
+    """(decoder trunk returning hidden states, LM head) of an HF causal LM or a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """``labels: [B, T]`` -> next-token targets ``[B, T]`` (last position of each row ignored).
+
+    Packed rows need no special care at the seams: the first token of each document is
+    labelled ``IGNORE_INDEX`` by the collator, so no document predicts the next one's start.
+    """
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def causal_lm_nll_sum(model: Any, batch: dict[str, torch.Tensor],
+                      chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
+    """(sum of NLL over labelled tokens, number of labelled tokens) for one micro-batch.
+
+    Runs the decoder trunk only (no logits), then :func:`chunked_nll_sum` on the labelled
+    positions. ``batch`` holds ``input_ids``/``labels: [B, T]`` and optionally
+    ``attention_mask``/``position_ids: [B, T]``. Works for HF causal LMs and peft wrappers.
+    """
+    trunk, head = trunk_and_head(model)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = trunk(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    targets = shifted_targets(batch["labels"])  # [B, T]
+    keep = targets != IGNORE_INDEX  # [B, T]
+    n_tokens = int(keep.sum())
+    nll = chunked_nll_sum(hidden[keep], head.weight, targets[keep], head.bias, chunk_size)
+    return nll, n_tokens

@@ -1,0 +1,41 @@
+"""RLVR config: presets load, GRPO preconditions are errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.config import ConfigError, load_config
+from posttrain.rlvr.config import RLVRConfig
+
+PRESETS = sorted((Path(__file__).parents[2] / "configs" / "rlvr").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_load(preset):
+    cfg = load_config(RLVRConfig, preset)
+    assert cfg.rollout.samples_per_prompt >= 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.samples_per_prompt=1", "samples_per_prompt must be >= 2 for GRPO"),
+        ("generation.temperature=0", "temperature must be > 0"),
+        ("environments=[]", "at least one environment"),
+        ("algorithm.variant=ppo", "algorithm.variant = 'ppo'"),
+        ("algorithm.eps_lo=0.1", "did you mean 'eps_low'"),
+        ('environments=[{name: math}, {name: math}]', "distinct names"),
+    ],
+)
+def test_bad_configs(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(RLVRConfig, overrides=[override])
+
+
+def test_cli_dry_run(capsys):
+    assert main(["rlvr", "--config", str(PRESETS[0]), "run.steps=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "variant: nano" in out

@@ -1,0 +1,54 @@
+"""Step metrics reach metrics.jsonl, TensorBoard and Ray's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+from posttrain.metrics import MetricsLogger, PhaseTimer, gauge_name
+from posttrain.orchestration import cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gauge_names_are_prometheus_safe():
+    assert gauge_name("env/math/reward") == "posttrain_env_math_reward"
+    assert gauge_name("time/gen_s") == "posttrain_time_gen_s"
+
+
+def test_phase_timer_accumulates():
+    timer = PhaseTimer()
+    with timer("gen"):
+        time.sleep(0.01)
+    with timer("gen"):
+        pass
+    assert timer.seconds["time/gen_s"] >= 0.01
+
+
+def test_metrics_reach_jsonl_tensorboard_and_ray_endpoint(tmp_path):
+    port = free_port()
+    cluster.init_ray(temp_dir="/tmp/ray-posttrain-metrics-test", num_cpus=1, metrics_export_port=port)
+    try:
+        logger = MetricsLogger(tmp_path, stage="rlvr")
+        logger.log(3, {"reward/mean": 0.625, "env/math/pass_rate": 0.5})
+        row = json.loads((tmp_path / "metrics.jsonl").read_text())
+        assert row["step"] == 3 and row["reward/mean"] == 0.625 and row["stage"] == "rlvr"
+        assert list((tmp_path / "tensorboard").iterdir())
+        deadline, found = time.time() + 60, []
+        while time.time() < deadline and not found:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                found = [ln for ln in body.splitlines() if ln.startswith("ray_posttrain_reward_mean{")]
+            except OSError:
+                pass
+            time.sleep(1)
+        assert found and found[0].endswith(" 0.625") and 'stage="rlvr"' in found[0]
+        logger.close()
+    finally:
+        cluster.shutdown_ray()
