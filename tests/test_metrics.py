@@ -33,6 +33,7 @@ def test_phase_timer_accumulates():
 
 def test_metrics_reach_jsonl_tensorboard_and_ray_endpoint(tmp_path):
     port = free_port()
+    cluster.shutdown_ray()  # a Ray left running by earlier tests would keep its own metrics port
     cluster.init_ray(temp_dir="/tmp/ray-posttrain-metrics-test", num_cpus=1, metrics_export_port=port)
     try:
         logger = MetricsLogger(tmp_path, stage="rlvr")

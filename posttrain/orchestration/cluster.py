@@ -9,9 +9,11 @@ dashboard shows who is who; ``gather`` turns a dead actor or a hang into a clear
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
+log = logging.getLogger(__name__)
 NAMESPACE = "posttrain"
 DEFAULT_TEMP_DIR = "/tmp/ray-posttrain"
 
@@ -38,6 +40,9 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
+        if metrics_export_port:
+            log.warning("Ray is already running; metrics_export_port=%d is ignored (Ray keeps its own)",
+                        metrics_export_port)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
