@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, LookupError, ValueError) as exc:
+    except (ConfigError, OSError, LookupError, ValueError) as exc:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

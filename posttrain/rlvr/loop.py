@@ -37,12 +37,16 @@ from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.policy_loss import overlong_mask
 from posttrain.rollout.pool import LogprobCheck, RolloutPool
 from posttrain.rollout.types import EngineCrashedError, Rollout
+from posttrain.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def main(cfg: RLVRConfig, resume: bool = False) -> dict[str, float]:
     """Run the stage; returns the last step's metrics. Re-run with ``resume`` after a crash."""
+    if not resume and latest_checkpoint(cfg.run_dir) is not None:
+        raise FileExistsError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
+                              "that run, or choose another run_dir")
     write_resolved(cfg, cfg.run_dir)
     envs = {e.name: load_environment(e) for e in cfg.environments}
     sampler = _make_sampler(cfg, envs)  # validates every dataset before any actor starts
@@ -51,22 +55,25 @@ def main(cfg: RLVRConfig, resume: bool = False) -> dict[str, float]:
         log.info("metrics: curl http://127.0.0.1:%d/metrics | grep ray_posttrain_", cfg.run.metrics_port)
     trainer = cluster.start_actor(_trainer_class(), "trainer-0", cfg.model, cfg.train, cfg.lora, cfg.algorithm,
                                   cfg.run.seed, cfg.init_from, num_cpus=1)
-    state = cluster.gather([trainer.resume.remote(cfg.run_dir)], ["trainer-0"], 600, "resume")[0] if resume else None
-    start_step = 0
-    if state is not None:
-        sampler.load_state_dict(state["sampler"])
-        start_step = int(state["step"])
-        log.info("resumed from step %d", start_step)
-    engine_model = ModelConfig(**{**cfg.model.model_dump(), "name": cfg.init_from or cfg.model.name})
-    engines = Engines(engine_model, cfg, trainer)
+    engines: Engines | None = None
     metrics_log = MetricsLogger(cfg.run_dir, stage="rlvr")
     last: dict[str, float] = {}
-    started = time.monotonic()
     try:
+        state = cluster.gather([trainer.resume.remote(cfg.run_dir)], ["trainer-0"], 600, "resume")[0] if resume else None
+        start_step = 0
+        if state is not None:
+            sampler.load_state_dict(state["sampler"])
+            start_step = int(state["step"])
+            log.info("resumed from step %d", start_step)
+        elif resume:
+            log.info("no checkpoint in %s yet: starting from step 0", cfg.run_dir)
+        engine_model = ModelConfig(**{**cfg.model.model_dump(), "name": cfg.init_from or cfg.model.name})
+        engines = Engines(engine_model, cfg, trainer)
         if state is not None:
             engines.sync()  # engines start from the base weights; bring them to the checkpoint
         if cfg.run.eval_every and start_step == 0:
             metrics_log.log(0, _evaluate(cfg, engines, envs))
+        started = time.monotonic()
         for step in range(start_step, cfg.run.steps):
             last = rl_step(cfg, step, sampler, envs, engines, trainer)
             out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
@@ -82,7 +89,8 @@ def main(cfg: RLVRConfig, resume: bool = False) -> dict[str, float]:
                 break
     finally:
         metrics_log.close()
-        engines.shutdown()
+        if engines is not None:
+            engines.shutdown()
         cluster.kill_actor(trainer)
         for env in envs.values():
             getattr(env, "close", lambda: None)()
@@ -105,7 +113,7 @@ class Engines:
         return self._retry(lambda: self.pool.generate(prompts, gen, n), "generate")
 
     def sync(self, probe: Rollout | None = None) -> Any:
-        return self._retry(lambda: _sync(self.pool, self.trainer, probe), "sync")
+        return self._retry(lambda: _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir, probe), "sync")
 
     def _retry(self, call: Any, what: str) -> Any:
         for attempt in range(self.cfg.run.max_step_retries + 1):
@@ -122,7 +130,8 @@ class Engines:
         self.pool.shutdown()
         self.pool = RolloutPool(self.model, self.cfg.rollout)
         self.restarts += 1
-        _sync(self.pool, self.trainer)  # fresh engines hold the base weights: give them the trainer's
+        # fresh engines hold the base weights: give them the trainer's
+        _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir)
 
     def shutdown(self) -> None:
         self.pool.shutdown()
@@ -208,15 +217,16 @@ def _make_sampler(cfg: RLVRConfig, envs: dict[str, Environment]) -> MixedSampler
     return MixedSampler(samplers, {e.name: e.weight for e in cfg.environments}, seed=cfg.run.seed)
 
 
-def _sync(pool: RolloutPool, trainer: Any, probe: Rollout | None = None) -> Any:
-    state, kind, lora_config = cluster.gather([trainer.weights.remote()], ["trainer-0"], 600, "weights")[0]
+def _sync(pool: RolloutPool, trainer: Any, sync_dir: str, probe: Rollout | None = None) -> Any:
+    """New trainer weights into every engine, then (with a probe) the logprob agreement check."""
+    update = cluster.gather([trainer.publish_weights.remote(sync_dir)], ["trainer-0"], 600, "publish weights")[0]
     check = None
     if probe is not None:
         ids = list(probe.prompt_ids) + list(probe.token_ids)
         logprobs = cluster.gather([trainer.reference_logprobs.remote(ids, len(probe.prompt_ids))],
                                   ["trainer-0"], 600, "logprob check")[0]
         check = LogprobCheck(ids, len(probe.prompt_ids), logprobs)
-    return pool.sync_weights(state, kind, lora_config=lora_config, check=check)
+    return pool.push(update, check)
 
 
 def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -> dict[str, float]:

@@ -21,6 +21,7 @@ from posttrain.rlvr.batch import TrainBatch, micro_batches
 from posttrain.rlvr.config import AlgorithmConfig, RLTrainConfig
 from posttrain.rlvr.logprobs import completion_logprobs
 from posttrain.rlvr.policy_loss import policy_loss
+from posttrain.rollout.types import WeightUpdate
 from posttrain.sft.config import LoraConfig
 from posttrain.sft.model import prepare_for_training
 from posttrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -41,6 +42,7 @@ class PolicyTrainer:
                                            betas=(0.9, 0.999))
         self.loss_cfg = algo.loss_config()
         self.steps_done = 0
+        self._publisher: Any = None
 
     # ----------------------------------------------------------------- training
 
@@ -100,14 +102,21 @@ class PolicyTrainer:
 
     # ----------------------------------------------------------------- sync and checkpoints
 
-    def weights(self) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
-        """(state dict, "full" | "lora", peft config) for the rollout engines."""
-        if self.lora.enabled:
-            from peft import get_peft_model_state_dict
+    def publish_weights(self, sync_dir: str) -> WeightUpdate:
+        """Stage the current weights for the rollout engines (full, or the LoRA adapter) in
+        ``sync_dir`` (/dev/shm: same host) and return the handle; the pool applies and releases it.
+        Written here so the tensors never travel through the controller."""
+        from posttrain.rollout.weight_sync import ShmPublisher, full_state_dict
 
-            config = self.model.peft_config["default"].to_dict()
-            return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()}, "lora", config
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, "full", None
+        if self._publisher is None or self._publisher.root != sync_dir:
+            self._publisher = ShmPublisher(sync_dir)
+        with torch.no_grad():
+            if self.lora.enabled:
+                from peft import get_peft_model_state_dict
+
+                config = self.model.peft_config["default"].to_dict()
+                return self._publisher.publish(get_peft_model_state_dict(self.model), "lora", config)
+            return self._publisher.publish(full_state_dict(self.model), "full")
 
     def reference_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """Teacher-forced logprobs of ``token_ids[start:]`` (the engines must match them after a sync)."""

@@ -87,18 +87,24 @@ class RolloutPool:
             raise ValueError("sync_weights got an empty state dict; pass full_state_dict(model) "
                              "or get_peft_model_state_dict(peft_model)")
         start = time.perf_counter()
-        update = self.publisher.publish(state, kind, lora_config)
+        return self.push(self.publisher.publish(state, kind, lora_config), check, started=start)
+
+    def push(self, update: WeightUpdate, check: LogprobCheck | None = None, *,
+             started: float | None = None) -> SyncReport:
+        """Apply an update someone already staged (e.g. the trainer wrote it to /dev/shm itself,
+        so the weights never travel through this process); the staged folder is then released."""
+        start = started if started is not None else time.perf_counter()
         try:
             seconds = self.apply(update)
         finally:
-            if kind == "full":
+            if update.kind == "full":
                 self.publisher.release(update)
         # A LoRA folder stays while it is the live adapter (vLLM may reload it lazily); the one it
         # replaces, or any adapter after a full update, is no longer referenced by the engines.
         if self._live_lora is not None:
             self.publisher.release(self._live_lora)
-        self._live_lora = update if kind == "lora" else None
-        report = SyncReport(version=update.version, kind=kind, seconds=time.perf_counter() - start,
+        self._live_lora = update if update.kind == "lora" else None
+        report = SyncReport(version=update.version, kind=update.kind, seconds=time.perf_counter() - start,
                             num_bytes=update.num_bytes, per_engine_seconds=dict(zip(self.names, seconds)))
         if check is not None:
             report.max_abs_logprob_diff = self.logprob_diff(check)

@@ -71,3 +71,10 @@ def test_dead_rollout_engine_is_restarted(tmp_path, tiny_llama_dir):
     assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_existing_run_needs_resume(tmp_path):
+    (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000001" / "state.json").write_text('{"step": 1}')
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        main(config(tmp_path, 2))

