@@ -156,16 +156,23 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     if cfg.algorithm.overlong_filter:
         keep &= overlong_mask([r.finish_reason for r in rollouts]).bool()
     keep &= torch.tensor([not (s.error or "").startswith("infra") for s in scores])  # not scored: not trained
-    batch = build_batch(rollouts, adv.advantages, keep, pad_id=0)  # padding is masked out: any id works
+    # Only rollouts that carry gradient go to the trainer: a dropped one would still cost a
+    # forward and backward pass (most groups are all-0 or all-1 early and late in training).
+    kept = [i for i in range(len(rollouts)) if keep[i]]
     with timer("train"):
-        train_metrics = cluster.gather([trainer.train_step.remote(batch, cfg.generation.temperature)],
-                                       ["trainer-0"], cfg.rollout.call_timeout_s, "train step")[0]
+        if kept:
+            batch = build_batch([rollouts[i] for i in kept], adv.advantages[kept], torch.ones(len(kept)), pad_id=0)
+            train_metrics = cluster.gather([trainer.train_step.remote(batch, cfg.generation.temperature)],
+                                           ["trainer-0"], cfg.rollout.call_timeout_s, "train step")[0]
+        else:
+            train_metrics = {"tokens/trained": 0.0, "train/skipped_updates": 1.0}
     with timer("sync"):
-        sync = engines.sync(rollouts[0])
+        sync = engines.sync(rollouts[kept[0]]) if kept else None  # no update: the engines are current
     _update_curriculum(sampler, drawn, scores, n)
     metrics = {**train_metrics, **timer.seconds, **_step_metrics(envs, drawn, rollouts, scores, n, adv, keep)}
-    metrics["sync/max_abs_logprob_diff"] = sync.max_abs_logprob_diff if sync.max_abs_logprob_diff is not None else -1
-    metrics["sync/seconds"] = sync.seconds
+    if sync is not None:
+        metrics["sync/max_abs_logprob_diff"] = sync.max_abs_logprob_diff
+        metrics["sync/seconds"] = sync.seconds
     metrics["rollout/engine_restarts"] = float(engines.restarts)
     gen_tokens = sum(len(r.token_ids) for r in rollouts)
     metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timer.seconds["time/gen_s"], 1e-9)
