@@ -97,22 +97,16 @@ def reward_histogram(scores: Sequence[Score], bins: int = 5) -> list[str]:
 
 def sample_with_model(env: Environment, model_name: str, n: int, max_new_tokens: int = 128,
                       seed: int = 0) -> tuple[list[Any], list[Score]]:
-    """Generate one completion per prompt with HF generate and score it (a quick look, not RL)."""
-    import torch
+    """One completion per prompt from an in-process rollout engine (transformers), scored (a quick look, not RL)."""
+    from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
+    from posttrain.rollout.engine import RolloutEngine
 
-    from posttrain import chat_template, models
-
-    tokenizer = models.load_tokenizer(model_name)
-    tokenizer.padding_side = "left"
-    model = models.load_model(model_name)
     samples = list(env.samples("train", seed))[:n]
-    prompts = [chat_template.render(tokenizer, s.messages, add_generation_prompt=True, enable_thinking=False)
-               for s in samples]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    answers = [chat_template.split_reasoning(t, started_in_reasoning=False).answer for t in texts]
+    engine = RolloutEngine(ModelConfig(name=model_name), RolloutConfig(backend="transformers"))
+    try:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.7, enable_thinking=False, seed=seed)
+        groups = engine.generate([s.messages for s in samples], gen)
+    finally:
+        engine.shutdown()
+    answers = [group[0].answer for group in groups]
     return answers, asyncio.run(score_batch(env, samples, answers))
