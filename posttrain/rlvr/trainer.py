@@ -1,22 +1,24 @@
 """The policy trainer: logprobs, the clipped policy-gradient update, weights for sync, checkpoints.
 
-A plain class so it can be tested directly; the RLVR loop runs it as the Ray actor
-``trainer-0``. One optimizer step per batch of rollouts by default (``minibatches=1``): then
-the rollouts are exactly on-policy for the trainer, the "old" logprobs are the current ones
-(detached) and no extra forward pass is needed; with more minibatches the old logprobs are
-computed once up front and the PPO clip does its job.
+A plain class so it can be tested directly; the RLVR loop runs it as the Ray actors
+``trainer-0..`` of a :class:`posttrain.rlvr.trainer_group.TrainerGroup` (data parallel: each
+worker trains a share of every batch, gradients are summed). One optimizer step per batch of
+rollouts by default (``minibatches=1``): then the rollouts are exactly on-policy for the
+trainer, the "old" logprobs are the current ones (detached) and no extra forward pass is
+needed; with more minibatches the old logprobs are computed once up front and the PPO clip
+does its job.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from posttrain import models
 from posttrain.config import ModelConfig
+from posttrain.rlvr import distributed
 from posttrain.rlvr.batch import TrainBatch, micro_batches
 from posttrain.rlvr.config import AlgorithmConfig, RLTrainConfig
 from posttrain.rlvr.logprobs import completion_logprobs
@@ -43,6 +45,7 @@ class PolicyTrainer:
         self.loss_cfg = algo.loss_config()
         self.steps_done = 0
         self._publisher: Any = None
+        self.world: distributed.World | None = None  # set by join_group: one of several data-parallel workers
 
     # ----------------------------------------------------------------- training
 
@@ -56,28 +59,52 @@ class PolicyTrainer:
         return out
 
     def train_step(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
-        """One RL step on ``batch``: ``minibatches`` optimizer steps over shuffled rows."""
+        """One RL step on ``batch``: ``minibatches`` optimizer steps over shuffled rows. In a group
+        every worker holds the whole batch and trains its token-balanced share of each minibatch."""
         start = time.perf_counter()
         self.model.train()
         n_mini = self.train_cfg.minibatches
-        old = self.logprobs(batch, temperature) if n_mini > 1 else None
-        order = torch.randperm(len(batch)).tolist()
+        order = torch.randperm(len(batch))
+        if self.world is not None:
+            order = distributed.broadcast(order, self.world)  # rank 0's shuffle: ranks' RNGs may differ
+        minis = [order[m::n_mini].tolist() for m in range(n_mini)]
+        shares = [self._share(batch, rows) for rows in minis]
+        old = self._old_logprobs(batch, [r for share in shares for r in share], temperature) if n_mini > 1 else None
         metrics: dict[str, float] = {}
-        for m in range(n_mini):
-            rows = order[m::n_mini]
-            mini = batch.select(rows)
-            mini_old = old[rows] if old is not None else None
-            metrics = _merge(metrics, self._update(mini, mini_old, temperature), weight=1 / n_mini)
+        for rows, share in zip(minis, shares):
+            total = int(batch.mask[rows].sum())  # the whole minibatch's tokens, the same on every worker
+            share_old = old[share] if old is not None else None
+            update = self._update(batch.select(share), share_old, temperature, total)
+            metrics = _merge(metrics, update, weight=1 / n_mini)
         self.steps_done += 1
         metrics["time/train_s"] = time.perf_counter() - start
         return metrics
 
-    def _update(self, mini: TrainBatch, old: torch.Tensor | None, temperature: float) -> dict[str, float]:
-        if mini.num_tokens == 0:  # every rollout masked (zero-variance groups, overlong...): nothing to learn
+    def _share(self, batch: TrainBatch, rows: list[int]) -> list[int]:
+        """This worker's rows of a minibatch (all of them outside a group)."""
+        if self.world is None:
+            return rows
+        lengths = batch.attention_mask.sum(-1).tolist()
+        return distributed.shard_rows(rows, lengths, self.world.size)[self.world.rank]
+
+    def _old_logprobs(self, batch: TrainBatch, rows: list[int], temperature: float) -> torch.Tensor:
+        """[B, Tc] logprobs before the first update, computed for ``rows`` (this worker's) only."""
+        if len(rows) == len(batch):
+            return self.logprobs(batch, temperature)
+        old = torch.zeros_like(batch.rollout_logprobs)
+        if rows:
+            old[rows] = self.logprobs(batch.select(rows), temperature)
+        return old
+
+    def _update(self, mini: TrainBatch, old: torch.Tensor | None, temperature: float,
+                total: int) -> dict[str, float]:
+        """One optimizer step. ``mini`` is this worker's share, ``total`` the token count of the
+        whole minibatch: every worker normalises by it, so the summed gradients are the batch's."""
+        if total == 0:  # every rollout masked (zero-variance groups, overlong...): nothing to learn
             return {"tokens/trained": 0.0, "train/skipped_updates": 1.0}
-        total = mini.num_tokens
+        seq_mean = self.loss_cfg.aggregation != "token_mean"
         metrics: dict[str, float] = {}
-        abs_diff_sum, abs_diff_max = 0.0, 0.0
+        abs_diff_sum, abs_diff_max, seqs = 0.0, 0.0, 0
         for rows in micro_batches(mini, self.train_cfg.micro_batch_tokens):
             sub = mini.select(rows)
             if sub.num_tokens == 0:
@@ -86,19 +113,60 @@ class PolicyTrainer:
             sub_old = old[rows].to(new.device) if old is not None else new.detach()
             out = policy_loss(new, sub_old, sub.rollout_logprobs.to(new.device), sub.advantages.to(new.device),
                               sub.mask.to(new.device), self.loss_cfg, total_tokens=total)
-            out.loss.backward()
+            loss = out.loss
+            if seq_mean:  # this micro-batch's sequence mean back to a sum; divided by the minibatch's count below
+                counted = int((out.mask.sum(-1) > 0).sum())
+                loss, seqs = loss * counted, seqs + counted
+            loss.backward()
             metrics = _merge(metrics, out.metrics, weight=sub.num_tokens / total)
             diff = ((sub_old - sub.rollout_logprobs.to(new.device)).abs() * sub.mask.to(new.device))
             abs_diff_sum += float(diff.sum())
             abs_diff_max = max(abs_diff_max, float(diff.max()) if diff.numel() else 0.0)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self._finish_grads(params, seqs if seq_mean else None)
         max_norm = self.train_cfg.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update({"train/grad_norm": grad_norm, "mismatch/logprob_abs_mean": abs_diff_sum / total,
-                        "mismatch/logprob_abs_max": abs_diff_max})
+        metrics.update({"mismatch/logprob_abs_mean": abs_diff_sum / total, "mismatch/logprob_abs_max": abs_diff_max})
+        metrics = self._across_workers(metrics)
+        metrics["train/grad_norm"] = grad_norm  # computed from the summed gradients: the same on every worker
         return metrics
+
+    def _finish_grads(self, params: list[torch.nn.Parameter], seqs: int | None) -> None:
+        """Sum the gradients over the group; for sequence means (``seqs``: this worker's counted
+        sequences) divide by the minibatch's count of sequences that kept trained tokens."""
+        if self.world is not None:
+            distributed.all_reduce_grads(params, self.world)
+            if seqs is not None:
+                seqs = int(distributed.all_sum([seqs], self.world)[0])
+        if seqs:  # None: token mean, already normalised; 0: nothing counted, the gradients are zero
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(seqs)
+
+    def _across_workers(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each worker's metrics are partial sums weighted by the whole minibatch's tokens: add them up."""
+        if self.world is None:
+            return metrics
+        merged: dict[str, float] = {}
+        for part in distributed.all_gather_objects(metrics, self.world):
+            merged = _merge(merged, part, weight=1.0)
+        return merged
+
+    # ----------------------------------------------------------------- the worker group
+
+    def group_address(self) -> str:
+        """Where this worker (rank 0) will host the group's rendezvous: ``tcp://IP:PORT``."""
+        return distributed.rendezvous_address()
+
+    def join_group(self, address: str, rank: int, size: int, timeout_s: float) -> None:
+        """Become rank ``rank`` of ``size`` data-parallel workers (blocks until all have joined)."""
+        self.world = distributed.join(address, rank, size, timeout_s)
+
+    def leave_group(self) -> None:
+        distributed.leave()
+        self.world = None
 
     # ----------------------------------------------------------------- sync and checkpoints
 
@@ -128,6 +196,12 @@ class PolicyTrainer:
         finally:
             self.model.train()
 
+    def staged_files(self, update: WeightUpdate) -> dict[str, bytes]:
+        """The bytes of an update this trainer staged, for engines on other nodes."""
+        from posttrain.rollout.weight_sync import staged_files
+
+        return staged_files(update)
+
     def save(self, run_dir: str, step: int, state: dict[str, Any], keep_last: int) -> str:
         return str(save_checkpoint(run_dir, step, self.model, self.optimizer, tokenizer=self.tokenizer,
                                    state=state, keep_last=keep_last))
@@ -142,11 +216,18 @@ class PolicyTrainer:
         return state
 
     def export(self, folder: str) -> str:
-        """Final model as an HF folder (LoRA merged) that transformers and vLLM load."""
-        model = self.model.merge_and_unload() if self.lora.enabled else self.model
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        """Final model as an HF folder (LoRA merged into a copy) that transformers and vLLM load.
+
+        Written atomically: ``folder`` is either absent or complete, also after a kill mid-write.
+        """
+        import copy
+
+        from posttrain.atomic import atomic_dir
+
+        model = copy.deepcopy(self.model).merge_and_unload() if self.lora.enabled else self.model
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
         return folder
 
 

@@ -20,7 +20,7 @@ class HFBackend:
     def __init__(self, model_dir: str, model: ModelConfig, cfg: RolloutConfig, rank: int = 0) -> None:
         import torch
 
-        torch.set_num_threads(cfg.cpus_per_engine)
+        torch.set_num_threads(cfg.engine_threads())
         self.cfg = cfg
         self.model = models.load_model(model_dir, dtype=model.dtype, revision=model.revision,
                                        trust_remote_code=model.trust_remote_code)

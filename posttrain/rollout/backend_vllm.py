@@ -65,8 +65,9 @@ def check_supported(model_dir: str) -> None:
 def set_cpu_env(cfg: RolloutConfig, rank: int) -> None:
     """Environment vLLM-CPU reads at import/start; must run before ``import vllm``."""
     ncpu = os.cpu_count() or 1
-    first = (rank * cfg.cpus_per_engine) % ncpu
-    cores = ",".join(str((first + i) % ncpu) for i in range(cfg.cpus_per_engine))
+    threads = cfg.engine_threads()
+    first = (rank * threads) % ncpu
+    cores = ",".join(str((first + i) % ncpu) for i in range(min(threads, ncpu)))
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)  # the config wins over the shell
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores  # else every engine pins core 0
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"

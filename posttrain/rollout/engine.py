@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from posttrain.rollout.types import (
     SamplingSpec,
     WeightUpdate,
 )
+from posttrain.rollout.weight_sync import current_node_id, unpack
 
 log = logging.getLogger(__name__)
 _NO_BUDGET = 10**9  # "count reasoning tokens, never force"
@@ -39,6 +41,7 @@ class EngineInfo:
     fallback_reason: str | None  # why vLLM was not used, when it was configured
     start_seconds: float
     pid: int
+    node_id: str = ""  # Ray node it runs on ("" outside Ray)
 
 
 class RolloutEngine:
@@ -64,7 +67,8 @@ class RolloutEngine:
         self.backend, self.fallback_reason = _make_backend(self.model_dir, model, cfg, rank)
         self._specs: dict[tuple[int, float], BudgetSpec] = {}
         self._info = EngineInfo(self.name, self.backend.name, self.model_dir, self.fallback_reason,
-                                time.perf_counter() - start, os.getpid())
+                                time.perf_counter() - start, os.getpid(), current_node_id())
+        self._remote_copy: str | None = None
         log.info("%s: %s backend on %s ready in %.1f s", self.name, self.backend.name, self.model_dir,
                  self._info.start_seconds)
         return self._info
@@ -97,10 +101,25 @@ class RolloutEngine:
         """Teacher-forced logprobs of ``seq[start:]`` under the current weights (raw, temperature 1)."""
         return self.backend.score(sequences, starts)
 
-    def apply_weights(self, update: WeightUpdate) -> float:
-        """Load a staged update without restarting; returns the seconds it took."""
+    def apply_weights(self, update: WeightUpdate, files: dict[str, bytes] | None = None) -> float:
+        """Load a staged update without restarting; returns the seconds it took.
+
+        ``files``: the update's bytes, when it was staged on another node (Ray moved them here);
+        they are written to this node's ``rollout.sync_dir`` first. A LoRA copy stays while live.
+        """
         start = time.perf_counter()
-        self.backend.apply(update)
+        previous, self._remote_copy = self._remote_copy, None
+        if files is not None:
+            update = unpack(update, files, self.cfg.sync_dir)
+            self._remote_copy = update.path
+        try:
+            self.backend.apply(update)
+        finally:
+            for folder in (previous, self._remote_copy if update.kind == "full" else None):
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if update.kind == "full":
+                self._remote_copy = None
         return time.perf_counter() - start
 
     def shutdown(self) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 from posttrain.chat_template import Messages
 from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.orchestration import cluster
 from posttrain.rollout.engine import EngineInfo, RolloutEngine
-from posttrain.rollout.types import EngineCrashedError, EngineTimeoutError, Rollout, SyncReport, WeightUpdate
-from posttrain.rollout.weight_sync import ShmPublisher, sequence_logprobs
+from posttrain.rollout.types import (EngineCrashedError, EngineTimeoutError, Rollout, RolloutError, SyncReport,
+                                     WeightUpdate)
+from posttrain.rollout.weight_sync import ShmPublisher, sequence_logprobs, staged_files
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class LogprobCheck:
 class RolloutPool:
     """N engines behind one synchronous API: ``generate``, ``score``, ``sync_weights``, ``shutdown``."""
 
-    def __init__(self, model: ModelConfig, cfg: RolloutConfig, *, name_prefix: str = "rollout") -> None:
+    def __init__(self, model: ModelConfig, cfg: RolloutConfig, *, name_prefix: str = "rollout",
+                 placement: Any = None) -> None:
+        """``placement``: a StagePlacement with a bundle per engine under the role ``name_prefix``."""
         cluster.init_ray()
         self.cfg = cfg
         self.names = [f"{name_prefix}-{r}" for r in range(cfg.num_engines)]
@@ -45,9 +49,10 @@ class RolloutPool:
         self._live_lora: WeightUpdate | None = None
         try:
             for rank, name in enumerate(self.names):  # one at a time: vLLM start-up is CPU heavy
+                slot = placement.slot(name_prefix, rank) if placement is not None else None
                 actor = cluster.start_actor(RolloutEngine, name, model, cfg, rank, name, start=False,
-                                            num_cpus=cfg.cpus_per_engine,
-                                            env={"OMP_NUM_THREADS": str(cfg.cpus_per_engine)})
+                                            num_cpus=cfg.cpus_per_engine, placement=slot,
+                                            env={"OMP_NUM_THREADS": str(cfg.engine_threads())})
                 self.actors.append(actor)
                 self._gather([actor.start.remote()], [name], cfg.start_timeout_s, "start-up")
             self.infos: list[EngineInfo] = self._call("info", timeout=60)
@@ -87,15 +92,20 @@ class RolloutPool:
             raise ValueError("sync_weights got an empty state dict; pass full_state_dict(model) "
                              "or get_peft_model_state_dict(peft_model)")
         start = time.perf_counter()
-        return self.push(self.publisher.publish(state, kind, lora_config), check, started=start)
+        update = self.publisher.publish(state, kind, lora_config)
+        return self.push(update, check, started=start, fetch=lambda: _put(staged_files(update)))
 
     def push(self, update: WeightUpdate, check: LogprobCheck | None = None, *,
-             started: float | None = None) -> SyncReport:
+             started: float | None = None, fetch: Callable[[], Any] | None = None) -> SyncReport:
         """Apply an update someone already staged (e.g. the trainer wrote it to /dev/shm itself,
-        so the weights never travel through this process); the staged folder is then released."""
+        so the weights never travel through this process); the staged folder is then released.
+
+        ``fetch()`` returns the update's files (or a Ray ObjectRef of them) for engines on other
+        nodes than the one that staged it: Ray moves the bytes node to node, once per node.
+        """
         start = started if started is not None else time.perf_counter()
         try:
-            seconds = self.apply(update)
+            seconds = self.apply(update, fetch)
         finally:
             if update.kind == "full":
                 self.publisher.release(update)
@@ -110,9 +120,15 @@ class RolloutPool:
             report.max_abs_logprob_diff = self.logprob_diff(check)
         return report
 
-    def apply(self, update: WeightUpdate) -> list[float]:
+    def apply(self, update: WeightUpdate, fetch: Callable[[], Any] | None = None) -> list[float]:
         """Apply an already staged update on all engines at once; seconds per engine."""
-        refs = [a.apply_weights.remote(update) for a in self.actors]
+        remote = [bool(update.node_id and info.node_id and info.node_id != update.node_id) for info in self.infos]
+        if any(remote) and fetch is None:
+            far = [n for n, r in zip(self.names, remote) if r]
+            raise RolloutError(f"{', '.join(far)} run on another node than the staged weights ({update.path}); "
+                               "pass fetch= so the bytes can travel through Ray")
+        files = fetch() if any(remote) else None
+        refs = [a.apply_weights.remote(update, files if far else None) for a, far in zip(self.actors, remote)]
         return self._gather(refs, self.names, self.cfg.call_timeout_s, "weight sync")
 
     def logprob_diff(self, check: LogprobCheck) -> float:
@@ -166,3 +182,10 @@ def _shards(n_items: int, n_parts: int) -> list[tuple[int, int]]:
         bounds.append((lo, hi))
         lo = hi
     return bounds
+
+
+def _put(files: dict[str, bytes]) -> Any:
+    """One copy in Ray's object store; every remote engine's call resolves the same ref."""
+    import ray
+
+    return ray.put(files)

@@ -90,6 +90,7 @@ class WeightUpdate:
     version: int
     num_bytes: int
     num_tensors: int
+    node_id: str = ""  # Ray node whose /dev/shm holds ``path`` ("" = not known: assume the engines' own)
 
 
 @dataclass

@@ -25,6 +25,31 @@ LORA_FILE = "adapter_model.safetensors"
 _versions = itertools.count(1)
 
 
+def current_node_id() -> str:
+    """This process's Ray node id ("" outside Ray): where a staged folder can be read."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - no Ray runtime here
+        return ""
+
+
+def staged_files(update: WeightUpdate) -> dict[str, bytes]:
+    """The files of a staged update, to send to engines on other nodes (through Ray's object store)."""
+    return {p.name: p.read_bytes() for p in Path(update.path).iterdir() if p.is_file()}
+
+
+def unpack(update: WeightUpdate, files: dict[str, bytes], root: str) -> WeightUpdate:
+    """Write ``files`` into a fresh folder under ``root`` on this node; the update pointing there."""
+    from dataclasses import replace
+
+    folder = tempfile.mkdtemp(prefix="posttrain-sync-remote-", dir=root if Path(root).is_dir() else None)
+    for name, data in files.items():
+        Path(folder, Path(name).name).write_bytes(data)
+    return replace(update, path=folder, node_id=current_node_id())
+
+
 def full_state_dict(model: Any) -> dict[str, Any]:
     """``model.state_dict()`` with a tied ``lm_head.weight`` as its own copy.
 
@@ -70,7 +95,7 @@ class ShmPublisher:
             Path(folder, "adapter_config.json").write_text(json.dumps(cfg, default=str))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return WeightUpdate(kind=kind, transport=self.transport, path=folder, version=next(_versions),
-                            num_bytes=nbytes, num_tensors=len(tensors))
+                            num_bytes=nbytes, num_tensors=len(tensors), node_id=current_node_id())
 
     def release(self, update: WeightUpdate) -> None:
         """Delete a staged update once all engines applied it (LoRA adapters: keep while in use)."""

@@ -23,6 +23,7 @@ import torch
 from posttrain import models
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
 from posttrain.config import write_resolved
+from posttrain.metrics import MetricsLogger
 from posttrain.sft import data as sft_data
 from posttrain.sft.config import SFTConfig
 from posttrain.sft.model import count_params, prepare_for_training, resolve_packing
@@ -167,7 +168,7 @@ def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples
           stop_after: int | None) -> None:
     from tqdm import tqdm
 
-    writer = _tensorboard(Path(cfg.run_dir)) if d.main else None
+    metrics = MetricsLogger(cfg.run_dir, stage="sft") if d.main else None  # metrics.jsonl + TensorBoard + Ray
     bar = tqdm(total=len(steps), initial=start, desc="sft", unit="step", disable=not (d.main and cfg.progress))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seen = 0
@@ -178,11 +179,9 @@ def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples
         seen += r.tokens
         bar.update(1)
         bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
-        if writer is not None and step % cfg.train.log_every == 0:
-            for key, value in (("loss", r.loss), ("grad_norm", r.grad_norm), ("lr", scheduler.get_last_lr()[0]),
-                               ("tokens_per_s", tok_s), ("loss_tokens", r.loss_tokens)):
-                writer.add_scalar(f"train/{key}", value, step)
-            writer.flush()
+        if metrics is not None and step % cfg.train.log_every == 0:
+            metrics.log(step, {"train/loss": r.loss, "train/grad_norm": r.grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                               "train/tokens_per_s": tok_s, "train/loss_tokens": r.loss_tokens})
             if not cfg.progress:
                 log.info("step %d/%d loss %.4f grad_norm %.3f %.0f tok/s", step, len(steps), r.loss, r.grad_norm, tok_s)
         every = cfg.train.save_every
@@ -193,18 +192,9 @@ def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples
         if step == stop_after:
             break
     bar.close()
-    if writer is not None:
-        writer.close()
+    if metrics is not None:
+        metrics.close()
     if d.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency; keep training if a slim install lacks it
-        log.warning("tensorboard not installed: no event files (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -9,15 +9,17 @@ restarted by Ray (``max_restarts``), keeping its name. Results carry timing and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
+import weakref
 from collections import deque
 from typing import Any
 
 import ray
 
-from posttrain.verifiers.code import INFRA, CodeResult, check_humaneval, check_io
+from posttrain.verifiers.code import INFRA, CodeResult, check_function, check_humaneval, check_io
 from posttrain.verifiers.math import MathChecker, MathConfig, MathResult
 from posttrain.verifiers.sandbox import Limits, detect_isolation
 
@@ -26,11 +28,25 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CodeJob:
-    """One program to score: a HumanEval-shaped ``problem`` and a ``completion``, or I/O ``cases``."""
+    """One program to score: a HumanEval-shaped ``problem`` and a ``completion``, I/O ``cases``, or
+    ``function`` tests (``check_function`` keywords: entry_point, test, helpers) of the program."""
 
     completion: str
     problem: dict[str, Any] | None = None
     cases: tuple[tuple[str, str], ...] = ()
+    function: dict[str, str] | None = None
+
+
+def run_job(job: CodeJob | MathJob, limits: Limits | None = None, isolation: Any = None,
+            math: MathChecker | None = None) -> CodeResult | MathResult:
+    """Score one job in this process (the sandbox still isolates the program)."""
+    if isinstance(job, MathJob):
+        return (math or MathChecker(MathConfig())).check(job.prediction, job.answer)
+    if job.function is not None:
+        return check_function(job.completion, limits=limits, isolation=isolation, **job.function)
+    if job.problem is not None:
+        return check_humaneval(job.problem, job.completion, limits=limits, isolation=isolation)
+    return check_io(job.completion, job.cases, limits=limits, isolation=isolation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +67,7 @@ class VerifierWorker:
         return self.isolation.describe()
 
     def run(self, job: CodeJob | MathJob) -> CodeResult | MathResult:
-        if isinstance(job, MathJob):
-            return self.math.check(job.prediction, job.answer)
-        if job.problem is not None:
-            return check_humaneval(job.problem, job.completion, limits=self.limits, isolation=self.isolation)
-        return check_io(job.completion, job.cases, limits=self.limits, isolation=self.isolation)
+        return run_job(job, self.limits, self.isolation, self.math)
 
 
 def _infra(job: CodeJob | MathJob, seconds: float, detail: str) -> CodeResult | MathResult:
@@ -73,7 +85,7 @@ class VerifierPool:
 
     def __init__(self, num_workers: int = 2, limits: Limits | None = None, math_config: MathConfig | None = None,
                  call_timeout_s: float = 60.0, num_cpus_per_worker: float = 1.0, retries: int = 1,
-                 name_prefix: str = "sandbox") -> None:
+                 name_prefix: str = "sandbox", placement: Any = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (got {num_workers})")
         if not ray.is_initialized():
@@ -86,9 +98,13 @@ class VerifierPool:
         self.retries = retries  # re-sends of a job whose actor died (never of one that timed out)
         actor_cls = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus_per_worker)(VerifierWorker)
         self.names = [f"{name_prefix}-{i}" for i in range(num_workers)]  # a second pool needs another prefix
-        self.workers = [actor_cls.options(name=name).remote(self.limits, math_config or MathConfig())
-                        for name in self.names]
+        self.workers = [
+            actor_cls.options(name=name, **({} if placement is None else {
+                "scheduling_strategy": placement.slot("sandbox", i).scheduling_strategy()}))
+            .remote(self.limits, math_config or MathConfig())
+            for i, name in enumerate(self.names)]
         self.restarts = 0
+        self._idle: weakref.WeakKeyDictionary[Any, asyncio.Queue[int]] = weakref.WeakKeyDictionary()
 
     def describe(self) -> str:
         return ray.get(self.workers[0].describe.remote(), timeout=self.call_timeout_s)
@@ -126,6 +142,42 @@ class VerifierPool:
                     results[i] = _infra(jobs[i], now - start, detail)
                     idle.append(w)
         return results
+
+    async def arun(self, job: CodeJob | MathJob) -> CodeResult | MathResult:
+        """One job from async code (an environment's ``score``): waits for an idle actor.
+
+        Same rules as :meth:`map`: a dead actor's job is re-sent ``retries`` times, a stuck one
+        restarts the actor and comes back as ``infra``.
+        """
+        idle = self._idle_queue()
+        w = await idle.get()
+        try:
+            for attempt in range(self.retries + 1):
+                start = time.monotonic()
+                ref = self.workers[w].run.remote(job)
+                try:
+                    return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.call_timeout_s)
+                except asyncio.TimeoutError:
+                    await asyncio.to_thread(self._restart, w)
+                    return _infra(job, time.monotonic() - start,
+                                  f"{self.names[w]} gave no result in {self.call_timeout_s}s; worker restarted")
+                except ray.exceptions.RayError as exc:
+                    if attempt == self.retries:
+                        return _infra(job, time.monotonic() - start, f"{self.names[w]} failed: {exc}"[:500])
+                    await asyncio.to_thread(self._wait_alive, w)
+            raise AssertionError("unreachable")
+        finally:
+            idle.put_nowait(w)
+
+    def _idle_queue(self) -> asyncio.Queue[int]:
+        """Idle worker indices, one queue per event loop (the RL loop runs one loop per step)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._idle:
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for w in range(len(self.workers)):
+                queue.put_nowait(w)
+            self._idle[loop] = queue
+        return self._idle[loop]
 
     def _restart(self, w: int) -> None:
         """Kill a stuck actor; Ray restarts it under the same name (max_restarts=-1)."""

@@ -18,6 +18,7 @@ BUILTIN_OPTIONS = {
     "instruction_following": {"size": 30},
     "json_schema": {"size": 30},
     "reasoning_gym": {"tasks": ["basic_arithmetic", "leg_counting"], "size": 5},
+    "genrm_preference": {"size": 20, "test_size": 8},
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.config import load_config
+from posttrain.environments.registry import EnvConfig
 from posttrain.orchestration import cluster
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.loop import main
@@ -37,8 +38,11 @@ def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_two_steps_end_to_end(tmp_path, tiny_llama_dir):
     cfg = config(tmp_path, 2)
+    code = EnvConfig(name="code", options={"limit": 8})  # sandboxed: the stage starts sandbox-N actors
+    cfg = cfg.model_copy(update={"environments": [*cfg.environments, code]})
     cfg.run.eval_every, cfg.run.eval_prompts = 2, 4
     last = main(cfg)
+    assert "env/code/reward" in last and last.get("env/code/errors/infra", 0) == 0
     assert 0 <= last["eval/vowels/reward"] <= 1 and last["eval/vowels/prompts"] == 4
     assert last["tokens/trained"] > 0 and last["train/grad_norm"] > 0
     assert 0 <= last["sync/max_abs_logprob_diff"] < 1e-3  # engines hold the trainer's new weights

@@ -63,7 +63,7 @@ def test_hostile_inputs_end_in_bounded_time_with_zero(checker, prediction):
 
 
 def test_hard_deadline_kills_and_respawns():
-    with MathChecker(MathConfig(timeout_s=0.5, parse_timeout_s=5)) as c:
+    with MathChecker(MathConfig(timeout_s=0.5, parse_timeout_s=5, require_simplified=False)) as c:  # reach math-verify
         c.check("\\boxed{1}", "1")  # worker started
         start = time.monotonic()
         result = c.check("\\boxed{(10^7)!}", "1")
@@ -84,3 +84,23 @@ def test_cli_verify_math(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "accuracy: 0.6667 (2/3)" in out
     assert [json.loads(line)["correct"] for line in out.splitlines()[:3]] == [True, False, True]
+
+
+@pytest.mark.parametrize("prediction, gold, kind", [
+    ("The final answer is 13 + 7.", "20", "unsimplified"),  # the hack an RL policy found: restate the question
+    ("\\boxed{(12 + 14) * 3 - 12}", "66", "unsimplified"),
+    ("The answer is 2 \\times 10", "20", "unsimplified"),
+    ("\\boxed{\\frac{1}{2} + \\frac{1}{4}}", "3/4", "unsimplified"),
+    ("13 + 7 = 20", "20", "correct"),  # the working is fine when the final answer is the number
+    ("\\boxed{20}", "20", "correct"),
+    ("The answer is -5.", "-5", "correct"),
+    ("\\boxed{\\frac{3}{4}}", "3/4", "correct"),
+    ("\\boxed{3/4}", "3/4", "correct"),
+    ("\\boxed{1,000}", "1000", "correct"),
+    ("\\boxed{x^2 + 1}", "x^2+1", "correct"),  # symbolic golds keep math-verify's equivalence
+])
+def test_numeric_golds_need_a_computed_answer(checker, prediction, gold, kind):
+    result = checker.check(prediction, gold)
+    assert result.kind == kind and result.reward == float(kind == "correct"), result
+    if kind == "unsimplified":
+        assert MathChecker(MathConfig(require_simplified=False)).check(prediction, gold).correct  # math-verify alone

@@ -61,3 +61,29 @@ def test_stuck_worker_is_restarted_and_reported_as_infra(ray_local):
         assert pool.map([MathJob("\\boxed{3}", "3")])[0].correct  # the restarted actor keeps working
     finally:
         pool.shutdown()
+
+
+def test_code_env_scores_on_the_bound_pool_with_bounded_concurrency(ray_local):
+    import asyncio
+
+    from posttrain.environments.code_env import CodeEnv
+    from posttrain.verifiers import service
+
+    env = CodeEnv()
+    sample = env.samples("train", 0)[0]
+    gold, wrong = CodeEnv.gold_answer(sample), "```python\ndef nothing():\n    pass\n```"
+    pool = VerifierPool(num_workers=2, limits=Limits(wall_s=3), call_timeout_s=20)
+
+    async def score_all():
+        return await asyncio.gather(*(env.score(sample, c) for c in [gold, wrong] * 3))
+
+    try:
+        ray_local.kill(pool.workers[0], no_restart=False)  # sandbox-0 restarts: its job is re-sent
+        with service.using(pool):
+            scores = asyncio.run(score_all())
+        assert [s.reward for s in scores] == [1.0, 0.0] * 3, scores
+        assert all(s.error is None or not s.error.startswith("infra") for s in scores)
+        assert service._pool is None  # unbound after the block
+    finally:
+        pool.shutdown()
+    assert asyncio.run(env.score(sample, gold)).reward == 1.0  # no pool bound: scored in this process

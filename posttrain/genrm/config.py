@@ -1,0 +1,50 @@
+"""Configs of the GenRM commands: `posttrain rlhf`, `posttrain genrm train`, `posttrain genrm eval`.
+
+RLHF and GenRM training ARE the RLVR loop (DESIGN.md §2: the reward model is just another
+environment), so their configs are the RLVR config with other defaults plus what only they need.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from posttrain.config import Config, GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.environments.registry import EnvConfig
+from posttrain.rlvr.config import RLVRConfig
+from posttrain.sft.config import TrainConfig as SFTTrainConfig
+
+
+class RLHFConfig(RLVRConfig):
+    """The RLVR loop with a GenRM environment (``genrm``), optionally mixed with verifiable ones."""
+
+    environments: list[EnvConfig] = Field(
+        default_factory=lambda: [EnvConfig(name="genrm", options={"judge": {"model": "smollm2-135m-instruct"}})])
+    run_dir: str = Field("runs/rlhf", description="run folder: config, metrics, events, checkpoints")
+
+
+class WarmupConfig(Config):
+    """Optional SFT on the gold judgements before RL (teaches the answer format fast)."""
+
+    enabled: bool = Field(False, description="run the SFT warm-up first; RL then starts from its model")
+    limit: int | None = Field(None, ge=1, description="warm-up pairs used (None = all training pairs)")
+    train: SFTTrainConfig = SFTTrainConfig(epochs=1, lr=2e-5, micro_batch_tokens=4096, gradient_checkpointing=False)
+
+
+class GenRMTrainConfig(RLVRConfig):
+    """Turn a chat model into a GenRM: RL on ``genrm_preference`` (reward from the human labels)."""
+
+    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="genrm_preference")])
+    warmup: WarmupConfig = WarmupConfig()
+    run_dir: str = Field("runs/genrm", description="run folder: warmup/ (SFT) and the RL run's files")
+
+
+class GenRMEvalConfig(Config):
+    """Pairwise accuracy and score errors of a GenRM on held-out preference pairs."""
+
+    model: ModelConfig = ModelConfig()
+    source: str = Field("posttrain:preferences", description="preference data (shipped set, file, folder, hub id)")
+    split: str = "test"
+    limit: int | None = Field(None, ge=1, description="pairs evaluated (None = all)")
+    both_orders: bool = Field(True, description="judge every pair in both orders (cancels position bias)")
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.0, enable_thinking=False)
+    rollout: RolloutConfig = RolloutConfig(max_model_len=2048)

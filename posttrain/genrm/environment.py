@@ -1,0 +1,178 @@
+"""`genrm`: a generative reward model as an environment -- the RLHF stage's reward.
+
+The rollouts of one prompt are compared pair by pair by the GenRM (``circular``: i with i+1,
+N judge calls per group), every comparison of the step in ONE batched judge call; the
+judgements become one reward per rollout (:func:`posttrain.genrm.circular.aggregate`), then
+group-relative length control. Rewards are mapped linearly from [0, 6] onto [0, 1] (the
+loop's reward range; advantages are group-relative, so the scale does not matter); the raw
+GenRM reward is logged as ``env/genrm/raw_reward``.
+
+A group of ONE rollout (greedy held-out evaluation) is compared with the prompt's reference
+response instead: reward 1 / 0.5 / 0 for a win / tie / loss, so ``eval/genrm/accuracy`` is
+the policy's win rate against the reference and ``eval/genrm/reward`` counts ties as halves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+
+from posttrain.config import Config, ModelConfig, RolloutConfig
+from posttrain.environments.base import Completion, Sample, Score
+from posttrain.genrm.backends import JudgeBackend, JudgeCall, JudgeConfig, judge_backend, summarize
+from posttrain.genrm.circular import Mode, Rule, aggregate, orient, pairs, position_bias
+from posttrain.genrm.judge_format import FALLBACK, Judgement, judge_messages, parse_judgement
+from posttrain.genrm.length_control import LengthControl, apply_length_control
+from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
+
+REWARD_RANGE = (0.0, 6.0)  # raw GenRM rewards (1-5 scores, ranking shifts, length terms) -> [0, 1]
+
+
+class LengthControlConfig(Config):
+    reasoning_coef: float = Field(0.3, ge=0, description="zero-sum penalty weight on reasoning length (0 = off)")
+    answer_coef: float = Field(0.35, ge=0, description="zero-sum penalty weight on answer length (0 = off)")
+    short_bonus: float = Field(0.5, ge=0, description="bonus of the shortest response among the top (Nano: 0.5)")
+    top_fraction: float = Field(0.2, gt=0, le=1, description="the top share of the group the bonus looks at")
+
+
+class GenRMOptions(Config):
+    """Options of the ``genrm`` environment (``environments: [{name: genrm, options: {...}}]``)."""
+
+    source: str = Field(SHIPPED, description="prompts: preference data (HelpSteer3 shape: context, response1/2)")
+    test_source: str | None = Field(None, description="held-out prompts file (a folder/hub id has its own split)")
+    size: int | None = Field(None, ge=1, description="train prompts kept (None = all)")
+    test_size: int | None = Field(None, ge=1, description="held-out prompts kept (None = all)")
+    judge: JudgeConfig = JudgeConfig()
+    judge_rollout: RolloutConfig = Field(
+        RolloutConfig(max_model_len=2048), description="engines of a local GenRM (named genrm-0, ...)")
+    mode: Mode = Field("circular", description="circular (N calls, the recipe), k_neighbours, all_pairs")
+    k: int = Field(2, ge=1, description="k_neighbours: comparisons per rollout and side")
+    rule: Rule = Field("margin", description="aggregation: margin (default: won the benchmark), reference, joint")
+    shuffle: bool = Field(True, description="random order of the two responses in each call (position bias)")
+    length_control: LengthControlConfig = LengthControlConfig()
+    seed: int = 0
+
+
+class GenRMEnv:
+    name = "genrm"
+
+    def __init__(self, **options: Any) -> None:
+        self.opts = GenRMOptions.model_validate(options)
+        if self.opts.judge.backend == "local" and not self.opts.judge.model:
+            raise ValueError("genrm: judge.model (a hub id, model folder or built-in name of the GenRM) is needed "
+                             "for judge.backend=local; or set judge.backend=openai and judge.base_url")
+        lc = self.opts.length_control
+        self.length = LengthControl(lc.reasoning_coef, lc.answer_coef, lc.short_bonus, lc.top_fraction)
+        self._rng = random.Random(self.opts.seed)
+        self._pool: Any = None
+        self._backend: JudgeBackend | None = None
+
+    # ----------------------------------------------------------------- data
+
+    def samples(self, split: str, seed: int) -> list[Sample]:
+        source = self.opts.test_source if split == "test" and self.opts.test_source else self.opts.source
+        limit = self.opts.test_size if split == "test" else self.opts.size
+        out, seen = [], set()
+        for pair in load_pairs(source, split):
+            key = repr(pair.context)
+            if key in seen:
+                continue
+            seen.add(key)
+            reference = pair.response_1 if preferred_side(pair.ranking) != 2 else pair.response_2
+            out.append(Sample(f"{split}/{pair.id}", list(pair.context), {"reference": reference}))
+        return out[:limit]
+
+    # ----------------------------------------------------------------- actors
+
+    def roles(self) -> dict[str, list[dict[str, float]]]:
+        """Ray bundles this environment needs: one per local GenRM engine."""
+        if self.opts.judge.backend != "local":
+            return {}
+        r = self.opts.judge_rollout
+        return {"genrm": [{"CPU": r.cpus_per_engine}] * r.num_engines}
+
+    def start(self, placement: Any = None) -> None:
+        """Start the judge (local: GenRM engines ``genrm-0..`` in the stage's placement group)."""
+        if self._backend is not None:
+            return
+        if self.opts.judge.backend == "local":
+            from posttrain.rollout.pool import RolloutPool
+
+            self._pool = RolloutPool(ModelConfig(name=self.opts.judge.model), self.opts.judge_rollout,
+                                     name_prefix="genrm", placement=placement)
+        self._backend = judge_backend(self.opts.judge, pool=self._pool)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._backend = self._pool = None
+
+    # ----------------------------------------------------------------- scoring
+
+    async def score(self, sample: Sample, completion: str) -> Score:
+        """One completion alone: judged against the reference (as in evaluation)."""
+        return (await self.score_groups([sample], [[Completion(completion)]]))[0][0]
+
+    async def score_groups(self, samples: Sequence[Sample], groups: Sequence[Sequence[Completion]]) -> list[list[Score]]:
+        plans = [self._plan(s, g) for s, g in zip(samples, groups)]
+        batch = [conv for plan in plans for conv in plan["convs"]]
+        self.start()
+        calls = await asyncio.to_thread(self._backend.complete, batch) if batch else []  # type: ignore[union-attr]
+        judgements = [parse_judgement(c.text) if c.text is not None else FALLBACK for c in calls]
+        step = _step_metrics(calls, judgements, [p for plan in plans for p in plan["shown"]])
+        out, at = [], 0
+        for plan, group in zip(plans, groups):
+            k = len(plan["convs"])
+            out.append(self._rewards(plan, group, judgements[at:at + k], step))
+            at += k
+        return out
+
+    def _plan(self, sample: Sample, group: Sequence[Completion]) -> dict[str, Any]:
+        """The comparisons of one group: oriented index pairs and their judge conversations."""
+        answers = [c.answer for c in group]
+        if len(group) == 1:  # evaluation: against the reference response (index 1)
+            reference = (sample.answer or {}).get("reference") if isinstance(sample.answer, dict) else None
+            if not reference:
+                return {"answers": answers, "shown": [], "convs": [], "single": True}
+            answers, shown = answers + [reference], [(0, 1)]
+        else:
+            shown = pairs(len(group), self.opts.mode, self.opts.k)
+        if self.opts.shuffle:
+            shown = orient(shown, self._rng)
+        convs = [judge_messages(sample.messages, answers[a], answers[b]) for a, b in shown]
+        return {"answers": answers, "shown": shown, "convs": convs, "single": len(group) == 1}
+
+    def _rewards(self, plan: dict[str, Any], group: Sequence[Completion], judgements: list[Judgement],
+                 step: dict[str, float]) -> list[Score]:
+        if plan["single"]:
+            if not plan["shown"]:
+                return [Score(0.0, dict(step), error="no_reference")]
+            mine, ref = aggregate(2, plan["shown"], judgements, self.opts.rule)
+            win = 1.0 if mine > ref else 0.5 if mine == ref else 0.0
+            error = None if judgements[0].parsed else f"judge:{judgements[0].error}"
+            return [Score(win, {**step, "raw_reward": mine, "reference_reward": ref}, error)]
+        raw = aggregate(len(group), plan["shown"], judgements, self.opts.rule)
+        adjusted = apply_length_control(raw, [c.reasoning_tokens for c in group],
+                                        [c.answer_tokens for c in group], self.length)
+        lo, hi = REWARD_RANGE
+        failed = sum(not j.parsed for j in judgements) / max(len(judgements), 1)
+        return [Score(min(1.0, max(0.0, (r - lo) / (hi - lo))),
+                      {**step, "raw_reward": r, "judge_reward": j, "group_parse_failures": failed})
+                for r, j in zip(adjusted, raw)]
+
+
+def _step_metrics(calls: list[JudgeCall], judgements: list[Judgement], shown: list[tuple[int, int]]) -> dict[str, float]:
+    """Judge statistics of the whole step, attached to every score (they average to themselves)."""
+    out = {k.removeprefix("genrm/"): v for k, v in summarize(calls).items() if not k.startswith("genrm/errors/")}
+    out["parse_failure_rate"] = sum(not j.parsed for j in judgements) / len(judgements) if judgements else 0.0
+    bias = position_bias(shown, judgements) if judgements else math.nan
+    if not math.isnan(bias):
+        out["position1_preference"] = bias
+    return out

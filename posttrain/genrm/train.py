@@ -1,0 +1,85 @@
+"""Training and evaluating custom GenRMs.
+
+``train``: an optional SFT warm-up on the gold judgements (the answer format is learnt in
+minutes), then RL on the ``genrm_preference`` environment, whose reward compares the model's
+judgement with the human labels -- the RLVR loop as it is, with ``stage="genrm"``.
+``evaluate``: greedy judgements of held-out pairs (both orders by default, which cancels a
+judge's position bias) -> pairwise accuracy, score errors, format errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from posttrain.atomic import atomic_write_text
+from posttrain.environments.check import gold_answer
+from posttrain.environments.registry import load_environment
+from posttrain.genrm.config import GenRMEvalConfig, GenRMTrainConfig
+from posttrain.rlvr.config import RLVRConfig
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: GenRMTrainConfig, resume: bool = False) -> dict[str, float]:
+    """Warm-up (if enabled and not done yet), then the RL run in ``cfg.run_dir``; returns its last metrics."""
+    from posttrain.rlvr.loop import main
+
+    init_from = cfg.init_from
+    if cfg.warmup.enabled:
+        init_from = warmup(cfg)
+    fields = {k: getattr(cfg, k) for k in RLVRConfig.model_fields}
+    return main(RLVRConfig(**{**fields, "init_from": init_from}), resume=resume, stage="genrm")
+
+
+def warmup(cfg: GenRMTrainConfig) -> str:
+    """SFT on every training sample's gold judgement; returns the model folder (reused when present)."""
+    from posttrain.sft.config import DataConfig, SFTConfig
+    from posttrain.sft.train import train as sft_train
+
+    folder = Path(cfg.run_dir) / "warmup"
+    if (folder / "model" / "config.json").is_file():
+        log.info("warm-up already done: %s", folder / "model")
+        return str(folder / "model")
+    rows = []
+    for env_cfg in cfg.environments:
+        env = load_environment(env_cfg)
+        for sample in list(env.samples("train", cfg.run.seed))[: cfg.warmup.limit]:
+            answer = gold_answer(env, sample)
+            if answer:
+                rows.append({"messages": [*sample.messages, {"role": "assistant", "content": answer}]})
+    if not rows:
+        raise ValueError("warmup.enabled but no environment sample has a gold answer to learn from")
+    data_file = folder / "data.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(data_file, "".join(json.dumps(r) + "\n" for r in rows))
+    sft = SFTConfig(model=cfg.model, train=cfg.warmup.train, lora=cfg.lora, run_dir=str(folder),
+                    data=DataConfig(path=str(data_file), reasoning_off_share=0.0, budget_cut_share=0.0))
+    log.info("GenRM warm-up: SFT on %d gold judgements", len(rows))
+    return str(sft_train(sft, resume=True) / "model")
+
+
+def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
+    """Judge held-out pairs with ``cfg.model`` (greedy) and compare with the labels."""
+    from posttrain.genrm.judge_format import judge_messages, parse_judgement
+    from posttrain.genrm.preference_data import load_pairs, swapped
+    from posttrain.genrm.preference_env import preference_metrics
+    from posttrain.rollout.engine import RolloutEngine
+
+    pairs = load_pairs(cfg.source, cfg.split, limit=cfg.limit)
+    if not pairs:
+        raise ValueError(f"no preference pairs in {cfg.source!r} split {cfg.split!r}")
+    if cfg.both_orders:
+        pairs = [p for pair in pairs for p in (pair, swapped(pair))]
+    engine = RolloutEngine(cfg.model, cfg.rollout)
+    try:
+        groups = engine.generate([judge_messages(p.context, p.response_1, p.response_2) for p in pairs],
+                                 cfg.generation, n=1)
+    finally:
+        engine.shutdown()
+    judgements = [parse_judgement(g[0].text) for g in groups]
+    metrics: dict[str, Any] = preference_metrics(pairs, judgements)
+    metrics["pairs"] = float(len(pairs))
+    return metrics

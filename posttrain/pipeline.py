@@ -1,0 +1,229 @@
+"""`posttrain pipeline`: SFT -> RLVR -> (GenRM training) -> RLHF as one Ray job, with a report.
+
+Each stage runs in ``RUN/<stage>/`` with its own resolved config, metrics, TensorBoard events,
+checkpoints and final model (``RUN/<stage>/model``), and starts from the previous stage's
+model. ``RUN/pipeline.json`` records finished stages (written atomically after a stage's final
+model): re-running the same command skips them and resumes the current stage from its last
+checkpoint, so a crash or Ctrl-C costs at most the steps since that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.atomic import atomic_write_text
+from posttrain.config import Config, ModelConfig, write_resolved
+from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig
+from posttrain.rlvr.config import RLVRConfig
+from posttrain.sft.config import SFTConfig
+
+log = logging.getLogger(__name__)
+StageName = Literal["sft", "rlvr", "genrm", "rlhf"]
+ORDER: tuple[str, ...] = ("sft", "rlvr", "genrm", "rlhf")
+AUTO = "auto"  # genrm.options.judge.model: the model the pipeline's genrm stage trained
+
+
+class PipelineConfig(Config):
+    """The whole post-training recipe; each stage's section is that stage's own config."""
+
+    model: ModelConfig = ModelConfig()
+    stages: list[StageName] = Field(default_factory=lambda: list(ORDER), description="stages to run, in order")
+    sft: SFTConfig = SFTConfig()
+    rlvr: RLVRConfig = RLVRConfig()
+    genrm: GenRMTrainConfig = GenRMTrainConfig()
+    rlhf: RLHFConfig = RLHFConfig()
+    sft_eval_prompts: int = Field(50, ge=0, description=(
+        "held-out prompts per RLVR environment scored greedily before and after SFT (0 = skip)"))
+    run_dir: str = Field("runs/pipeline", description="run folder: one subfolder per stage, report/")
+    dashboard: bool = Field(True, description="start Ray's dashboard with a local cluster (127.0.0.1 only)")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Ray's Prometheus metrics port")
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if not self.stages:
+            raise ValueError("stages must list at least one of " + ", ".join(ORDER))
+        if [s for s in ORDER if s in self.stages] != list(self.stages):
+            raise ValueError(f"stages must be distinct and in the order {' -> '.join(ORDER)} (got {self.stages})")
+        return self
+
+
+def stage_config(cfg: PipelineConfig, name: str, models: dict[str, str]) -> Any:
+    """Stage ``name``'s config: the pipeline's model, run folder and the previous stage's weights."""
+    run_dir = str(Path(cfg.run_dir) / name)
+    if name == "sft":
+        return cfg.sft.model_copy(update={"model": cfg.model, "run_dir": run_dir})
+    if name == "genrm":  # the judge is trained from the base model, not from the policy
+        return cfg.genrm.model_copy(update={"model": cfg.model, "run_dir": run_dir})
+    previous = {"rlvr": ("sft",), "rlhf": ("rlvr", "sft")}[name]
+    init_from = next((models[p] for p in previous if p in models), getattr(cfg, name).init_from)
+    section = cfg.rlvr if name == "rlvr" else cfg.rlhf
+    update: dict[str, Any] = {"model": cfg.model, "run_dir": run_dir, "init_from": init_from}
+    if name == "rlhf":
+        update["environments"] = [_with_judge(e, models) for e in section.environments]
+    return section.model_copy(update=update)
+
+
+def _with_judge(env: Any, models: dict[str, str]) -> Any:
+    judge = dict(env.options.get("judge") or {})
+    if env.name != "genrm" or judge.get("model") not in (None, AUTO):
+        return env
+    if "genrm" not in models:
+        raise ValueError("rlhf: the genrm environment's judge.model is 'auto' but no genrm stage has run; add "
+                         "'genrm' to stages or set rlhf.environments[...].options.judge.model")
+    return env.model_copy(update={"options": {**env.options, "judge": {**judge, "model": models["genrm"]}}})
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or finish) the pipeline in ``cfg.run_dir``; returns the report summary."""
+    from posttrain.orchestration import cluster
+    from posttrain.report import build_report, format_summary, summary
+
+    run = Path(cfg.run_dir)
+    write_resolved(cfg, run)
+    state = _read_state(run)
+    url = cluster.init_ray(dashboard=cfg.dashboard, metrics_export_port=cfg.metrics_port, num_cpus=_local_cpus(cfg))
+    log.info("Ray dashboard: %s", url or "off (attached cluster: see its own dashboard)")
+    models = {name: info["model"] for name, info in state["stages"].items() if info.get("status") == "done"}
+    for index, name in enumerate(cfg.stages):
+        _progress(index, len(cfg.stages))
+        if name in models:
+            log.info("stage %s: done already (%s), skipped", name, models[name])
+            continue
+        log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
+        start = time.monotonic()
+        models[name] = run_stage(name, stage_config(cfg, name, models), cfg)
+        state["stages"][name] = {"status": "done", "model": models[name], "seconds": time.monotonic() - start}
+        atomic_write_text(run / "pipeline.json", json.dumps(state, indent=1))
+    _progress(len(cfg.stages), len(cfg.stages))
+    page = build_report(run)
+    data = summary(run)
+    print(format_summary(data))
+    print(f"report: {page}")
+    return data
+
+
+def _local_cpus(cfg: PipelineConfig) -> int:
+    """CPUs of a local cluster: enough for the hungriest RL stage's placement group."""
+    from posttrain.environments.registry import load_environment
+    from posttrain.rlvr.actors import local_cpus, stage_roles
+
+    need = 1
+    for name in cfg.stages:
+        if name != "sft":
+            section = getattr(cfg, name)
+            envs = {e.name: load_environment(_with_judge(e, {"genrm": "planned"})) for e in section.environments}
+            need = max(need, local_cpus(stage_roles(section, envs)))
+    return need
+
+
+def run_stage(name: str, stage_cfg: Any, cfg: PipelineConfig) -> str:
+    """Run one stage to its end (resuming from its checkpoints); returns its final model folder."""
+    from posttrain.training.checkpoint import latest_checkpoint
+
+    if name == "sft":
+        return _run_sft(stage_cfg, cfg)
+    resume = latest_checkpoint(stage_cfg.run_dir) is not None
+    if name == "genrm":
+        from posttrain.genrm.train import train
+
+        train(stage_cfg, resume=resume)
+    else:
+        from posttrain.rlvr.loop import main as rl_main
+
+        rl_main(stage_cfg, resume=resume, stage=name)
+    return str(Path(stage_cfg.run_dir) / "model")
+
+
+def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
+    """SFT in the Ray actor ``sft-0`` (visible on the dashboard), held-out eval before and after."""
+    from posttrain.orchestration import cluster
+
+    folder = Path(sft.run_dir) / "model"
+    if cfg.sft_eval_prompts and not _has_eval(sft.run_dir, 0):
+        _log_eval(cfg, sft.run_dir, cfg.model.name, step=0)
+    actor = cluster.start_actor(_SFTWorker, "sft-0", num_cpus=1)
+    try:
+        cluster.gather([actor.train.remote(sft)], ["sft-0"], 24 * 3600, "SFT")
+    finally:
+        cluster.kill_actor(actor)
+    if cfg.sft_eval_prompts:
+        _log_eval(cfg, sft.run_dir, str(folder), step=_last_step(sft.run_dir))
+    return str(folder)
+
+
+class _SFTWorker:
+    def train(self, sft: SFTConfig) -> str:
+        import logging as _logging
+
+        from posttrain.sft.train import train
+
+        _logging.basicConfig(level=_logging.INFO)
+        return str(train(sft.model_copy(update={"progress": False}), resume=True))
+
+
+def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
+    """Greedy held-out accuracy of ``model`` on the RLVR environments, logged into the stage's metrics."""
+    from posttrain.environments.registry import load_environment
+    from posttrain.metrics import MetricsLogger
+    from posttrain.rlvr.evaluate import evaluate
+    from posttrain.rollout.pool import RolloutPool
+
+    envs = {e.name: load_environment(e) for e in cfg.rlvr.environments}
+    pool = RolloutPool(cfg.model.model_copy(update={"name": model}), cfg.rlvr.rollout, name_prefix="eval")
+    try:
+        result = evaluate(pool, envs, cfg.rlvr.generation, cfg.sft_eval_prompts, cfg.rlvr.run.seed)
+    finally:
+        pool.shutdown()
+    logger = MetricsLogger(run_dir, stage="sft")
+    logger.log(step, result)
+    logger.close()
+    log.info("sft eval (step %d): %s", step, result)
+
+
+def _rows(run_dir: str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _has_eval(run_dir: str, step: int) -> bool:
+    return any(r.get("step") == step and any(k.startswith("eval/") for k in r) for r in _rows(run_dir))
+
+
+def _last_step(run_dir: str) -> int:
+    return max((int(r.get("step", 0)) for r in _rows(run_dir)), default=0)
+
+
+def _read_state(run: Path) -> dict[str, Any]:
+    path = run / "pipeline.json"
+    if not path.is_file():
+        return {"stages": {}}
+    state = json.loads(path.read_text())
+    for name, info in state.get("stages", {}).items():  # a model folder deleted by hand: run the stage again
+        if info.get("status") == "done" and not (Path(info["model"]) / "config.json").is_file():
+            info["status"] = "rerun"
+    return state
+
+
+def _progress(done: int, total: int) -> None:
+    """Pipeline progress as Ray gauges (``ray_posttrain_pipeline_*`` on the metrics endpoint)."""
+    try:
+        from ray.util.metrics import Gauge
+
+        Gauge("posttrain_pipeline_stages_done", description="finished pipeline stages").set(done)
+        Gauge("posttrain_pipeline_stages_total", description="pipeline stages").set(total)
+    except Exception as exc:  # noqa: BLE001 - metrics never stop the run
+        log.debug("pipeline gauges: %s", exc)

@@ -1,0 +1,276 @@
+"""Run report: reads each stage's ``metrics.jsonl`` and writes ``RUN/report/index.html`` with PNG plots.
+
+Works on a pipeline folder (``RUN/{sft,rlvr,rlhf}/``) or on one stage folder. Garbled lines and
+non-finite values are skipped and counted on the page: a report of a crashed run is still a report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
+
+PIPELINE_STAGES: tuple[str, ...] = ("sft", "rlvr", "rlhf")
+STAGE_FILES: tuple[str, ...] = ("metrics.jsonl", "config.yaml", "tensorboard")
+Row = dict[str, float]  # "step", optionally "time", and the numeric metrics of one logged line
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage folder and its parsed metric rows (file order; a resumed run may repeat steps)."""
+
+    name: str
+    folder: Path
+    rows: tuple[Row, ...]
+    bad_lines: int  # unparsable lines, or lines without an integer "step"
+    dropped_values: int  # NaN / inf values left out of rows
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of ``key`` sorted by step; for a repeated step the last line wins."""
+        by_step = {int(r["step"]): r[key] for r in self.rows if key in r}
+        steps = sorted(by_step)
+        return steps, [by_step[s] for s in steps]
+
+    def metric_keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            seen.update(dict.fromkeys(k for k in row if k not in ("step", "time")))
+        return list(seen)
+
+
+def read_metrics(path: Path) -> tuple[list[Row], int, int]:
+    """Parse a metrics.jsonl: (rows, bad lines, dropped non-finite values). Never raises on content."""
+    rows: list[Row] = []
+    bad = dropped = 0
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            step = obj.get("step") if isinstance(obj, dict) else None
+            if not _is_number(step) or not math.isfinite(step) or step != int(step):
+                bad += 1
+                continue
+            row: Row = {}
+            for key, value in obj.items():
+                if _is_number(value):
+                    if math.isfinite(value):
+                        row[key] = float(value)
+                    else:
+                        dropped += 1
+            rows.append(row)
+    return rows, bad, dropped
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_stage(folder: Path, name: str | None = None) -> Stage:
+    """A stage from its folder; the name is ``name``, else the rows' "stage" field, else the folder name."""
+    path = folder / "metrics.jsonl"
+    rows, bad, dropped = read_metrics(path) if path.is_file() else ([], 0, 0)
+    if name is None:
+        name = _stage_field(path) or folder.name
+    return Stage(name, folder, tuple(rows), bad, dropped)
+
+
+def _stage_field(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            try:
+                value = json.loads(line).get("stage")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def find_stages(run_dir: str | Path) -> tuple[list[Stage], list[str]]:
+    """(stages found, pipeline stages missing). A folder holding stage files is one stage by itself."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist; pass a pipeline or stage run folder")
+    if (run_dir / "metrics.jsonl").exists():
+        return [load_stage(run_dir)], []
+    known = [run_dir / s for s in PIPELINE_STAGES if (run_dir / s).is_dir()]
+    others = sorted(p for p in run_dir.iterdir() if p.is_dir() and p not in known and not p.name.startswith(".")
+                    and any((p / f).exists() for f in STAGE_FILES))
+    folders = known + others
+    if not folders and any((run_dir / f).exists() for f in STAGE_FILES):
+        return [load_stage(run_dir)], []  # a stage folder before its first logged step
+    if not folders:
+        raise ValueError(f"no stage found in {str(run_dir)!r}: expected metrics.jsonl there, or stage "
+                         f"subfolders ({', '.join(PIPELINE_STAGES)}) holding one")
+    missing = [s for s in PIPELINE_STAGES if not (run_dir / s).is_dir()]
+    return [load_stage(p, name=p.name) for p in folders], missing
+
+
+def eval_keys(stage: Stage) -> list[str]:
+    """Held-out eval scores (``eval/...``), without the prompt counts."""
+    return sorted(k for k in stage.metric_keys() if k.startswith("eval/") and not k.endswith("/prompts"))
+
+
+def before_after(stage: Stage, key: str) -> dict[str, float | int | None]:
+    """First logged value (before training) and last (after); no "after" when logged only once."""
+    steps, values = stage.series(key)
+    after = values[-1] if len(steps) > 1 else None
+    return {"before": values[0], "after": after, "delta": None if after is None else after - values[0],
+            "before_step": steps[0], "after_step": steps[-1] if after is not None else None}
+
+
+def stage_summary(stage: Stage) -> dict[str, Any]:
+    times = [r["time"] for r in stage.rows if "time" in r]
+    return {"folder": str(stage.folder), "steps": max((int(r["step"]) for r in stage.rows), default=0),
+            "rows": len(stage.rows), "wall_s": max(times) - min(times) if times else None,
+            "bad_lines": stage.bad_lines, "dropped_values": stage.dropped_values,
+            "eval": {k: before_after(stage, k) for k in eval_keys(stage)}}
+
+
+def summary(run_dir: str | Path) -> dict[str, Any]:
+    """``{"stages": {name: {steps, wall_s, rows, bad_lines, eval: {key: {before, after, delta, ...}}}},
+    "missing": [...]}`` — the before/after table the pipeline prints and the page shows."""
+    stages, missing = find_stages(run_dir)
+    return {"run_dir": str(run_dir), "stages": {s.name: stage_summary(s) for s in stages}, "missing": missing}
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    """The before/after table as aligned text, one line per stage and eval key."""
+    lines = [f"{'stage':8s} {'metric':32s} {'before':>8s} {'after':>8s} {'delta':>8s}"]
+    for name, st in data["stages"].items():
+        for key, ba in st["eval"].items():
+            lines.append(f"{name:8s} {key:32s} {_num(ba['before']):>8s} {_num(ba['after']):>8s} "
+                         f"{_num(ba['delta'], sign=True):>8s}")
+        if not st["eval"]:
+            lines.append(f"{name:8s} (no eval/ metrics)")
+    lines += [f"{name:8s} (not run)" for name in data["missing"]]
+    return "\n".join(lines)
+
+
+def _num(value: float | None, sign: bool = False) -> str:
+    return "-" if value is None else (f"{value:+.3f}" if sign else f"{value:.3f}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report folder (default ``RUN/report``) atomically; returns the path of index.html."""
+    from posttrain.report_plots import draw_all  # matplotlib only when drawing
+
+    run_dir = Path(run_dir)
+    stages, missing = find_stages(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():
+        raise ValueError(f"report folder {str(out)!r} exists and is not a report (no index.html); "
+                         "pass --out with a new or empty folder")
+    with file_lock(out.parent / f".{out.name}.lock"):
+        remove_stale_tmp(out)
+        with atomic_dir(out) as tmp:
+            figures = draw_all(stages, tmp)
+            page = render_html(run_dir, stages, missing, figures, out.resolve())
+            (tmp / "index.html").write_text(page)
+    return out / "index.html"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1240px;margin:1.5em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+td:first-child,th,td.l{text-align:left}th{background:#f2f2f2}.up{color:#080}.down{color:#b00}
+.note{background:#fff6d5;padding:.4em .8em;border-left:4px solid #e0b000}img{max-width:100%}code{background:#f4f4f4}"""
+
+
+def render_html(run_dir: Path, stages: list[Stage], missing: list[str], figures: list[tuple[str, str]],
+                out: Path) -> str:
+    """The page: notes, before/after table, stage table, figures, other metrics. ``out`` is the final folder."""
+    body = [f"<h1>Run report: {html.escape(run_dir.resolve().name)}</h1>",
+            f"<p>{html.escape(str(run_dir.resolve()))} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    body += [f'<p class="note">{html.escape(n)}</p>' for n in _notes(stages, missing)]
+    body += ["<h2>Before / after</h2>", _before_after_table(stages), "<h2>Stages</h2>", _stage_table(stages, out)]
+    for title, png in figures:
+        body.append(f'<h2>{html.escape(title)}</h2>\n<img src="{html.escape(png)}" alt="{html.escape(title)}">')
+    if not figures:
+        body.append("<p>No plottable metrics yet.</p>")
+    body.append(_other_metrics(stages))
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Run report</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _notes(stages: list[Stage], missing: list[str]) -> list[str]:
+    notes = [f"{s.name}: skipped {s.bad_lines} unparsable line(s) of {s.folder / 'metrics.jsonl'}"
+             for s in stages if s.bad_lines]
+    notes += [f"{s.name}: left out {s.dropped_values} NaN/inf value(s)" for s in stages if s.dropped_values]
+    notes += [f"{s.name}: no metrics.jsonl rows yet" for s in stages if not s.rows]
+    if missing:
+        notes.append(f"not run (no folder): {', '.join(missing)}")
+    return notes
+
+
+def _before_after_table(stages: list[Stage]) -> str:
+    rows = []
+    for s in stages:
+        for key in eval_keys(s):
+            ba = before_after(s, key)
+            delta = ba["delta"]
+            cls = "" if not delta else (' class="up"' if delta > 0 else ' class="down"')
+            rows.append(f"<tr><td>{html.escape(s.name)}</td><td class=\"l\">{html.escape(key)}</td>"
+                        f"<td>{_num(ba['before'])}</td><td>{_num(ba['after'])}</td>"
+                        f"<td{cls}>{_num(delta, sign=True)}</td></tr>")
+    if not rows:
+        return "<p>No <code>eval/</code> metrics logged.</p>"
+    head = "<tr><th>stage</th><th>metric</th><th>before</th><th>after</th><th>delta</th></tr>"
+    return f"<table>{head}\n" + "\n".join(rows) + "</table>"
+
+
+def _stage_table(stages: list[Stage], out: Path) -> str:
+    head = ("<tr><th>stage</th><th>steps</th><th>wall time</th><th>rows</th><th>config</th>"
+            "<th>tensorboard</th></tr>")
+    rows = []
+    for s in stages:
+        st = stage_summary(s)
+        links = [_link(s.folder / f, out) for f in ("config.yaml", "tensorboard")]
+        rows.append(f"<tr><td>{html.escape(s.name)}</td><td>{st['steps']}</td><td>{_duration(st['wall_s'])}</td>"
+                    f"<td>{st['rows']}</td><td class=\"l\">{links[0]}</td><td class=\"l\">{links[1]}</td></tr>")
+    tb = ",".join(f"{s.name}:{s.folder.resolve() / 'tensorboard'}" for s in stages
+                  if (s.folder / "tensorboard").is_dir())
+    hint = f"<p>TensorBoard: <code>tensorboard --logdir_spec {html.escape(tb)}</code></p>" if tb else ""
+    return f"<table>{head}\n" + "\n".join(rows) + "</table>" + hint
+
+
+def _link(target: Path, out: Path) -> str:
+    if not target.exists():
+        return "(none)"
+    rel = os.path.relpath(target.resolve(), out)
+    return f'<a href="{html.escape(rel)}">{html.escape(rel)}</a>'
+
+
+def _other_metrics(stages: list[Stage]) -> str:
+    """Last/min/max of every metric, folded: the plots show the headline ones."""
+    rows = []
+    for s in stages:
+        for key in sorted(s.metric_keys()):
+            _, values = s.series(key)
+            rows.append(f"<tr><td>{html.escape(s.name)}</td><td class=\"l\">{html.escape(key)}</td>"
+                        f"<td>{values[-1]:.4g}</td><td>{min(values):.4g}</td><td>{max(values):.4g}</td></tr>")
+    if not rows:
+        return ""
+    head = "<tr><th>stage</th><th>metric</th><th>last</th><th>min</th><th>max</th></tr>"
+    return (f"<details><summary>All metrics ({len(rows)})</summary><table>{head}\n" + "\n".join(rows)
+            + "</table></details>")

@@ -1,0 +1,153 @@
+"""The actors of one RL stage, started together and torn down together.
+
+``StageActors`` reserves a placement group with a bundle per actor (trainer workers, rollout
+engines, sandbox actors, and whatever an environment brings, e.g. a GenRM's ``genrm-N``
+engines), starts them in it, and on exit stops them all and frees the reservation -- also when
+start-up fails half-way. :class:`Engines` restarts dead rollout engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+from posttrain.config import ModelConfig
+from posttrain.environments.base import Environment
+from posttrain.orchestration.placement import StagePlacement
+from posttrain.rlvr.config import RLVRConfig
+from posttrain.rlvr.trainer_group import TrainerGroup
+from posttrain.rollout.pool import LogprobCheck, RolloutPool
+from posttrain.rollout.types import EngineCrashedError, Rollout
+from posttrain.verifiers import service
+
+log = logging.getLogger(__name__)
+
+
+class StageActors:
+    """``with StageActors(cfg, envs, stage) as actors:`` -> ``actors.trainer``, ``.engines``, ``.sandbox``."""
+
+    def __init__(self, cfg: RLVRConfig, envs: dict[str, Environment], stage: str) -> None:
+        self.cfg, self.envs, self.stage = cfg, envs, stage
+        self.roles = stage_roles(cfg, envs)
+        self.placement: StagePlacement | None = None
+        self.trainer: TrainerGroup | None = None
+        self.engines: Engines | None = None
+        self.sandbox: Any = None
+
+    def __enter__(self) -> StageActors:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.placement = StagePlacement(self.stage, self.roles, strategy=cfg.run.placement_strategy)
+        self.trainer = TrainerGroup(cfg, placement=self.placement, timeout_s=max(cfg.rollout.call_timeout_s, 1800.0))
+        if "sandbox" in self.roles:
+            self.sandbox = _sandbox_pool(cfg, self.placement)
+        for env in self.envs.values():  # environments with actors of their own (a GenRM's engines)
+            getattr(env, "start", lambda placement: None)(self.placement)
+        engine_model = ModelConfig(**{**cfg.model.model_dump(), "name": cfg.init_from or cfg.model.name})
+        self.engines = Engines(engine_model, cfg, self.trainer, self.placement)
+
+    def close(self) -> None:
+        for part in (self.engines, self.trainer, self.sandbox):
+            if part is not None:
+                part.shutdown()
+        for env in self.envs.values():
+            getattr(env, "close", lambda: None)()
+        if self.placement is not None:
+            self.placement.remove()
+        self.engines = self.trainer = self.sandbox = self.placement = None
+
+
+def stage_roles(cfg: RLVRConfig, envs: dict[str, Environment]) -> dict[str, list[dict[str, float]]]:
+    """The Ray resources each role of the stage reserves: one bundle per actor."""
+    roles = {"trainer": [{"CPU": cfg.train.num_cpus}] * cfg.train.workers,
+             "rollout": [{"CPU": cfg.rollout.cpus_per_engine}] * cfg.rollout.num_engines}
+    if service.needs_sandbox(envs.values()):
+        roles["sandbox"] = [{"CPU": cfg.sandbox.num_cpus}] * cfg.sandbox.workers
+    for env in envs.values():  # e.g. a GenRM's judge engines (genrm-0..)
+        for role, bundles in getattr(env, "roles", dict)().items():
+            roles[role] = roles.get(role, []) + list(bundles)
+    return roles
+
+
+def local_cpus(roles: dict[str, list[dict[str, float]]]) -> int:
+    """Logical CPUs of a local cluster: the machine's, or what the stage reserves if that is more.
+
+    The loop is synchronous -- the trainer idles while engines generate and the other way round --
+    so on a laptop the roles take turns on the same cores instead of waiting for free ones.
+    """
+    need = sum(b.get("CPU", 0.0) for bundles in roles.values() for b in bundles)
+    return max(os.cpu_count() or 1, math.ceil(need))
+
+
+def _sandbox_pool(cfg: RLVRConfig, placement: StagePlacement) -> Any:
+    from posttrain.verifiers.pool import VerifierPool
+    from posttrain.verifiers.sandbox import Limits
+
+    return VerifierPool(cfg.sandbox.workers, Limits(wall_s=cfg.sandbox.wall_s), call_timeout_s=cfg.sandbox.call_timeout_s,
+                        num_cpus_per_worker=cfg.sandbox.num_cpus, placement=placement)
+
+
+class Engines:
+    """The rollout pool, restarted when an engine dies: generation is retried, a sync redone.
+
+    Training is never repeated: a crash after the update only costs a restart and a sync of
+    the weights the trainer already has.
+    """
+
+    def __init__(self, model: ModelConfig, cfg: RLVRConfig, trainer: TrainerGroup,
+                 placement: StagePlacement | None = None) -> None:
+        self.model, self.cfg, self.trainer, self.placement = model, cfg, trainer, placement
+        self.pool = RolloutPool(model, cfg.rollout, placement=placement)
+        self.restarts = 0
+
+    def generate(self, prompts: list[Any], gen: Any, n: int) -> list[list[Rollout]]:
+        return self._retry(lambda: self.pool.generate(prompts, gen, n), "generate")
+
+    def sync(self, probe: Rollout | None = None) -> Any:
+        return self._retry(lambda: _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir, probe), "sync")
+
+    def _retry(self, call: Any, what: str) -> Any:
+        for attempt in range(self.cfg.run.max_step_retries + 1):
+            try:
+                return call()
+            except EngineCrashedError as exc:
+                if attempt == self.cfg.run.max_step_retries:
+                    raise
+                log.warning("%s: %s; restarting the rollout engines", what, exc)
+                self.restart()
+        raise AssertionError("unreachable")
+
+    def restart(self) -> None:
+        self.pool.shutdown()
+        self.pool = RolloutPool(self.model, self.cfg.rollout, placement=self.placement)
+        self.restarts += 1
+        # fresh engines hold the base weights: give them the trainer's
+        _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
+def _sync(pool: RolloutPool, trainer: TrainerGroup, sync_dir: str, probe: Rollout | None = None) -> Any:
+    """New trainer weights into every engine, then (with a probe) the logprob agreement check."""
+    update = trainer.publish_weights(sync_dir)
+    check = None
+    if probe is not None:
+        ids = list(probe.prompt_ids) + list(probe.token_ids)
+        logprobs = trainer.reference_logprobs(ids, len(probe.prompt_ids))
+        check = LogprobCheck(ids, len(probe.prompt_ids), logprobs)
+    return pool.push(update, check, fetch=lambda: trainer.staged_files_ref(update))
+
+

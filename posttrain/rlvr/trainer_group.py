@@ -1,0 +1,132 @@
+"""``TrainerGroup``: the controller's handle on W policy-trainer workers (data parallel).
+
+Starts ``trainer-0 .. trainer-{W-1}`` (one :class:`PolicyTrainer` actor each) and joins them in
+one torch.distributed group (gloo on CPU, nccl on CUDA). Every worker receives the whole batch
+and trains its token-balanced share; gradients are summed before the optimizer step, so all
+workers hold the same weights and rank 0 alone answers for them (weights for the engines, the
+logprob check, checkpoints). The API is the single trainer actor's, made synchronous.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from posttrain.orchestration import cluster
+
+if TYPE_CHECKING:
+    from posttrain.orchestration.placement import StagePlacement
+    from posttrain.rlvr.batch import TrainBatch
+    from posttrain.rlvr.config import RLVRConfig
+    from posttrain.rollout.types import WeightUpdate
+
+log = logging.getLogger(__name__)
+
+
+class TrainerGroup:
+    """trainer-0..trainer-{W-1}: one PolicyTrainer actor per worker in one torch.distributed group
+    (gloo on CPU, nccl on CUDA). Same synchronous API as the old single actor calls."""
+
+    def __init__(self, cfg: RLVRConfig, *, placement: StagePlacement | None = None,
+                 timeout_s: float = 600) -> None:
+        """``placement``: a StagePlacement with a ``trainer`` bundle per worker (else Ray places them).
+        ``timeout_s`` bounds every call (and each collective inside the group)."""
+        # imported here: torch and transformers stay out of the controller
+        from posttrain.rlvr.trainer import PolicyTrainer
+
+        cluster.init_ray()
+        self.timeout_s = timeout_s
+        size = cfg.train.workers
+        self.names = [f"trainer-{rank}" for rank in range(size)]
+        self.actors: list[Any] = []
+        self._joined = False
+        try:
+            for rank, name in enumerate(self.names):
+                slot = placement.slot("trainer", rank) if placement is not None else None
+                self.actors.append(cluster.start_actor(
+                    PolicyTrainer, name, cfg.model, cfg.train, cfg.lora, cfg.algorithm, cfg.run.seed, cfg.init_from,
+                    num_cpus=cfg.train.num_cpus, placement=slot))
+            if size > 1:
+                address = self._rank0("group_address", what="start-up")
+                self._wait([a.join_group.remote(address, rank, size, timeout_s) for rank, a in enumerate(self.actors)],
+                           "joining the process group")
+                self._joined = True
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----------------------------------------------------------------- the trainer's API
+
+    def resume(self, run_dir: str) -> dict[str, Any] | None:
+        """Every worker loads the newest checkpoint; rank 0's saved state (None when there is none)."""
+        return self._all("resume", run_dir, what="resume")[0]
+
+    def train_step(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
+        """One RL step over the group; metrics are already combined over workers (rank 0's copy)."""
+        import ray
+
+        ref = ray.put(batch)  # one copy in the object store, read by every worker
+        return self._all("train_step", ref, temperature, what="train step")[0]
+
+    def publish_weights(self, sync_dir: str) -> WeightUpdate:
+        return self._rank0("publish_weights", sync_dir, what="publish weights")
+
+    def staged_files_ref(self, update: WeightUpdate) -> Any:
+        """A Ray ObjectRef of the update's files, staged on rank 0's node (not fetched here)."""
+        return self.actors[0].staged_files.remote(update)
+
+    def reference_logprobs(self, token_ids: list[int], start: int) -> list[float]:
+        return self._rank0("reference_logprobs", token_ids, start, what="logprob check")
+
+    def save(self, run_dir: str, step: int, extra: dict[str, Any], keep_last: int) -> str:
+        """Rank 0 writes the checkpoint: every worker holds the same weights and optimizer state."""
+        return self._rank0("save", run_dir, step, extra, keep_last, what="checkpoint")
+
+    def export(self, folder: str) -> str:
+        """The final model as an HF folder (rank 0; LoRA merged), written atomically."""
+        return self._rank0("export", folder, what="export")
+
+    def shutdown(self) -> None:
+        """Leave the process group (best effort: a dead worker cannot) and stop every worker."""
+        if self._joined:
+            try:
+                self._all("leave_group", what="leaving the process group", timeout_s=60)
+            except Exception as exc:  # noqa: BLE001 - the workers are killed next anyway
+                log.warning("trainer group: %s", exc)
+            self._joined = False
+        for actor in self.actors:
+            cluster.kill_actor(actor)
+        self.actors = []
+
+    def __enter__(self) -> TrainerGroup:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------- calls
+
+    def _rank0(self, method: str, *args: Any, what: str) -> Any:
+        return self._wait([getattr(self.actors[0], method).remote(*args)], what)[0]
+
+    def _all(self, method: str, *args: Any, what: str, timeout_s: float | None = None) -> list[Any]:
+        return self._wait([getattr(a, method).remote(*args) for a in self.actors], what, timeout_s)
+
+    def _wait(self, refs: list[Any], what: str, timeout_s: float | None = None) -> list[Any]:
+        """One result per worker (``refs[i]`` from ``trainer-i``). The first worker to fail or die is
+        named at once: the others would otherwise sit in a collective until the deadline."""
+        import ray
+
+        timeout_s = timeout_s or self.timeout_s
+        name_of = dict(zip(refs, self.names))
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise cluster.ActorTimeoutError(
+                    f"{', '.join(name_of[r] for r in pending)}: {what} gave no answer within {timeout_s:g} s "
+                    "(hung or overloaded; raise the trainer group's timeout_s if the work is just big)")
+            cluster.gather(ready, [name_of[r] for r in ready], timeout_s, what)  # raises, naming the worker
+        return cluster.gather(refs, [name_of[r] for r in refs], timeout_s, what)

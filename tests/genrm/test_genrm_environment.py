@@ -1,0 +1,105 @@
+"""The `genrm` environment: one batched judge call per step, circular rewards, eval vs reference.
+
+The judge here is a stub backend (a fake model is fine inside a unit test): it scores a
+response by the number written in it, so the expected rewards can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+
+from posttrain.environments.base import Completion, GroupEnvironment, Sample
+from posttrain.environments.registry import load_environment
+from posttrain.genrm.backends import JudgeCall
+from posttrain.genrm.environment import GenRMEnv
+
+
+class QualityJudge:
+    """Reads 'quality N' in each response; ranking 2 / 5 for the better side, 3 on a tie (leans to 1).
+
+    ``neutral_ties`` answers 3.5 on a tie instead (a float ranking: no side preferred)."""
+
+    def __init__(self, broken: set[int] = frozenset(), neutral_ties: bool = False) -> None:
+        self.batches: list[int] = []
+        self.tie = 3.5 if neutral_ties else 3
+        self.broken = broken  # call indices that answer garbage
+
+    def complete(self, batch):
+        self.batches.append(len(batch))
+        out = []
+        for i, conv in enumerate(batch):
+            text = conv[-1]["content"]
+            q1, q2 = (int(x) for x in re.findall(r"quality (\d)", text)[-2:])
+            ranking = 2 if q1 > q2 else 5 if q2 > q1 else self.tie
+            verdict = json.dumps({"score_1": q1, "score_2": q2, "ranking": ranking})
+            out.append(JudgeCall("no idea" if i in self.broken else f"Thinking done. {verdict}", None, 1, 0.01))
+        return out
+
+    def close(self):
+        pass
+
+
+def make_env(judge: QualityJudge, **options) -> GenRMEnv:
+    env = GenRMEnv(judge={"model": "stub"}, length_control={"reasoning_coef": 0, "answer_coef": 0,
+                                                             "short_bonus": 0}, **options)
+    env._backend = judge  # what start() would build
+    return env
+
+
+def sample(i: int, reference: str = "quality 3") -> Sample:
+    return Sample(f"s{i}", [{"role": "user", "content": f"question {i}"}], {"reference": reference})
+
+
+def test_one_batched_call_per_step_and_rewards_follow_quality():
+    judge = QualityJudge()
+    env = make_env(judge, shuffle=False, rule="reference")
+    groups = [[Completion(f"answer quality {q}") for q in (5, 1, 3, 3)], [Completion(f"quality {q}") for q in (2, 4)]]
+    scores = asyncio.run(env.score_groups([sample(0), sample(1)], groups))
+    assert judge.batches == [4 + 1]  # circular: 4 calls for N=4, one for N=2, all in one batch
+    # group 0, pairs (0,1) (1,2) (2,3) (3,0): rollout 0 gets 5 in both -> 5; rollout 1 gets 1, 1 -> 1;
+    # rollout 2: 3 (vs 1) and 3 + (3.5 - 3) = 3.5 (tie with rollout 3) -> 3.25; rollout 3: 2.5 and 3 -> 2.75
+    raw = [s.metrics["raw_reward"] for s in scores[0]]
+    assert raw == pytest.approx([5.0, 1.0, 3.25, 2.75])
+    assert [s.reward for s in scores[0]] == pytest.approx([r / 6 for r in raw])  # [0, 6] -> [0, 1]
+    assert [s.metrics["raw_reward"] for s in scores[1]] == pytest.approx([2.0, 4.0])
+    assert all(s.error is None and s.metrics["parse_failure_rate"] == 0 for g in scores for s in g)
+
+
+def test_parse_failures_count_and_score_neutral():
+    judge = QualityJudge(broken={0})
+    env = make_env(judge, shuffle=False, rule="reference")
+    scores = asyncio.run(env.score_groups([sample(0)], [[Completion("quality 5"), Completion("quality 1")]]))[0]
+    # N=2 circular is one comparison; it failed -> 3 / 3 -> equal rewards (no gradient), counted
+    assert [s.metrics["raw_reward"] for s in scores] == [3.0, 3.0]
+    assert scores[0].metrics["parse_failure_rate"] == 1.0 and scores[0].metrics["group_parse_failures"] == 1.0
+
+
+def test_shuffled_positions_give_the_same_rewards_for_a_consistent_judge():
+    groups = [[Completion(f"quality {q}") for q in (4, 2, 5, 1, 3)]]
+    plain = asyncio.run(make_env(QualityJudge(), shuffle=False).score_groups([sample(0)], groups))[0]
+    shuffled = asyncio.run(make_env(QualityJudge(), shuffle=True, seed=3).score_groups([sample(0)], groups))[0]
+    assert [s.reward for s in plain] == pytest.approx([s.reward for s in shuffled])
+    assert 0.0 <= shuffled[0].metrics["position1_preference"] <= 1.0
+
+
+def test_single_rollout_is_judged_against_the_reference():
+    env = make_env(QualityJudge(neutral_ties=True), shuffle=True)
+    groups = [[Completion("quality 5")], [Completion("quality 1")], [Completion("quality 3")]]
+    scores = asyncio.run(env.score_groups([sample(0), sample(1), sample(2)], groups))
+    assert [g[0].reward for g in scores] == [1.0, 0.0, 0.5]  # win, loss, tie against "quality 3"
+    no_ref = Sample("x", [{"role": "user", "content": "q"}], None)
+    assert asyncio.run(env.score_groups([no_ref], [[Completion("quality 5")]]))[0][0].error == "no_reference"
+
+
+def test_registered_and_validated():
+    env = load_environment("genrm", judge={"model": "stub"}, size=5)
+    assert isinstance(env, GroupEnvironment) and env.roles() == {"genrm": [{"CPU": 1.0}]}
+    assert len(env.samples("train", 0)) == 5 and env.samples("train", 0)[0].answer["reference"]
+    with pytest.raises(ValueError, match="judge.model"):
+        GenRMEnv()
+    with pytest.raises(ValueError, match="rule"):
+        GenRMEnv(judge={"model": "m"}, rule="best")
