@@ -12,6 +12,11 @@ reported: judge calls per group, mean Kendall tau-b of rewards vs true quality, 
 
     python bench/genrm_circular.py                  # N=16, 2000 groups, low/medium/high noise
     python bench/genrm_circular.py --n 16 8 --groups 500 --bias 0.4 --fail 0.1
+    python bench/genrm_circular.py --real-judge tiny-llama --real-prompts 4   # + a timed real judge step
+
+``--real-judge MODEL`` also times one real judge step: the ``genrm`` environment with MODEL as a
+local GenRM on a vLLM engine scores ``--real-prompts`` groups of N rollouts, circular vs
+all_pairs, every comparison of the step in one batched generation.
 """
 
 from __future__ import annotations
@@ -97,7 +102,11 @@ def main() -> None:
                         help="sd of a per-call leniency shift of both scores (cancels in the ranking)")
     parser.add_argument("--fail", type=float, default=0.02, help="fraction of judge answers that do not parse")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real-judge", help="also time a real judge step with this model (e.g. tiny-llama)")
+    parser.add_argument("--real-prompts", type=int, default=4, help="groups in the real judge step")
     args = parser.parse_args()
+    if args.real_judge:
+        real_judge_step(args.real_judge, args.n[0], args.real_prompts)
 
     start = time.perf_counter()
     head = "  ".join(f"{rule:>15}" for rule in RULES)
@@ -117,6 +126,31 @@ def main() -> None:
                     print(f"{level:<7}{mode:<14}{'shuffled' if shuffled else 'fixed':<9}{calls:>6}  {cells}")
             print(f"{'':<7}(judge preferred position 1 in {result['bias']:.1%} of parsed shuffled all_pairs calls)")
     print(f"\n* = best tau in the row; {time.perf_counter() - start:.1f} s")
+
+
+def real_judge_step(model: str, n: int, prompts: int) -> None:
+    """Wall time of one step's judging on a real engine: circular (N calls per group) vs all pairs."""
+    import asyncio
+
+    from posttrain.environments.base import Completion
+    from posttrain.genrm.environment import GenRMEnv
+
+    judge = {"model": model, "max_tokens": 32, "temperature": 1.0, "enable_thinking": False}
+    print(f"\nreal judge step: {model} on one vLLM engine, {prompts} prompts x {n} rollouts")
+    print(f"{'mode':<12}{'calls':>7}{'seconds':>9}{'calls/s':>9}{'parse fail':>11}")
+    for mode in ("circular", "all_pairs"):
+        env = GenRMEnv(judge=judge, mode=mode, size=prompts, judge_rollout={"max_model_len": 1024})
+        samples = env.samples("train", 0)[:prompts]
+        groups = [[Completion(f"Answer {i}: the result is {i * 7 % 23}.") for i in range(n)] for _ in samples]
+        try:
+            env.start()
+            start = time.perf_counter()
+            scores = asyncio.run(env.score_groups(samples, groups))
+            seconds = time.perf_counter() - start
+        finally:
+            env.close()
+        calls = int(scores[0][0].metrics["calls"])
+        print(f"{mode:<12}{calls:>7}{seconds:>9.2f}{calls / seconds:>9.1f}{scores[0][0].metrics['parse_failure_rate']:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+REFRESH_S = 5.0  # Ray drops a gauge ~20 s after its last set
 
 
 def gauge_name(key: str, prefix: str = "posttrain") -> str:
@@ -39,6 +41,10 @@ class MetricsLogger:
                 log.warning("TensorBoard events disabled: %s", exc)
         self._ray = ray_metrics
         self._gauges: dict[str, Any] = {}
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -58,16 +64,41 @@ class MetricsLogger:
 
             if not ray.is_initialized():
                 return
-            for k, v in {"step": float(step), **metrics}.items():
-                name = gauge_name(k)
-                if name not in self._gauges:
-                    self._gauges[name] = Gauge(name, description=f"posttrain {k}", tag_keys=("stage",))
-                self._gauges[name].set(v, tags={"stage": self.stage})
+            with self._lock:
+                for k, v in {"step": float(step), **metrics}.items():
+                    name = gauge_name(k)
+                    if name not in self._gauges:
+                        self._gauges[name] = Gauge(name, description=f"posttrain {k}", tag_keys=("stage",))
+                    self._gauges[name].set(v, tags={"stage": self.stage})
+                    self._last[name] = v
+            self._start_refresh()
         except Exception as exc:  # metrics must never stop a step
             log.warning("Ray metrics disabled: %s", exc)
             self._ray = False
 
+    def _start_refresh(self) -> None:
+        """Ray 2.60 exports a gauge only for ~20 s after it was set, and RL steps take longer:
+        a daemon thread re-sets the last values every ``REFRESH_S`` until :meth:`close`."""
+        if self._refresher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(REFRESH_S):
+                try:
+                    with self._lock:
+                        for name, value in self._last.items():
+                            self._gauges[name].set(value, tags={"stage": self.stage})
+                except Exception as exc:  # noqa: BLE001 - Ray went away: stop refreshing
+                    log.debug("metrics refresh stopped: %s", exc)
+                    return
+
+        self._refresher = threading.Thread(target=loop, name="posttrain-metrics-refresh", daemon=True)
+        self._refresher.start()
+
     def close(self) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -5,29 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from posttrain.config import describe, load_config, to_yaml
+from posttrain.stage_cli import add_config_arguments, run_config_command
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from posttrain.pipeline import PipelineConfig
+    from posttrain.pipeline import PipelineConfig, main
 
-    if args.overrides[:1] == ["keys"]:
-        print("\n".join(describe(PipelineConfig)))
-        return 0
-    cfg = load_config(PipelineConfig, args.config, list(args.overrides))
-    if args.dry_run:
-        print(to_yaml(cfg), end="")
-        return 0
-    from posttrain.pipeline import main
+    def call(cfg: PipelineConfig) -> None:
+        main(cfg)  # prints the before/after table and the report's path
 
-    main(cfg)
-    return 0
+    return run_config_command(PipelineConfig, args, call)
 
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("pipeline", help="SFT -> RLVR -> GenRM -> RLHF as one Ray job, resumable, with a report")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. rlvr.run.steps=5 stages=[sft,rlvr]; `keys` lists every key")
-    p.add_argument("--config", help="YAML preset, e.g. configs/pipeline/smollm2.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    add_config_arguments(p, "configs/pipeline/smollm2.yaml", resume=False)
     p.set_defaults(func=_pipeline)

@@ -17,7 +17,8 @@ from typing import Any
 
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
 
-PIPELINE_STAGES: tuple[str, ...] = ("sft", "rlvr", "rlhf")
+PIPELINE_STAGES: tuple[str, ...] = ("sft", "rlvr", "genrm", "rlhf")  # report order
+OPTIONAL_STAGES: frozenset[str] = frozenset({"genrm"})  # not listed as missing when absent
 STAGE_FILES: tuple[str, ...] = ("metrics.jsonl", "config.yaml", "tensorboard")
 Row = dict[str, float]  # "step", optionally "time", and the numeric metrics of one logged line
 
@@ -116,7 +117,7 @@ def find_stages(run_dir: str | Path) -> tuple[list[Stage], list[str]]:
     if not folders:
         raise ValueError(f"no stage found in {str(run_dir)!r}: expected metrics.jsonl there, or stage "
                          f"subfolders ({', '.join(PIPELINE_STAGES)}) holding one")
-    missing = [s for s in PIPELINE_STAGES if not (run_dir / s).is_dir()]
+    missing = [s for s in PIPELINE_STAGES if s not in OPTIONAL_STAGES and not (run_dir / s).is_dir()]
     return [load_stage(p, name=p.name) for p in folders], missing
 
 

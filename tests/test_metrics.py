@@ -31,6 +31,20 @@ def test_phase_timer_accumulates():
     assert timer.seconds["time/gen_s"] >= 0.01
 
 
+def wait_for(port: int, prefix: str, deadline: float) -> list[str]:
+    """Lines of the metrics endpoint starting with ``prefix``, polled until ``deadline``."""
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            found = [ln for ln in body.splitlines() if ln.startswith(prefix)]
+            if found or time.time() > deadline:
+                return found
+        except OSError:
+            if time.time() > deadline:
+                return []
+        time.sleep(1)
+
+
 def test_metrics_reach_jsonl_tensorboard_and_ray_endpoint(tmp_path):
     port = free_port()
     cluster.shutdown_ray()  # a Ray left running by earlier tests would keep its own metrics port
@@ -41,15 +55,12 @@ def test_metrics_reach_jsonl_tensorboard_and_ray_endpoint(tmp_path):
         row = json.loads((tmp_path / "metrics.jsonl").read_text())
         assert row["step"] == 3 and row["reward/mean"] == 0.625 and row["stage"] == "rlvr"
         assert list((tmp_path / "tensorboard").iterdir())
-        deadline, found = time.time() + 60, []
-        while time.time() < deadline and not found:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-                found = [ln for ln in body.splitlines() if ln.startswith("ray_posttrain_reward_mean{")]
-            except OSError:
-                pass
-            time.sleep(1)
+        found = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 60)
         assert found and found[0].endswith(" 0.625") and 'stage="rlvr"' in found[0]
+        # Ray forgets a gauge ~20 s after its last set; an RL step can take minutes: still there
+        time.sleep(30)
+        again = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 5)
+        assert again and again[0].endswith(" 0.625")
         logger.close()
     finally:
         cluster.shutdown_ray()

