@@ -186,17 +186,12 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
     log.info("sft eval (step %d): %s", step, result)
 
 
-def _rows(run_dir: str) -> list[dict[str, Any]]:
+def _rows(run_dir: str) -> list[dict[str, float]]:
+    """The stage's metric rows (the report's reader: bad lines skipped, never raises on content)."""
+    from posttrain.report import read_metrics
+
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    return read_metrics(path)[0] if path.is_file() else []
 
 
 def _has_eval(run_dir: str, step: int) -> bool:
