@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.atomic import atomic_write_text
 
@@ -27,9 +27,29 @@ class ConfigError(ValueError):
 
 
 class Config(BaseModel):
-    """Base of every config section: strict keys, validated on assignment too."""
+    """Base of every config section: strict keys, validated on assignment too.
+
+    A section given in part keeps the rest of its field's default: with
+    ``generation: GenerationConfig = GenerationConfig(temperature=0.0, enable_thinking=False)``,
+    the override ``generation.max_new_tokens=32`` changes only that key (plain pydantic would
+    rebuild the section from the class defaults and silently turn thinking back on).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_section_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            key = field.alias or name
+            if isinstance(out.get(key), dict) and not field.is_required():
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, Config):
+                    out[key] = deep_merge(default.model_dump(exclude_unset=True), out[key])
+        return out
 
 
 class ModelConfig(Config):

@@ -65,17 +65,29 @@ def stage_config(cfg: PipelineConfig, name: str, models: dict[str, str]) -> Any:
     section = cfg.rlvr if name == "rlvr" else cfg.rlhf
     update: dict[str, Any] = {"model": cfg.model, "run_dir": run_dir, "init_from": init_from}
     if name == "rlhf":
-        update["environments"] = [_with_judge(e, models) for e in section.environments]
+        update["environments"] = [_with_judge(e, models, trained_prompt_style(cfg)) for e in section.environments]
     return section.model_copy(update=update)
 
 
-def _with_judge(env: Any, models: dict[str, str]) -> Any:
+def trained_prompt_style(cfg: PipelineConfig) -> str:
+    """The judge prompt style the genrm stage trains with (its preference environments must agree)."""
+    styles = {e.options.get("prompt_style", "rubric") for e in cfg.genrm.environments if e.name == "genrm_preference"}
+    if len(styles) > 1:
+        raise ValueError(f"genrm: the genrm_preference environments train different prompt styles {sorted(styles)}")
+    return styles.pop() if styles else "rubric"
+
+
+def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
+    """A genrm environment whose judge is 'auto' -> the trained GenRM, prompted in the style it learnt."""
     judge = dict(env.options.get("judge") or {})
     if env.name != "genrm" or judge.get("model") not in (None, AUTO):
         return env
     if "genrm" not in models:
         raise ValueError("rlhf: the genrm environment's judge.model is 'auto' but no genrm stage has run; add "
                          "'genrm' to stages or set rlhf.environments[...].options.judge.model")
+    if judge.setdefault("prompt_style", style) != style:
+        raise ValueError(f"rlhf: judge.prompt_style={judge['prompt_style']!r} but the genrm stage trains the judge "
+                         f"on prompt_style={style!r}; a GenRM must judge with the prompt it learnt (drop the key)")
     return env.model_copy(update={"options": {**env.options, "judge": {**judge, "model": models["genrm"]}}})
 
 
@@ -113,11 +125,11 @@ def _local_cpus(cfg: PipelineConfig) -> int:
     from posttrain.environments.registry import load_environment
     from posttrain.rlvr.actors import local_cpus, stage_roles
 
-    need = 1
+    need, style = 1, trained_prompt_style(cfg)
     for name in cfg.stages:
         if name != "sft":
             section = getattr(cfg, name)
-            envs = {e.name: load_environment(_with_judge(e, {"genrm": "planned"})) for e in section.environments}
+            envs = {e.name: load_environment(_with_judge(e, {"genrm": "planned"}, style)) for e in section.environments}
             need = max(need, local_cpus(stage_roles(section, envs)))
     return need
 

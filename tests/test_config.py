@@ -96,3 +96,20 @@ def test_assignment_is_validated():
 def test_config_imports_without_torch():
     code = "import sys, posttrain.config, posttrain.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_section_given_in_part_keeps_its_fields_default():
+    from posttrain.config import Config, GenerationConfig
+
+    class Judge(Config):
+        generation: GenerationConfig = GenerationConfig(temperature=0.0, enable_thinking=False)
+
+    class Outer(Config):
+        judge: Judge = Judge()
+
+    cfg = load_config(Outer, None, ["judge.generation.max_new_tokens=7"])
+    assert (cfg.judge.generation.max_new_tokens, cfg.judge.generation.temperature) == (7, 0.0)
+    assert cfg.judge.generation.enable_thinking is False  # not GenerationConfig's own default (True)
+    assert load_config(Outer, None, ["judge.generation.enable_thinking=true"]).judge.generation.enable_thinking
+    with pytest.raises(ConfigError, match="max_new_token"):
+        load_config(Outer, None, ["judge.generation.max_new_token=7"])

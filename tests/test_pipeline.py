@@ -60,7 +60,8 @@ def test_pipeline_runs_every_stage_then_a_rerun_skips_them(tmp_path, tiny_llama_
     assert yaml.safe_load((run / "rlvr" / "config.yaml").read_text())["init_from"] == str(run / "sft" / "model")
     rlhf = yaml.safe_load((run / "rlhf" / "config.yaml").read_text())
     assert rlhf["init_from"] == str(run / "rlvr" / "model")
-    assert rlhf["environments"][0]["options"]["judge"]["model"] == str(run / "genrm" / "model")
+    judge = rlhf["environments"][0]["options"]["judge"]
+    assert (judge["model"], judge["prompt_style"]) == (str(run / "genrm" / "model"), "compact")  # as trained
     sft_rows = (run / "sft" / "metrics.jsonl").read_text().splitlines()
     evals = [json.loads(x) for x in sft_rows if "eval/math/accuracy" in x]
     assert len(evals) == 2  # held-out eval before and after SFT
@@ -70,6 +71,21 @@ def test_pipeline_runs_every_stage_then_a_rerun_skips_them(tmp_path, tiny_llama_
     assert cli(["pipeline", "--config", str(TINY), f"run_dir={run}"]) == 0
     assert json.loads((run / "pipeline.json").read_text())["stages"] == state
     assert (run / "sft" / "metrics.jsonl").read_text().splitlines() == sft_rows
+
+
+def test_auto_judge_is_the_trained_genrm_prompted_as_it_was_trained():
+    from posttrain.pipeline import PipelineConfig, stage_config
+
+    cfg = load_config(PipelineConfig, TINY)
+    rlhf = stage_config(cfg, "rlhf", {"genrm": "RUN/genrm/model", "rlvr": "RUN/rlvr/model"})
+    assert rlhf.environments[0].options["judge"]["model"] == "RUN/genrm/model"
+    assert rlhf.environments[0].options["judge"]["prompt_style"] == "compact"
+    clash = load_config(PipelineConfig, TINY, ["rlhf.environments=[{name: genrm, options: {judge: "
+                                               "{model: auto, prompt_style: rubric}}}]"])
+    with pytest.raises(ValueError, match="prompt it learnt"):
+        stage_config(clash, "rlhf", {"genrm": "RUN/genrm/model"})
+    with pytest.raises(ValueError, match="no genrm stage"):
+        stage_config(cfg, "rlhf", {"rlvr": "RUN/rlvr/model"})
 
 
 def rlvr_config(run_dir: Path, steps: int, envs: str = '[{name: "toy_env:VowelEnv"}]') -> RLVRConfig:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 from pydantic import Field, field_validator
 
 from posttrain.config import Config, GenerationConfig
+from posttrain.genrm.judge_format import PromptStyle
 
 Conversation = list[dict[str, str]]
 
@@ -49,6 +50,9 @@ class JudgeConfig(Config):
     temperature: float = Field(0.6, ge=0, description="judge sampling temperature (Qwen3 thinking: 0.6)")
     top_p: float = Field(0.95, gt=0, le=1, description="judge nucleus sampling (Qwen3 thinking: 0.95)")
     max_tokens: int = Field(1024, ge=1, description="judge completion budget: reasoning + JSON verdict")
+    prompt_style: PromptStyle = Field("rubric", description=(
+        "judge prompt: rubric (full scale, reason then JSON) or compact (short, JSON only); "
+        "use the style the GenRM was trained with"))
     enable_thinking: bool = Field(True, description=(
         "local: let the judge reason in <think> first (GenRMs do); off for small judges that answer at once"))
     seed: int | None = Field(None, description="sampling seed (openai: sent per request; local: None = 0)")

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from posttrain.config import Config, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.environments.registry import EnvConfig
+from posttrain.genrm.judge_format import PromptStyle
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import TrainConfig as SFTTrainConfig
 
@@ -46,5 +47,6 @@ class GenRMEvalConfig(Config):
     split: str = "test"
     limit: int | None = Field(None, ge=1, description="pairs evaluated (None = all)")
     both_orders: bool = Field(True, description="judge every pair in both orders (cancels position bias)")
+    prompt_style: PromptStyle = Field("rubric", description="judge prompt the GenRM was trained with: rubric | compact")
     generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.0, enable_thinking=False)
     rollout: RolloutConfig = RolloutConfig(max_model_len=2048)

@@ -157,7 +157,8 @@ class GenRMEnv:
             shown = pairs(len(group), self.opts.mode, self.opts.k)
         if self.opts.shuffle:
             shown = orient(shown, self._rng)
-        convs = [judge_messages(sample.messages, answers[a], answers[b]) for a, b in shown]
+        convs = [judge_messages(sample.messages, answers[a], answers[b], style=self.opts.judge.prompt_style)
+                 for a, b in shown]
         return {"answers": answers, "shown": shown, "convs": convs, "single": len(group) == 1}
 
     def _rewards(self, plan: dict[str, Any], group: Sequence[Completion], judgements: list[Judgement],

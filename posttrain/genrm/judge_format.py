@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 SCORE_RANGE = (1.0, 5.0)
 RANKING_RANGE = (1.0, 6.0)
@@ -68,6 +68,18 @@ _ANSWER_FORMAT = """\
 Reason briefly about each response's strengths and mistakes, then end with this JSON alone on the last line:
 {"score_1": <1-5>, "score_2": <1-5>, "ranking": <1-6>}"""
 
+# The same scales in ~60 instead of ~280 tokens, answer only: for small GenRMs trained on this
+# format (on a CPU a judge prompt's length is most of the training and judging cost).
+_COMPACT_INSTRUCTIONS = """\
+Rate two responses to the last user turn. score_1, score_2: helpfulness 1-5 (5 = correct, complete, \
+follows the instructions; 1 = wrong, a refusal or useless). ranking 1-6: 1 = Response 1 much better ... \
+3 = slightly better, 4 = Response 2 slightly better ... 6 = much better."""
+
+_COMPACT_ANSWER_FORMAT = 'Answer with the JSON only: {"score_1": <1-5>, "score_2": <1-5>, "ranking": <1-6>}'
+
+PROMPT_STYLES = {"rubric": (_INSTRUCTIONS, _ANSWER_FORMAT), "compact": (_COMPACT_INSTRUCTIONS, _COMPACT_ANSWER_FORMAT)}
+PromptStyle = Literal["rubric", "compact"]
+
 
 def _fence(tag: str, text: str) -> str:
     """``text`` inside ``<tag>...</tag>``; a closing tag inside the text is defused."""
@@ -90,18 +102,23 @@ def _render_conversation(conversation: list[dict[str, str]]) -> str:
 
 
 def judge_messages(conversation: list[dict[str, str]], response_1: str, response_2: str, *,
-                   system: str | None = None) -> list[dict[str, str]]:
+                   system: str | None = None, style: PromptStyle = "rubric") -> list[dict[str, str]]:
     """Chat messages asking a judge to compare ``response_1`` and ``response_2`` in ``conversation``.
 
     ``conversation`` is the prompt's messages (any roles, any number of turns) the responses answer;
-    ``system`` replaces the judge's default system message (e.g. to add a principle).
+    ``system`` replaces the judge's default system message (e.g. to add a principle); ``style``:
+    ``rubric`` (full scale, reason then JSON) or ``compact`` (short scale, JSON only). A GenRM is
+    trained on one style and must judge with the same one.
     """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"judge prompt style must be one of {sorted(PROMPT_STYLES)} (got {style!r})")
+    instructions, answer_format = PROMPT_STYLES[style]
     user = "\n\n".join([
-        _INSTRUCTIONS,
+        instructions,
         _fence("conversation", _render_conversation(conversation)),
         _fence("response_1", str(response_1)),
         _fence("response_2", str(response_2)),
-        _ANSWER_FORMAT,
+        answer_format,
     ])
     return [{"role": "system", "content": JUDGE_SYSTEM if system is None else system},
             {"role": "user", "content": user}]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from posttrain.environments.base import Sample, Score
 from posttrain.environments.data import OnInvalid
-from posttrain.genrm.judge_format import Judgement, judge_messages, parse_judgement
+from posttrain.genrm.judge_format import PROMPT_STYLES, Judgement, PromptStyle, judge_messages, parse_judgement
 from posttrain.genrm.preference_data import (
     SHIPPED,
     PreferencePair,
@@ -84,7 +84,8 @@ def gold_json(gold: dict[str, float]) -> str:
 class PreferenceEnv:
     """Options: ``source`` (default: the shipped synthetic set), ``test_source``, ``subset`` (hub config),
     ``size`` / ``test_size`` (first N pairs; None = all), ``on_invalid``, ``ties`` (skip | midpoint),
-    ``both_orders`` (add every pair swapped, against position bias), ``system`` (judge system prompt).
+    ``both_orders`` (add every pair swapped, against position bias), ``system`` (judge system prompt),
+    ``prompt_style`` (``rubric`` | ``compact``, see ``judge_format.judge_messages``).
 
     The pairs' order is the dataset's: ``samples`` is the same for every seed.
     """
@@ -93,17 +94,21 @@ class PreferenceEnv:
 
     def __init__(self, source: str = SHIPPED, test_source: str | None = None, subset: str | None = None,
                  size: int | None = None, test_size: int | None = None, on_invalid: OnInvalid = "skip",
-                 ties: Ties = "skip", both_orders: bool = False, system: str | None = None) -> None:
+                 ties: Ties = "skip", both_orders: bool = False, system: str | None = None,
+                 prompt_style: PromptStyle = "rubric") -> None:
         for label, value in (("size", size), ("test_size", test_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{label} must be >= 1 or None for all pairs (got {value})")
         if on_invalid not in ("skip", "error"):
             raise ValueError(f"on_invalid must be skip or error (got {on_invalid!r})")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {sorted(PROMPT_STYLES)} (got {prompt_style!r})")
         if ties not in ("skip", "midpoint"):
             raise ValueError(f"ties must be skip or midpoint (got {ties!r})")
         self.source, self.test_source, self.subset = source, test_source, subset
         self.sizes = {"train": size, "test": test_size}
         self.on_invalid, self.ties, self.both_orders, self.system = on_invalid, ties, both_orders, system
+        self.prompt_style = prompt_style
         self._pairs: dict[str, list[PreferencePair]] = {}
 
     def pairs(self, split: str) -> list[PreferencePair]:
@@ -121,7 +126,8 @@ class PreferenceEnv:
 
     def samples(self, split: str, seed: int) -> list[Sample]:
         return [Sample(id=f"{split}/{pair.id}", answer=labels(pair),
-                       messages=judge_messages(pair.context, pair.response_1, pair.response_2, system=self.system),
+                       messages=judge_messages(pair.context, pair.response_1, pair.response_2, system=self.system,
+                                               style=self.prompt_style),
                        info={"pair_id": pair.id, "category": pair.category, "scores_derived": pair.scores_derived})
                 for pair in self.pairs(split)]
 
@@ -143,7 +149,8 @@ class PreferenceEnv:
 def preference_metrics(pairs: Sequence[PreferencePair], judgements: Sequence[Judgement]) -> dict[str, float]:
     """Judge quality on labelled pairs (for ``posttrain genrm eval``).
 
-    ``pairwise_accuracy`` over pairs whose label prefers a side (judge ties count 0.5);
+    ``pairwise_accuracy`` over pairs whose label prefers a side (judge ties count 0.5), also per
+    pair category (``pairwise_accuracy/<category>``: the dataset's domain or generator category);
     ``chance_accuracy`` (0.5, a coin flip) and ``first_side_accuracy`` (always answering
     "response 1", which exposes position bias in the data) for reference; mean absolute error
     per field; ``mean_reward`` / ``mean_raw_reward`` as the environment gives them.
@@ -167,4 +174,9 @@ def preference_metrics(pairs: Sequence[PreferencePair], judgements: Sequence[Jud
         "mean_raw_reward": sum(g.raw_reward for g in graded) / n,
     }
     out.update({f"mae_{k}": sum(g.errors[k] for g in graded) / n for k in FIELDS})
+    by_category: dict[str, list[float]] = {}
+    for pair, g in zip(pairs, graded):
+        if pair.category and g.pairwise_correct is not None:
+            by_category.setdefault(pair.category, []).append(g.pairwise_correct)
+    out.update({f"pairwise_accuracy/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
     return out

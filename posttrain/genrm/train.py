@@ -75,7 +75,8 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
         pairs = [p for pair in pairs for p in (pair, swapped(pair))]
     engine = RolloutEngine(cfg.model, cfg.rollout)
     try:
-        groups = engine.generate([judge_messages(p.context, p.response_1, p.response_2) for p in pairs],
+        groups = engine.generate([judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style)
+                                  for p in pairs],
                                  cfg.generation, n=1)
     finally:
         engine.shutdown()

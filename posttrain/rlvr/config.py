@@ -71,6 +71,8 @@ class RLTrainConfig(Config):
     loss_chunk_size: int = Field(1024, ge=1, description="positions per logits chunk")
     gradient_checkpointing: bool = True
     freeze_router: bool = Field(False, description="freeze MoE routers during RL (recipe: on for MoE)")
+    freeze_layers: int = Field(0, ge=0, description=(
+        "freeze the embeddings and the first N decoder layers (backward stops there: a cheap fine-tune)"))
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer")
     workers: int = Field(1, ge=1, description=(
         "trainer workers (trainer-0..) in one torch.distributed group; each trains a token-balanced "

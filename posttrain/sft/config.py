@@ -69,6 +69,8 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = True
     loss_chunk_size: int = Field(2048, ge=1, description="positions per logits chunk of the loss")
     freeze_router: bool = Field(False, description="freeze MoE router (gate) weights")
+    freeze_layers: int = Field(0, ge=0, description=(
+        "freeze the embeddings and the first N decoder layers (backward stops there: a cheap fine-tune)"))
     seed: int = Field(0, description="seed of the data order and of training")
     log_every: int = Field(1, ge=1)
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (and at the end)")

@@ -124,3 +124,16 @@ def test_messages_custom_system_and_defused_tags():
 def test_messages_reject_bad_conversations(conversation, error):
     with pytest.raises(error, match="conversation"):
         judge_messages(conversation, "a", "b")
+
+
+def test_compact_style_is_shorter_and_keeps_everything_the_judge_needs():
+    conversation = [{"role": "user", "content": "2+2?"}]
+    rubric = judge_messages(conversation, "4", "5")[1]["content"]
+    compact = judge_messages(conversation, "4", "5", style="compact")[1]["content"]
+    assert len(compact) < len(rubric) / 2
+    for piece in ("[user]\n2+2?", "<response_1>\n4\n</response_1>", "<response_2>\n5\n</response_2>",
+                  '{"score_1": <1-5>, "score_2": <1-5>, "ranking": <1-6>}'):
+        assert piece in compact
+    assert "Reason" not in compact  # JSON only: the small GenRM trained on it answers at once
+    with pytest.raises(ValueError, match="style"):
+        judge_messages(conversation, "4", "5", style="short")

@@ -162,9 +162,9 @@ def test_partial_errors_are_worked_by_hand():
 
 
 def test_preference_metrics_by_hand():
-    pairs = [PreferencePair("a", [user("q")], "r1", "r2", 5.0, 1.0, 1.0),
-             PreferencePair("b", [user("q")], "r1", "r2", 2.0, 4.0, 5.0),
-             PreferencePair("c", [user("q")], "r1", "r2", 3.0, 3.0, 3.5)]
+    pairs = [PreferencePair("a", [user("q")], "r1", "r2", 5.0, 1.0, 1.0, category="math"),
+             PreferencePair("b", [user("q")], "r1", "r2", 2.0, 4.0, 5.0, category="code"),
+             PreferencePair("c", [user("q")], "r1", "r2", 3.0, 3.0, 3.5, category="math")]
     judgements = [parse_judgement('{"score_1": 5, "score_2": 1, "ranking": 2}'), FALLBACK,
                   Judgement(4.0, 3.0, 3.0, parsed=True)]
     m = preference_metrics(pairs, judgements)
@@ -176,6 +176,7 @@ def test_preference_metrics_by_hand():
     assert m["mae_ranking"] == pytest.approx(1.0)  # (1 + 1.5 + 0.5) / 3
     assert m["mean_raw_reward"] == pytest.approx(-8.5)  # (-1 - 23 - 1.5) / 3
     assert m["mean_reward"] == pytest.approx(14.5 / 23)  # (22/23 + 0 + 21.5/23) / 3
+    assert (m["pairwise_accuracy/math"], m["pairwise_accuracy/code"]) == (1.0, 0.5)  # "c" (a tie) left out
     with pytest.raises(ValueError, match="3 pairs but 2 judgements"):
         preference_metrics(pairs, judgements[:2])
 
@@ -190,7 +191,9 @@ def test_environment_options():
     assert train[1].id == train[0].id + "/swapped"
     with pytest.raises(ValueError, match="split"):
         env.samples("validation", 0)
-    for bad in ({"size": 0}, {"ties": "drop"}, {"on_invalid": "ignore"}):
+    compact = PreferenceEnv(size=1, prompt_style="compact").samples("train", 0)[0].messages[1]["content"]
+    assert compact.startswith("Rate two responses") and compact != train[0].messages[1]["content"]
+    for bad in ({"size": 0}, {"ties": "drop"}, {"on_invalid": "ignore"}, {"prompt_style": "terse"}):
         with pytest.raises(ValueError):
             PreferenceEnv(**bad)
 

@@ -79,6 +79,22 @@ def test_router_frozen(tiny_nemotron_dir) -> None:
     assert frozen and all(".gate." in n for n in frozen)
 
 
+def test_lower_layers_frozen_stay_put_and_the_rest_trains(tmp_path, arith_jsonl, tiny_llama_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.sft.config import LoraConfig, TrainConfig
+    from posttrain.sft.model import prepare_for_training
+
+    with pytest.raises(ValueError, match="between 1 and 1"):
+        prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                             TrainConfig(freeze_layers=2, gradient_checkpointing=False), LoraConfig())
+    train(_cfg(tmp_path, arith_jsonl, "tiny-llama", "train.freeze_layers=1"))
+    before, after = _weights(tiny_llama_dir), _weights(tmp_path / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
+    assert any(k.startswith("model.layers.1.") for k in changed)
+
+
 def test_cli_dry_run_and_errors(tmp_path, arith_jsonl) -> None:
     from posttrain.cli import main
 
