@@ -40,6 +40,8 @@ class Score:
 
 @runtime_checkable
 class Environment(Protocol):
+    """Optional: ``eval_metrics`` (names of score metrics whose means held-out evaluation also reports)."""
+
     name: str
 
     def samples(self, split: str, seed: int) -> Sequence[Sample]:

@@ -91,6 +91,7 @@ class PreferenceEnv:
     """
 
     name = "genrm_preference"
+    eval_metrics = ("pairwise_correct", "format_error")  # held-out judge quality, next to accuracy/reward
 
     def __init__(self, source: str = SHIPPED, test_source: str | None = None, subset: str | None = None,
                  size: int | None = None, test_size: int | None = None, on_invalid: OnInvalid = "skip",

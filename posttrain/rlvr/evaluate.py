@@ -10,7 +10,9 @@ from posttrain.environments.base import Environment
 
 def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,
              concurrency: int = 8, timeout: float = 60.0) -> dict[str, float]:
-    """``eval/<env>/accuracy`` (reward 1.0, no error) and ``eval/<env>/reward`` per environment.
+    """``eval/<env>/accuracy`` (reward 1.0, no error) and ``eval/<env>/reward`` per environment, plus
+    the mean of every score metric an environment names in its ``eval_metrics`` (over the samples
+    that report it), e.g. ``eval/genrm_preference/pairwise_correct``.
 
     ``engines`` is anything with ``generate(prompts, gen, n)`` (a RolloutPool or the loop's Engines).
     """
@@ -28,4 +30,8 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
         out[f"eval/{name}/accuracy"] = sum(s.error is None and s.reward >= 1.0 for s in scores) / len(scores)
         out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
         out[f"eval/{name}/prompts"] = float(len(scores))
+        for metric in getattr(env, "eval_metrics", ()):
+            values = [s.metrics[metric] for s in scores if metric in s.metrics]
+            if values:
+                out[f"eval/{name}/{metric}"] = sum(values) / len(values)
     return out

@@ -233,3 +233,26 @@ def test_generator_reproduces_the_shipped_files(tmp_path):
     assert module.main([str(tmp_path)]) == 0
     for split in ("train", "test"):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == (shipped_folder() / f"{split}.jsonl").read_bytes()
+
+
+def test_held_out_evaluation_reports_pairwise_accuracy():
+    from types import SimpleNamespace
+
+    from posttrain.config import GenerationConfig
+    from posttrain.rlvr.evaluate import evaluate
+
+    env = PreferenceEnv(test_size=2, both_orders=True)
+    gold = {s.messages[1]["content"]: PreferenceEnv.gold_answer(s) for s in env.samples("test", 0)}
+
+    class FirstRightThenWrong:  # the gold answer for the first sample, "response 1 much better" for the rest
+        def generate(self, prompts, gen, n):
+            assert gen.temperature == 0.0 and n == 1
+            texts = [gold[p[1]["content"]] if i == 0 else '{"score_1": 5, "score_2": 1, "ranking": 1}'
+                     for i, p in enumerate(prompts)]
+            return [[SimpleNamespace(answer=t)] for t in texts]
+
+    out = evaluate(FirstRightThenWrong(), {"genrm_preference": env}, GenerationConfig(), n_prompts=4, seed=0)
+    first_side = [s.answer["ranking"] < 3.5 for s in env.samples("test", 0)]
+    expected = (1 + sum(first_side[1:])) / 4
+    assert out["eval/genrm_preference/pairwise_correct"] == expected
+    assert out["eval/genrm_preference/format_error"] == 0.0 and out["eval/genrm_preference/prompts"] == 4
