@@ -6,6 +6,7 @@ import json
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 from posttrain.metrics import MetricsLogger, PhaseTimer, gauge_name
 from posttrain.orchestration import cluster
@@ -64,3 +65,21 @@ def test_metrics_reach_jsonl_tensorboard_and_ray_endpoint(tmp_path):
         logger.close()
     finally:
         cluster.shutdown_ray()
+
+
+def test_a_stale_cluster_file_left_by_ray_start_does_not_capture_a_local_run(tmp_path):
+    """`ray start --temp-dir D` then `ray stop` leaves D/ray_current_cluster; a run must still start its own."""
+    import shutil
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="/tmp/rp-"))  # Ray's socket paths must stay under 108 bytes
+    (temp / "ray_current_cluster").write_text("127.0.0.1:6379")  # nothing listens there
+    cluster.shutdown_ray()
+    try:
+        cluster.init_ray(temp_dir=str(temp), num_cpus=1)
+        import ray
+
+        assert ray.cluster_resources()["CPU"] == 1
+    finally:
+        cluster.shutdown_ray()
+        shutil.rmtree(temp, ignore_errors=True)

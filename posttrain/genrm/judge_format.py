@@ -68,7 +68,7 @@ _ANSWER_FORMAT = """\
 Reason briefly about each response's strengths and mistakes, then end with this JSON alone on the last line:
 {"score_1": <1-5>, "score_2": <1-5>, "ranking": <1-6>}"""
 
-# The same scales in ~60 instead of ~280 tokens, answer only: for small GenRMs trained on this
+# The same scales in ~115 instead of ~265 tokens, answer only: for small GenRMs trained on this
 # format (on a CPU a judge prompt's length is most of the training and judging cost).
 _COMPACT_INSTRUCTIONS = """\
 Rate two responses to the last user turn. score_1, score_2: helpfulness 1-5 (5 = correct, complete, \

@@ -54,8 +54,11 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
     # Ray 2.60 turns a loopback _node_ip_address into the host's own IP
     # (services.resolve_ip_for_localhost), so its ports listen there; keep the host firewalled.
     port = metrics_export_port or int(os.environ.get("POSTTRAIN_METRICS_PORT", "0")) or None
-    return _url(ray.init(num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir, include_dashboard=dashboard,
-                         dashboard_host="127.0.0.1", log_to_driver=True, _metrics_export_port=port))
+    # address="local": a new private cluster even when TEMP_DIR/ray_current_cluster names one that
+    # `ray start` left there (ray.init() would try to join it, dead or alive); RAY_ADDRESS attaches.
+    return _url(ray.init(address="local", num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir,
+                         include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                         _metrics_export_port=port))
 
 
 def _url(context: Any) -> str | None:
