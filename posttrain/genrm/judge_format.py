@@ -101,6 +101,13 @@ def _render_conversation(conversation: list[dict[str, str]]) -> str:
     return "\n\n".join(turns)
 
 
+def check_prompt_style(style: str) -> str:
+    """``style`` when it names a judge prompt style, else a ValueError listing them."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"judge prompt style must be one of {sorted(PROMPT_STYLES)} (got {style!r})")
+    return style
+
+
 def judge_messages(conversation: list[dict[str, str]], response_1: str, response_2: str, *,
                    system: str | None = None, style: PromptStyle = "rubric") -> list[dict[str, str]]:
     """Chat messages asking a judge to compare ``response_1`` and ``response_2`` in ``conversation``.
@@ -110,9 +117,7 @@ def judge_messages(conversation: list[dict[str, str]], response_1: str, response
     ``rubric`` (full scale, reason then JSON) or ``compact`` (short scale, JSON only). A GenRM is
     trained on one style and must judge with the same one.
     """
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"judge prompt style must be one of {sorted(PROMPT_STYLES)} (got {style!r})")
-    instructions, answer_format = PROMPT_STYLES[style]
+    instructions, answer_format = PROMPT_STYLES[check_prompt_style(style)]
     user = "\n\n".join([
         instructions,
         _fence("conversation", _render_conversation(conversation)),

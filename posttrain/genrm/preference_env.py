@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 from posttrain.environments.base import Sample, Score
 from posttrain.environments.data import OnInvalid
-from posttrain.genrm.judge_format import PROMPT_STYLES, Judgement, PromptStyle, judge_messages, parse_judgement
+from posttrain.genrm.judge_format import (
+    Judgement,
+    PromptStyle,
+    check_prompt_style,
+    judge_messages,
+    parse_judgement,
+)
 from posttrain.genrm.preference_data import (
     SHIPPED,
     PreferencePair,
@@ -102,14 +108,12 @@ class PreferenceEnv:
                 raise ValueError(f"{label} must be >= 1 or None for all pairs (got {value})")
         if on_invalid not in ("skip", "error"):
             raise ValueError(f"on_invalid must be skip or error (got {on_invalid!r})")
-        if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"prompt_style must be one of {sorted(PROMPT_STYLES)} (got {prompt_style!r})")
         if ties not in ("skip", "midpoint"):
             raise ValueError(f"ties must be skip or midpoint (got {ties!r})")
         self.source, self.test_source, self.subset = source, test_source, subset
         self.sizes = {"train": size, "test": test_size}
         self.on_invalid, self.ties, self.both_orders, self.system = on_invalid, ties, both_orders, system
-        self.prompt_style = prompt_style
+        self.prompt_style = check_prompt_style(prompt_style)
         self._pairs: dict[str, list[PreferencePair]] = {}
 
     def pairs(self, split: str) -> list[PreferencePair]:
