@@ -76,6 +76,9 @@ class GenerationConfig(Config):
         None, ge=0, description="max reasoning tokens; announced in the prompt and enforced"
     )
     seed: int = 0
+    top_logprobs: int = Field(0, ge=0, le=20, description=(
+        "also return the k likeliest tokens and their logprobs at every generated position "
+        "(Rollout.top_tokens; a GenRM's expected scores read them); 0 = off"))
 
 
 class RolloutConfig(Config):

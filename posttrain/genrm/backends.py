@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from posttrain.config import Config, GenerationConfig
 from posttrain.genrm.judge_format import PromptStyle
+from posttrain.rollout.types import TopTokens
 
 Conversation = list[dict[str, str]]
 
@@ -50,6 +51,10 @@ class JudgeConfig(Config):
     temperature: float = Field(0.6, ge=0, description="judge sampling temperature (Qwen3 thinking: 0.6)")
     top_p: float = Field(0.95, gt=0, le=1, description="judge nucleus sampling (Qwen3 thinking: 0.95)")
     max_tokens: int = Field(1024, ge=1, description="judge completion budget: reasoning + JSON verdict")
+    scoring: Literal["generate", "expected"] = Field("generate", description=(
+        "generate = the values the judge wrote; expected = each written integer replaced by its expectation "
+        "under the judge's top-k token distribution (finer verdicts from small judges; needs logprobs)"))
+    top_logprobs: int = Field(20, ge=2, le=20, description="expected scoring: tokens read per position")
     prompt_style: PromptStyle = Field("rubric", description=(
         "judge prompt: rubric (full scale, reason then JSON) or compact (short, JSON only); "
         "use the style the GenRM was trained with"))
@@ -80,6 +85,7 @@ class JudgeCall:
     detail: str = ""  # error message or server reply snippet, for logs
     finish_reason: str | None = None  # "stop", "length" (judge budget too small), ...
     tokens: int = 0  # completion tokens, when the backend reports them
+    top_tokens: TopTokens | None = None  # scoring=expected: the likeliest tokens at each position
 
     @property
     def ok(self) -> bool:
@@ -97,7 +103,8 @@ class JudgeBackend(Protocol):
 def judge_generation(cfg: JudgeConfig) -> GenerationConfig:
     """The judge's sampling settings as a GenerationConfig for the local engines."""
     return GenerationConfig(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            enable_thinking=cfg.enable_thinking, seed=cfg.seed or 0)
+                            enable_thinking=cfg.enable_thinking, seed=cfg.seed or 0,
+                            top_logprobs=cfg.top_logprobs if cfg.scoring == "expected" else 0)
 
 
 class LocalJudge:
@@ -131,7 +138,7 @@ class LocalJudge:
             got = len(groups) if isinstance(groups, list) else type(groups).__name__
             detail = f"pool returned {got} groups for {len(batch)} prompts"
             return [JudgeCall(None, "bad_engine_output", 1, seconds, detail) for _ in batch]
-        return [_call_of(group, seconds) for group in groups]
+        return [call_of(group, seconds) for group in groups]
 
     def close(self) -> None:
         """The pool belongs to the caller (it may be the policy's): nothing to release here."""
@@ -143,7 +150,7 @@ class LocalJudge:
         self.close()
 
 
-def _call_of(group: Any, seconds: float) -> JudgeCall:
+def call_of(group: Any, seconds: float = 0.0) -> JudgeCall:
     """JudgeCall from one prompt's rollouts (n=1); a malformed group fails only that call."""
     rollout = group[0] if isinstance(group, (list, tuple)) and group else None
     text = getattr(rollout, "text", None)
@@ -151,7 +158,8 @@ def _call_of(group: Any, seconds: float) -> JudgeCall:
         return JudgeCall(None, "bad_engine_output", 1, seconds, f"no rollout text in {type(group).__name__}")
     token_ids = getattr(rollout, "token_ids", None)
     return JudgeCall(text, None, 1, seconds, finish_reason=getattr(rollout, "finish_reason", None),
-                     tokens=len(token_ids) if isinstance(token_ids, list) else 0)
+                     tokens=len(token_ids) if isinstance(token_ids, list) else 0,
+                     top_tokens=getattr(rollout, "top_tokens", None))
 
 
 def _engine_error(exc: Exception) -> str:

@@ -3,13 +3,17 @@
 The rollouts of one prompt are compared pair by pair by the GenRM (``circular``: i with i+1,
 N judge calls per group), every comparison of the step in ONE batched judge call; the
 judgements become one reward per rollout (:func:`posttrain.genrm.circular.aggregate`), then
-group-relative length control. Rewards are mapped linearly from [0, 6] onto [0, 1] (the
-loop's reward range; advantages are group-relative, so the scale does not matter); the raw
-GenRM reward is logged as ``env/genrm/raw_reward``.
+group-relative length control. With ``both_orders`` every comparison is judged in both orders
+(2N calls); with ``judge.scoring=expected`` the judge's written integers become expectations
+under its token distribution (:mod:`posttrain.genrm.expected_score`). Rewards are mapped
+linearly from [0, 6] onto [0, 1] (the loop's reward range; advantages are group-relative, so the
+scale does not matter); the raw GenRM reward is logged as ``env/genrm/raw_reward``.
 
 A group of ONE rollout (greedy held-out evaluation) is compared with the prompt's reference
 response instead: reward 1 / 0.5 / 0 for a win / tie / loss, so ``eval/genrm/accuracy`` is
-the policy's win rate against the reference and ``eval/genrm/reward`` counts ties as halves.
+the policy's win rate against the reference and ``eval/genrm/reward`` counts ties as halves;
+``eval/genrm/reference_margin`` is the mean of (policy's GenRM reward - reference's): a finer
+measure of the same thing when the judge's verdicts are expectations.
 """
 
 from __future__ import annotations
@@ -32,12 +36,8 @@ from posttrain.genrm.backends import (
     summarize,
 )
 from posttrain.genrm.circular import Mode, Rule, aggregate, orient, pairs, position_bias
-from posttrain.genrm.judge_format import (
-    FALLBACK,
-    Judgement,
-    judge_messages,
-    parse_judgement,
-)
+from posttrain.genrm.expected_score import judge_verdicts
+from posttrain.genrm.judge_format import Judgement, judge_messages
 from posttrain.genrm.length_control import LengthControl, apply_length_control
 from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
 
@@ -65,12 +65,16 @@ class GenRMOptions(Config):
     k: int = Field(2, ge=1, description="k_neighbours: comparisons per rollout and side")
     rule: Rule = Field("margin", description="aggregation: margin (default: won the benchmark), reference, joint")
     shuffle: bool = Field(True, description="random order of the two responses in each call (position bias)")
+    both_orders: bool = Field(False, description=(
+        "judge every comparison twice, once in each order (2x the calls): cancels a judge's position bias "
+        "per pair, not only on average; small judges need it (see bench/genrm_expected_score.py)"))
     length_control: LengthControlConfig = LengthControlConfig()
     seed: int = 0
 
 
 class GenRMEnv:
     name = "genrm"
+    eval_metrics = ("reference_margin",)  # held-out: mean GenRM reward minus the reference's (finer than wins)
 
     def __init__(self, **options: Any) -> None:
         self.opts = GenRMOptions.model_validate(options)
@@ -136,8 +140,10 @@ class GenRMEnv:
         batch = [conv for plan in plans for conv in plan["convs"]]
         self.start()
         calls = await asyncio.to_thread(self._backend.complete, batch) if batch else []  # type: ignore[union-attr]
-        judgements = [parse_judgement(c.text) if c.text is not None else FALLBACK for c in calls]
+        judgements, read = judge_verdicts(calls, self.opts.judge.scoring)
         step = _step_metrics(calls, judgements, [p for plan in plans for p in plan["shown"]])
+        if self.opts.judge.scoring == "expected":
+            step["expected_values_rate"] = read / (3 * len(calls)) if calls else 0.0
         out, at = [], 0
         for plan, group in zip(plans, groups):
             k = len(plan["convs"])
@@ -155,7 +161,9 @@ class GenRMEnv:
             answers, shown = answers + [reference], [(0, 1)]
         else:
             shown = pairs(len(group), self.opts.mode, self.opts.k)
-        if self.opts.shuffle:
+        if self.opts.both_orders:
+            shown = [*shown, *((b, a) for a, b in shown)]
+        elif self.opts.shuffle:
             shown = orient(shown, self._rng)
         convs = [judge_messages(sample.messages, answers[a], answers[b], style=self.opts.judge.prompt_style)
                  for a, b in shown]
@@ -168,8 +176,10 @@ class GenRMEnv:
                 return [Score(0.0, dict(step), error="no_reference")]
             mine, ref = aggregate(2, plan["shown"], judgements, self.opts.rule)
             win = 1.0 if mine > ref else 0.5 if mine == ref else 0.0
-            error = None if judgements[0].parsed else f"judge:{judgements[0].error}"
-            return [Score(win, {**step, "raw_reward": mine, "reference_reward": ref}, error)]
+            failed = next((j.error for j in judgements if not j.parsed), None)
+            error = None if failed is None else f"judge:{failed}"
+            return [Score(win, {**step, "raw_reward": mine, "reference_reward": ref, "reference_margin": mine - ref},
+                          error)]
         raw = aggregate(len(group), plan["shown"], judgements, self.opts.rule)
         adjusted = apply_length_control(raw, [c.reasoning_tokens for c in group],
                                         [c.answer_tokens for c in group], self.length)

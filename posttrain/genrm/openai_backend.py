@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.genrm.backends import Conversation, JudgeCall, JudgeConfig
+from posttrain.rollout.types import TopTokens
 
 _RETRYABLE_STATUS = {408, 409, 429}
 
@@ -143,6 +144,8 @@ class OpenAIJudge:
                                   "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "timeout": cfg.timeout_s}
         if cfg.seed is not None:
             kwargs["seed"] = cfg.seed
+        if cfg.scoring == "expected":
+            kwargs.update(logprobs=True, top_logprobs=cfg.top_logprobs)
         if cfg.extra_body:
             kwargs["extra_body"] = cfg.extra_body
 
@@ -221,4 +224,22 @@ def _judge_call(response: Any, attempts: int, seconds: float) -> JudgeCall:
     usage = getattr(response, "usage", None)
     tokens = getattr(usage, "completion_tokens", None)
     return JudgeCall(text, None, attempts, seconds, finish_reason=getattr(choice, "finish_reason", None),
-                     tokens=tokens if isinstance(tokens, int) else 0)
+                     tokens=tokens if isinstance(tokens, int) else 0, top_tokens=_top_tokens(choice))
+
+
+def _top_tokens(choice: Any) -> TopTokens | None:
+    """The choice's ``logprobs.content`` as (token, {alternative: logprob}) per position, when sent."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not isinstance(content, list):
+        return None
+    out: TopTokens = []
+    for item in content:
+        token, logprob = getattr(item, "token", None), getattr(item, "logprob", None)
+        if not isinstance(token, str):
+            return None
+        top = {t.token: t.logprob for t in getattr(item, "top_logprobs", None) or []
+               if isinstance(getattr(t, "token", None), str) and isinstance(getattr(t, "logprob", None), (int, float))}
+        if isinstance(logprob, (int, float)):
+            top.setdefault(token, logprob)
+        out.append((token, top))
+    return out

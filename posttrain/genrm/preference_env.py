@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from posttrain.environments.base import Sample, Score
 from posttrain.environments.data import OnInvalid
+from posttrain.genrm.circular import Rule, aggregate
 from posttrain.genrm.judge_format import (
     Judgement,
     PromptStyle,
@@ -151,14 +152,36 @@ class PreferenceEnv:
         return Score(graded.reward, metrics, error)
 
 
-def preference_metrics(pairs: Sequence[PreferencePair], judgements: Sequence[Judgement]) -> dict[str, float]:
+def order_averaged_accuracy(pairs: Sequence[PreferencePair], judgements: Sequence[Judgement],
+                            rule: Rule = "margin") -> float:
+    """Pairwise accuracy when each pair is decided by BOTH its judgements, as RLHF with
+    ``both_orders`` decides it: ``pairs`` alternate pair, swapped pair; the two responses' rewards
+    come from :func:`posttrain.genrm.circular.aggregate` over the two calls (equal rewards: 0.5).
+    A judge that answers the same whatever the content scores exactly 0.5 here."""
+    if len(pairs) % 2 or len(pairs) != len(judgements):
+        raise ValueError(f"need pair, swapped pair, ... with one judgement each (got {len(pairs)} pairs, "
+                         f"{len(judgements)} judgements)")
+    right = []
+    for k in range(0, len(pairs), 2):
+        want = preferred_side(pairs[k].ranking)
+        if want == 0:
+            continue
+        first, second = aggregate(2, [(0, 1), (1, 0)], judgements[k:k + 2], rule)
+        right.append(0.5 if first == second else float((first > second) == (want == 1)))
+    return sum(right) / len(right) if right else 0.0
+
+
+def preference_metrics(pairs: Sequence[PreferencePair], judgements: Sequence[Judgement],
+                       both_orders: bool = False) -> dict[str, float]:
     """Judge quality on labelled pairs (for ``posttrain genrm eval``).
 
     ``pairwise_accuracy`` over pairs whose label prefers a side (judge ties count 0.5), also per
     pair category (``pairwise_accuracy/<category>``: the dataset's domain or generator category);
     ``chance_accuracy`` (0.5, a coin flip) and ``first_side_accuracy`` (always answering
     "response 1", which exposes position bias in the data) for reference; mean absolute error
-    per field; ``mean_reward`` / ``mean_raw_reward`` as the environment gives them.
+    per field; ``mean_reward`` / ``mean_raw_reward`` as the environment gives them. ``both_orders``
+    (pairs alternate pair, swapped pair) adds ``pairwise_accuracy_both_orders`` (each pair decided
+    by its two judgements together, see :func:`order_averaged_accuracy`).
     """
     if len(pairs) != len(judgements):
         raise ValueError(f"{len(pairs)} pairs but {len(judgements)} judgements")
@@ -179,6 +202,8 @@ def preference_metrics(pairs: Sequence[PreferencePair], judgements: Sequence[Jud
         "mean_raw_reward": sum(g.raw_reward for g in graded) / n,
     }
     out.update({f"mae_{k}": sum(g.errors[k] for g in graded) / n for k in FIELDS})
+    if both_orders:
+        out["pairwise_accuracy_both_orders"] = order_averaged_accuracy(pairs, judgements)
     by_category: dict[str, list[float]] = {}
     for pair, g in zip(pairs, graded):
         if pair.category and g.pairwise_correct is not None:

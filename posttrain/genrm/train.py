@@ -4,7 +4,8 @@
 minutes), then RL on the ``genrm_preference`` environment, whose reward compares the model's
 judgement with the human labels -- the RLVR loop as it is, with ``stage="genrm"``.
 ``evaluate``: greedy judgements of held-out pairs (both orders by default, which cancels a
-judge's position bias) -> pairwise accuracy, score errors, format errors.
+judge's position bias) -> pairwise accuracy (per judgement, and per pair from both its
+judgements), score errors, format errors; ``scoring=expected`` reads the verdicts as expectations.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from posttrain.atomic import atomic_write_text
 from posttrain.environments.check import gold_answer
 from posttrain.environments.registry import load_environment
+from posttrain.genrm.backends import call_of
 from posttrain.genrm.config import GenRMEvalConfig, GenRMTrainConfig
 from posttrain.rlvr.config import RLVRConfig
 
@@ -63,7 +65,8 @@ def warmup(cfg: GenRMTrainConfig) -> str:
 
 def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
     """Judge held-out pairs with ``cfg.model`` (greedy) and compare with the labels."""
-    from posttrain.genrm.judge_format import judge_messages, parse_judgement
+    from posttrain.genrm.expected_score import judge_verdicts
+    from posttrain.genrm.judge_format import judge_messages
     from posttrain.genrm.preference_data import load_pairs, swapped
     from posttrain.genrm.preference_env import preference_metrics
     from posttrain.rollout.engine import RolloutEngine
@@ -73,14 +76,19 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
         raise ValueError(f"no preference pairs in {cfg.source!r} split {cfg.split!r}")
     if cfg.both_orders:
         pairs = [p for pair in pairs for p in (pair, swapped(pair))]
+    generation = cfg.generation
+    if cfg.scoring == "expected":
+        generation = generation.model_copy(update={"top_logprobs": max(generation.top_logprobs, 20)})
     engine = RolloutEngine(cfg.model, cfg.rollout)
     try:
         groups = engine.generate([judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style)
                                   for p in pairs],
-                                 cfg.generation, n=1)
+                                 generation, n=1)
     finally:
         engine.shutdown()
-    judgements = [parse_judgement(g[0].text) for g in groups]
-    metrics: dict[str, Any] = preference_metrics(pairs, judgements)
+    judgements, read = judge_verdicts([call_of(g) for g in groups], cfg.scoring)
+    metrics: dict[str, Any] = preference_metrics(pairs, judgements, both_orders=cfg.both_orders)
     metrics["pairs"] = float(len(pairs))
+    if cfg.scoring == "expected":
+        metrics["expected_values_rate"] = read / (3 * len(pairs))
     return metrics

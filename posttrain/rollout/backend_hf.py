@@ -60,15 +60,20 @@ class HFBackend:
         new = out.sequences[:, ids.shape[1] :]  # [B*n, T]
         logps = torch.stack([torch.log_softmax(s.float(), -1) for s in steps], 1)  # [B*n, T, V]
         picked = logps.gather(2, new[:, :, None])[:, :, 0]  # [B*n, T]
-        samples = [self._trim(new[r].tolist(), picked[r].tolist()) for r in range(new.shape[0])]
+        top = None
+        if spec.top_logprobs:
+            top_values, top_ids = logps.topk(spec.top_logprobs, dim=-1)  # [B*n, T, k]
+            top = [[dict(zip(i, v)) for i, v in zip(top_ids[r].tolist(), top_values[r].tolist())]
+                   for r in range(new.shape[0])]
+        samples = [self._trim(new[r].tolist(), picked[r].tolist(), top[r] if top else None)
+                   for r in range(new.shape[0])]
         return [samples[p * spec.n : (p + 1) * spec.n] for p in range(len(prompts))]
 
-    def _trim(self, tokens: list[int], logprobs: list[float]) -> Sample:
+    def _trim(self, tokens: list[int], logprobs: list[float], top: list[dict[int, float]] | None = None) -> Sample:
         eos = self.tokenizer.eos_token_id
-        if eos in tokens:
-            end = tokens.index(eos) + 1
-            return Sample(tokens[:end], logprobs[:end], "stop")
-        return Sample(tokens, logprobs, "length")
+        end = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        top = [{**t, tok: lp} for t, tok, lp in zip(top[:end], tokens, logprobs)] if top is not None else None
+        return Sample(tokens[:end], logprobs[:end], "stop" if eos in tokens else "length", top)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[Any, Any]:
         import torch

@@ -127,10 +127,10 @@ class VLLMBackend:
                 requests.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(
                     n=1, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                    seed=request_seed(spec.seed, spec.first_index + p, i), logprobs=0, detokenize=False,
-                    extra_args=extra))
+                    seed=request_seed(spec.seed, spec.first_index + p, i), logprobs=spec.top_logprobs,
+                    detokenize=False, extra_args=extra))
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora)
-        samples = [_sample(o.outputs[0]) for o in outputs]
+        samples = [_sample(o.outputs[0], spec.top_logprobs) for o in outputs]
         return [samples[p * spec.n : (p + 1) * spec.n] for p in range(len(prompts))]
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
@@ -172,11 +172,16 @@ class VLLMBackend:
             llm.llm_engine.engine_core.shutdown()  # before the process exits, or /dev/shm/psm_* leaks
 
 
-def _sample(out: Any) -> Sample:
+def _sample(out: Any, top_k: int = 0) -> Sample:
+    """A Sample from a vLLM completion; with ``top_k``, the k likeliest tokens per position (plus the
+    sampled one when it is not among them: vLLM's dict may hold k + 1)."""
     ids = list(out.token_ids)
     logprobs = [d[t].logprob for t, d in zip(ids, out.logprobs or [])]
     reason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
-    return Sample(token_ids=ids, logprobs=logprobs, finish_reason=reason)
+    top = None
+    if top_k:
+        top = [{a: lp.logprob for a, lp in d.items()} for d in out.logprobs or []]
+    return Sample(token_ids=ids, logprobs=logprobs, finish_reason=reason, top_logprobs=top)
 
 
 def _dtype(dtype: str) -> str:

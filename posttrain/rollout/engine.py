@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from posttrain import chat_template, models
 from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.rollout.budget import BudgetSpec, count_reasoning_tokens
@@ -25,6 +27,7 @@ from posttrain.rollout.types import (
     Rollout,
     Sample,
     SamplingSpec,
+    TopTokens,
     WeightUpdate,
 )
 from posttrain.rollout.weight_sync import current_node_id, unpack
@@ -92,7 +95,7 @@ class RolloutEngine:
                              f"{gen.max_new_tokens} it exceeds rollout.max_model_len={self.cfg.max_model_len}")
         spec = SamplingSpec(n=n, max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             seed=gen.seed, first_index=first_index, reasoning_budget=gen.reasoning_budget,
-                            budget_grace=self.cfg.budget_grace)
+                            budget_grace=self.cfg.budget_grace, top_logprobs=gen.top_logprobs)
         samples = self.backend.generate(prompt_ids, spec, thinking)
         return [[self._rollout(first_index + p, i, prompt_ids[p], s, thinking[p], gen)
                  for i, s in enumerate(per_prompt)] for p, per_prompt in enumerate(samples)]
@@ -144,7 +147,22 @@ class RolloutEngine:
         return Rollout(prompt_index=p, sample_index=i, prompt_ids=prompt_ids, token_ids=s.token_ids,
                        logprobs=s.logprobs, text=text, finish_reason=s.finish_reason,
                        reasoning=split.reasoning if thinking else None, answer=split.answer,
-                       reasoning_closed=split.reasoning_closed, reasoning_tokens=n_reasoning, engine=self.name)
+                       reasoning_closed=split.reasoning_closed, reasoning_tokens=n_reasoning, engine=self.name,
+                       top_tokens=self._top_tokens(s) if s.top_logprobs is not None else None)
+
+    def _top_tokens(self, s: Sample) -> TopTokens:
+        """Token ids of the sample and of its alternatives as text (one decode per distinct id); ids
+        that decode alike (e.g. partial UTF-8 bytes) share one entry holding their summed probability."""
+        ids = sorted({*s.token_ids, *(t for top in s.top_logprobs or [] for t in top)})
+        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)))
+        out: TopTokens = []
+        for token, top in zip(s.token_ids, s.top_logprobs or []):
+            merged: dict[str, float] = {}
+            for alt, logprob in top.items():
+                key = text[alt]
+                merged[key] = logprob if key not in merged else float(np.logaddexp(merged[key], logprob))
+            out.append((text[token], merged))
+        return out
 
     def _spec(self, budget: int) -> BudgetSpec:
         key = (budget, self.cfg.budget_grace)

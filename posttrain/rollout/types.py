@@ -41,6 +41,7 @@ class SamplingSpec:
     first_index: int = 0  # batch position of the first prompt (seeds follow the prompt, not the shard)
     reasoning_budget: int | None = None  # enforced only when the prompt opened <think>
     budget_grace: float = 0.1
+    top_logprobs: int = 0  # also return the k most likely tokens at every generated position
 
 
 def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -55,6 +56,10 @@ class Sample:
     token_ids: list[int]
     logprobs: list[float]  # [len(token_ids)]: log p(token | prefix) under the sampling policy
     finish_reason: FinishReason
+    top_logprobs: list[dict[int, float]] | None = None  # per position {token id: logprob}, when asked
+
+
+TopTokens = list[tuple[str, dict[str, float]]]  # per generated position: (its token's text, {text: logprob})
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Rollout:
     reasoning_closed: bool  # False when generation stopped inside <think>
     reasoning_tokens: int  # tokens inside <think> (as the budget counts them)
     engine: str = ""  # actor name that produced it, e.g. "rollout-1"
+    top_tokens: TopTokens | None = None  # GenerationConfig.top_logprobs > 0: the likeliest tokens per position
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,15 @@ class _Handler(BaseHTTPRequestHandler):
             message = {"role": "assistant", "content": f"judged:{prompt}"}
             if prompt == "think":
                 message = {"role": "assistant", "content": "ANSWER", "reasoning_content": "REASONS"}
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+            if body.get("logprobs"):  # one "token" per character, each with its top alternatives
+                choice["logprobs"] = {"content": [
+                    {"token": ch, "logprob": -0.1, "bytes": None,
+                     "top_logprobs": [{"token": ch, "logprob": -0.1, "bytes": None},
+                                      {"token": "2", "logprob": -2.4, "bytes": None}][: body["top_logprobs"]]}
+                    for ch in message["content"]]}
             self._reply(200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                              "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                              "choices": [choice],
                               "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}})
         finally:
             with srv.lock:
@@ -129,6 +136,18 @@ def test_results_in_order_and_sampling_fields_sent(server, monkeypatch):
         "genrm", 0.3, 0.9, 77, 5)
     assert body["chat_template_kwargs"] == {"enable_thinking": True}
     assert set(server.auth) == {"Bearer sekret"}
+
+
+def test_expected_scoring_asks_for_top_logprobs_and_keeps_them(server):
+    with _judge(server, scoring="expected", top_logprobs=2) as judge:
+        call = judge.complete([_conv("p")])[0]
+    body = server.bodies[0]
+    assert body["logprobs"] is True and body["top_logprobs"] == 2
+    assert "".join(t for t, _ in call.top_tokens) == call.text == "judged:p"
+    assert call.top_tokens[0] == ("j", {"j": -0.1, "2": -2.4})
+    with _judge(server) as judge:  # scoring=generate: no logprobs asked, none kept
+        assert judge.complete([_conv("q")])[0].top_tokens is None
+    assert "logprobs" not in server.bodies[-1]
 
 
 def test_max_concurrency_is_reached_never_exceeded(server):
@@ -292,6 +311,8 @@ def test_factory_errors_and_generation_from_config():
     assert isinstance(judge, LocalJudge)
     assert (judge.generation.max_new_tokens, judge.generation.temperature, judge.generation.top_p,
             judge.generation.seed, judge.generation.enable_thinking) == (321, 0.7, 0.8, 4, True)
+    assert judge.generation.top_logprobs == 0
+    assert judge_backend(JudgeConfig(scoring="expected"), pool=StubPool()).generation.top_logprobs == 20
 
 
 def test_summarize_empty_batch_is_all_zero():

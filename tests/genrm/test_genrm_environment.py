@@ -103,3 +103,31 @@ def test_registered_and_validated():
         GenRMEnv()
     with pytest.raises(ValueError, match="rule"):
         GenRMEnv(judge={"model": "m"}, rule="best")
+
+
+class FirstSideJudge(QualityJudge):
+    """Position-biased: adds 2 to the first response's quality and always ranks it 1 ('much better')."""
+
+    def complete(self, batch):
+        self.batches.append(len(batch))
+        out = []
+        for conv in batch:
+            q1, q2 = (int(x) for x in re.findall(r"quality (\d)", conv[-1]["content"])[-2:])
+            out.append(JudgeCall(json.dumps({"score_1": q1 + 2, "score_2": q2, "ranking": 1}), None, 1, 0.01))
+        return out
+
+
+def test_both_orders_cancels_position_bias_pair_by_pair():
+    groups = [[Completion(f"quality {q}") for q in (3, 1, 2)]]
+    judge = FirstSideJudge()
+    scores = asyncio.run(make_env(judge, both_orders=True).score_groups([sample(0)], groups))[0]
+    assert judge.batches == [6]  # circular N=3, each comparison in both orders
+    # in (i, j) rollout i gets q_i + 2 + 0.125 * 2.5, in (j, i) it gets q_i - 0.3125: mean q_i + 1
+    assert [s.metrics["raw_reward"] for s in scores] == pytest.approx([4.0, 2.0, 3.0])
+    assert scores[0].metrics["position1_preference"] == 1.0
+    single = make_env(FirstSideJudge(), both_orders=True)
+    evals = asyncio.run(single.score_groups([sample(0, "quality 1"), sample(1, "quality 3")],
+                                            [[Completion("quality 2")], [Completion("quality 2")]]))
+    assert [g[0].reward for g in evals] == [1.0, 0.0]  # whichever side is shown first
+    assert [g[0].metrics["reference_margin"] for g in evals] == pytest.approx([1.0, -1.0])
+    assert single._backend.batches == [4]

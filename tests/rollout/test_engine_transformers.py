@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,6 +30,18 @@ def test_greedy_samples_are_identical_and_logprobs_match_forward(engine, tiny_ll
     r = group[0]
     ref = sequence_logprobs(model, r.prompt_ids + r.token_ids, len(r.prompt_ids))
     assert max(abs(a - b) for a, b in zip(r.logprobs, ref)) < 1e-4
+
+
+def test_top_logprobs_hold_the_chosen_token_and_the_likeliest_ones(engine):
+    gen = GenerationConfig(max_new_tokens=6, enable_thinking=False, top_logprobs=4)
+    r = engine.generate([PROMPT], gen)[0][0]
+    assert len(r.top_tokens) == len(r.token_ids)
+    texts = engine.tokenizer.batch_decode([[t] for t in r.token_ids])
+    for (token, top), text, logprob in zip(r.top_tokens, texts, r.logprobs):
+        assert token == text and len(top) <= 5 and sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
+        assert top[token] >= logprob - 1e-6  # ids that decode alike are merged: at least its own mass
+        assert logprob >= max(top.values()) - 1e-5 or top[token] > logprob  # greedy: the likeliest
+    assert engine.generate([PROMPT], GenerationConfig(max_new_tokens=2))[0][0].top_tokens is None
 
 
 def test_full_and_lora_updates(engine, tiny_llama_dir):

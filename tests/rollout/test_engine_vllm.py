@@ -56,6 +56,15 @@ def test_n_samples_with_logprobs(pool):
     assert [r.token_ids for r in again[0]] == [r.token_ids for r in groups[0]]
 
 
+def test_top_logprobs_hold_the_chosen_token_and_the_likeliest_ones(pool, tokenizer):
+    r = pool.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=6, enable_thinking=False, top_logprobs=3))[0][0]
+    assert len(r.top_tokens) == len(r.token_ids)
+    for (token, top), tid, logprob in zip(r.top_tokens, r.token_ids, r.logprobs):
+        assert token == tokenizer.decode([tid]) and len(top) <= 4 and sum(math.exp(v) for v in top.values()) <= 1.001
+        assert top[token] >= logprob - 1e-6  # ids that decode alike are merged: at least its own mass
+        assert logprob >= max(top.values()) - 1e-4 or top[token] > logprob  # greedy: the likeliest
+
+
 def test_thinking_budget_is_enforced(pool, tokenizer):
     budget = 12
     gen = GenerationConfig(max_new_tokens=48, temperature=1.0, reasoning_budget=budget)
