@@ -151,10 +151,11 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
 
 def format_summary(data: dict[str, Any]) -> str:
     """The before/after table as aligned text, one line per stage and eval key."""
-    lines = [f"{'stage':8s} {'metric':32s} {'before':>8s} {'after':>8s} {'delta':>8s}"]
+    width = max([32, *(len(k) for st in data["stages"].values() for k in st["eval"])])
+    lines = [f"{'stage':8s} {'metric':{width}s} {'before':>8s} {'after':>8s} {'delta':>8s}"]
     for name, st in data["stages"].items():
         for key, ba in st["eval"].items():
-            lines.append(f"{name:8s} {key:32s} {_num(ba['before']):>8s} {_num(ba['after']):>8s} "
+            lines.append(f"{name:8s} {key:{width}s} {_num(ba['before']):>8s} {_num(ba['after']):>8s} "
                          f"{_num(ba['delta'], sign=True):>8s}")
         if not st["eval"]:
             lines.append(f"{name:8s} (no eval/ metrics)")
