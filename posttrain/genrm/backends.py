@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from pydantic import Field, field_validator
 
 from posttrain.config import Config, GenerationConfig
-from posttrain.genrm.judge_format import PromptStyle
+from posttrain.genrm.judge_format import PromptStyle, Scoring
 from posttrain.rollout.types import TopTokens
 
 Conversation = list[dict[str, str]]
@@ -51,7 +51,7 @@ class JudgeConfig(Config):
     temperature: float = Field(0.6, ge=0, description="judge sampling temperature (Qwen3 thinking: 0.6)")
     top_p: float = Field(0.95, gt=0, le=1, description="judge nucleus sampling (Qwen3 thinking: 0.95)")
     max_tokens: int = Field(1024, ge=1, description="judge completion budget: reasoning + JSON verdict")
-    scoring: Literal["generate", "expected"] = Field("generate", description=(
+    scoring: Scoring = Field("generate", description=(
         "generate = the values the judge wrote; expected = each written integer replaced by its expectation "
         "under the judge's top-k token distribution (finer verdicts from small judges; needs logprobs)"))
     top_logprobs: int = Field(20, ge=2, le=20, description="expected scoring: tokens read per position")

@@ -6,13 +6,11 @@ environment), so their configs are the RLVR config with other defaults plus what
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from posttrain.config import Config, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.environments.registry import EnvConfig
-from posttrain.genrm.judge_format import PromptStyle
+from posttrain.genrm.judge_format import PromptStyle, Scoring
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import TrainConfig as SFTTrainConfig
 
@@ -50,7 +48,7 @@ class GenRMEvalConfig(Config):
     limit: int | None = Field(None, ge=1, description="pairs evaluated (None = all)")
     both_orders: bool = Field(True, description="judge every pair in both orders (cancels position bias)")
     prompt_style: PromptStyle = Field("rubric", description="judge prompt the GenRM was trained with: rubric | compact")
-    scoring: Literal["generate", "expected"] = Field("generate", description=(
+    scoring: Scoring = Field("generate", description=(
         "generate = the written values; expected = each written integer replaced by its expectation under "
         "the judge's top-20 token distribution (as judge.scoring)"))
     generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.0, enable_thinking=False)

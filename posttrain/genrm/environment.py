@@ -67,7 +67,8 @@ class GenRMOptions(Config):
     shuffle: bool = Field(True, description="random order of the two responses in each call (position bias)")
     both_orders: bool = Field(False, description=(
         "judge every comparison twice, once in each order (2x the calls): cancels a judge's position bias "
-        "per pair, not only on average; small judges need it (see bench/genrm_expected_score.py)"))
+        "per pair, not only on average (shuffle is then moot); small judges need it "
+        "(see bench/genrm_expected_score.py)"))
     length_control: LengthControlConfig = LengthControlConfig()
     seed: int = 0
 

@@ -25,6 +25,7 @@ from posttrain.genrm.judge_format import (
     SCORE_RANGE,
     THINK_CLOSE,
     Judgement,
+    Scoring,
     parse_judgement,
 )
 from posttrain.rollout.types import TopTokens
@@ -103,7 +104,7 @@ def expected_judgement(judgement: Judgement, top_tokens: TopTokens | None) -> tu
         return judgement, 0
 
 
-def judge_verdicts(calls: list[JudgeCall], scoring: str = "generate") -> tuple[list[Judgement], int]:
+def judge_verdicts(calls: list[JudgeCall], scoring: Scoring = "generate") -> tuple[list[Judgement], int]:
     """The judgement of each call (a failed call is the fallback 3 / 3 / 3.5), and how many values
     were read as expectations (``scoring="expected"``)."""
     out, read = [], 0

@@ -79,6 +79,7 @@ _COMPACT_ANSWER_FORMAT = 'Answer with the JSON only: {"score_1": <1-5>, "score_2
 
 PROMPT_STYLES = {"rubric": (_INSTRUCTIONS, _ANSWER_FORMAT), "compact": (_COMPACT_INSTRUCTIONS, _COMPACT_ANSWER_FORMAT)}
 PromptStyle = Literal["rubric", "compact"]
+Scoring = Literal["generate", "expected"]  # the written values, or their expectations (genrm.expected_score)
 
 
 def _fence(tag: str, text: str) -> str:
