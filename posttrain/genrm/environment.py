@@ -141,10 +141,10 @@ class GenRMEnv:
         batch = [conv for plan in plans for conv in plan["convs"]]
         self.start()
         calls = await asyncio.to_thread(self._backend.complete, batch) if batch else []  # type: ignore[union-attr]
-        judgements, read = judge_verdicts(calls, self.opts.judge.scoring)
+        judgements, expected_rate = judge_verdicts(calls, self.opts.judge.scoring)
         step = _step_metrics(calls, judgements, [p for plan in plans for p in plan["shown"]])
         if self.opts.judge.scoring == "expected":
-            step["expected_values_rate"] = read / (3 * len(calls)) if calls else 0.0
+            step["expected_values_rate"] = expected_rate
         out, at = [], 0
         for plan, group in zip(plans, groups):
             k = len(plan["convs"])

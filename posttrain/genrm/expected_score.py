@@ -2,10 +2,11 @@
 
 A small GenRM's greedy JSON is coarse (``{"score_1": 5, "score_2": 1, ...}`` for almost every
 pair) while its distribution over the digits still ranks responses: SmolLM2-135M after the
-warm-up is at 0.50 held-out pairwise accuracy greedy, 0.62 from its expected first score
-(``bench/genrm_expected_score.py``). With ``judge.scoring=expected`` each value the judge wrote
-as a single integer token is replaced by its expectation over the in-range integers among the
-top-k tokens at that position (G-Eval style; the probabilities renormalised over those digits).
+warm-up is at 0.50 held-out pairwise accuracy as written, 0.595 read by expectation with every
+pair judged in both orders (``bench/genrm_expected_score.py``). With ``judge.scoring=expected``
+each value the judge wrote as a single integer token is replaced by its expectation over the
+in-range integers among the top-k tokens at that position (G-Eval style; the probabilities
+renormalised over those digits).
 A value that is not a single integer token (``3.5``, ``"4"`` split oddly) keeps the written
 value, and the number of values read this way is reported. The text is parsed as usual first:
 a format error stays a format error.
@@ -104,9 +105,9 @@ def expected_judgement(judgement: Judgement, top_tokens: TopTokens | None) -> tu
         return judgement, 0
 
 
-def judge_verdicts(calls: list[JudgeCall], scoring: Scoring = "generate") -> tuple[list[Judgement], int]:
-    """The judgement of each call (a failed call is the fallback 3 / 3 / 3.5), and how many values
-    were read as expectations (``scoring="expected"``)."""
+def judge_verdicts(calls: list[JudgeCall], scoring: Scoring = "generate") -> tuple[list[Judgement], float]:
+    """The judgement of each call (a failed call is the fallback 3 / 3 / 3.5), and the share of all
+    their values that were read as expectations (``scoring="expected"``; 0.0 otherwise)."""
     out, read = [], 0
     for call in calls:
         judgement = parse_judgement(call.text) if call.text is not None else FALLBACK
@@ -114,4 +115,4 @@ def judge_verdicts(calls: list[JudgeCall], scoring: Scoring = "generate") -> tup
             judgement, n = expected_judgement(judgement, call.top_tokens)
             read += n
         out.append(judgement)
-    return out, read
+    return out, read / (len(KEYS) * len(calls)) if calls else 0.0

@@ -86,9 +86,9 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
                                  generation, n=1)
     finally:
         engine.shutdown()
-    judgements, read = judge_verdicts([call_of(g) for g in groups], cfg.scoring)
+    judgements, expected_rate = judge_verdicts([call_of(g) for g in groups], cfg.scoring)
     metrics: dict[str, Any] = preference_metrics(pairs, judgements, both_orders=cfg.both_orders)
     metrics["pairs"] = float(len(pairs))
     if cfg.scoring == "expected":
-        metrics["expected_values_rate"] = read / (3 * len(pairs))
+        metrics["expected_values_rate"] = expected_rate
     return metrics

@@ -70,10 +70,11 @@ def test_unparsed_missing_or_hostile_top_tokens_change_nothing():
 def test_judge_verdicts_fall_back_on_failed_calls_and_read_only_when_asked():
     top = tokens(JSON_PIECES, {6: {"5": L(0.5), "3": L(0.5)}})
     calls = [JudgeCall("".join(JSON_PIECES), None, 1, 0.0, top_tokens=top), JudgeCall(None, "timeout", 4, 1.0)]
-    generated, read = judge_verdicts(calls)
-    assert read == 0 and generated[0].score_1 == 5 and generated[1] == FALLBACK
-    expected, read = judge_verdicts(calls, "expected")
-    assert read == 3 and expected[0].score_1 == pytest.approx(4.0) and expected[1] == FALLBACK
+    generated, rate = judge_verdicts(calls)
+    assert rate == 0.0 and generated[0].score_1 == 5 and generated[1] == FALLBACK
+    expected, rate = judge_verdicts(calls, "expected")
+    assert rate == 0.5  # 3 of the 2 calls x 3 values
+    assert expected[0].score_1 == pytest.approx(4.0) and expected[1] == FALLBACK
 
 
 def _pair(i: int, ranking: float) -> PreferencePair:
