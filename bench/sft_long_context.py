@@ -42,8 +42,9 @@ def _ours(folder: str, ids: list[int], method: str) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from posttrain.sft.config import LoraConfig, TrainConfig
-    from posttrain.sft.model import prepare_for_training
+    from posttrain.sft.config import TrainConfig
+    from posttrain.training.config import LoraConfig
+    from posttrain.training.model import prepare_for_training
     from posttrain.training.loss import causal_lm_nll_sum
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

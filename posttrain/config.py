@@ -21,6 +21,14 @@ from posttrain.atomic import atomic_write_text
 
 C = TypeVar("C", bound="Config")
 
+# Deadlines of calls a stage waits on (defaults of the keys that set them). Half an hour is what one
+# big batched call may take on a slow CPU machine; past it a hang becomes an error naming the actor.
+ROLLOUT_CALL_S = 1800.0  # one generate / weight-sync call of the rollout engines (rollout.call_timeout_s)
+TRAINER_CALL_S = 1800.0  # one call of the trainer workers (timeouts.trainer_call_s)
+JUDGE_S = 1800.0  # a group environment (GenRM) scoring one step's groups (timeouts.judge_s)
+SFT_STAGE_S = 24 * 3600.0  # the pipeline's whole SFT stage in its actor sft-0 (pipeline timeouts.sft_stage_s)
+MAX_TOP_LOGPROBS = 20  # the most alternatives per position vLLM returns (its max_logprobs default)
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the fix."""
@@ -76,7 +84,7 @@ class GenerationConfig(Config):
         None, ge=0, description="max reasoning tokens; announced in the prompt and enforced"
     )
     seed: int = 0
-    top_logprobs: int = Field(0, ge=0, le=20, description=(
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description=(
         "also return the k likeliest tokens and their logprobs at every generated position "
         "(Rollout.top_tokens; a GenRM's expected scores read them); 0 = off"))
 
@@ -110,7 +118,8 @@ class RolloutConfig(Config):
     max_lora_rank: int = Field(16, ge=1)
     sync_dir: str = Field("/dev/shm", description="where weight updates are staged as safetensors")
     start_timeout_s: float = Field(600.0, gt=0, description="engine start-up limit")
-    call_timeout_s: float = Field(1800.0, gt=0, description="limit of one generate/sync call; a hang becomes an error")
+    call_timeout_s: float = Field(ROLLOUT_CALL_S, gt=0, description=(
+        "limit of one generate/sync call; a hang becomes an error"))
 
     def engine_threads(self) -> int:
         """OpenMP threads of one engine: ``threads_per_engine``, else its CPU reservation rounded up."""

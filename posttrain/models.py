@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from posttrain import chat_template
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
+from posttrain.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +286,25 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = N
     return model.to(device).eval()
 
 
-def load(cfg: Any, device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a :class:`posttrain.config.ModelConfig`."""
-    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.name, template=cfg.chat_template, **kw)
-    model = load_model(cfg.name, dtype=cfg.dtype, device=device, **kw)
-    return model, tokenizer
+# What every stage loads through: SFT, the RL trainers, the rollout engines and chat take a
+# ModelConfig, so tokenizer and weights come from the same source with the same revision,
+# remote-code setting and dtype. (A stage that starts from a previous stage's folder puts that
+# folder in ``name``: ``RLVRConfig.start_model()``.)
+
+
+def tokenizer_for(cfg: ModelConfig) -> Any:
+    """The tokenizer of ``cfg``'s model (its chat template per ``cfg.chat_template``)."""
+    return load_tokenizer(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                          template=cfg.chat_template)
+
+
+def model_for(cfg: ModelConfig, device: str | None = None) -> Any:
+    """The weights of ``cfg``'s model on ``device`` (default: CUDA when there is one), in eval mode."""
+    return load_model(cfg.name, dtype=cfg.dtype, device=device, revision=cfg.revision,
+                      trust_remote_code=cfg.trust_remote_code)
+
+
+def load(cfg: ModelConfig, device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``cfg``; the tokenizer first, the cheaper one to fail."""
+    tokenizer = tokenizer_for(cfg)
+    return model_for(cfg, device), tokenizer

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.atomic import atomic_write_text
-from posttrain.config import Config, ModelConfig, write_resolved
+from posttrain.config import SFT_STAGE_S, Config, ModelConfig, write_resolved
 from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import SFTConfig
@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 StageName = Literal["sft", "rlvr", "genrm", "rlhf"]
 ORDER: tuple[str, ...] = ("sft", "rlvr", "genrm", "rlhf")
 AUTO = "auto"  # genrm.options.judge.model: the model the pipeline's genrm stage trained
+
+
+class PipelineTimeoutsConfig(Config):
+    """Deadlines of the pipeline's own calls (each RL stage has its own ``timeouts`` section)."""
+
+    sft_stage_s: float = Field(SFT_STAGE_S, gt=0, description=(
+        "the whole SFT stage in its Ray actor sft-0; past it the pipeline stops with an error naming "
+        "the actor (re-running resumes SFT from its last checkpoint)"))
 
 
 class PipelineConfig(Config):
@@ -43,6 +51,7 @@ class PipelineConfig(Config):
     run_dir: str = Field("runs/pipeline", description="run folder: one subfolder per stage, report/")
     dashboard: bool = Field(True, description="start Ray's dashboard with a local cluster (127.0.0.1 only)")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Ray's Prometheus metrics port")
+    timeouts: PipelineTimeoutsConfig = PipelineTimeoutsConfig()
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -94,7 +103,8 @@ def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     """Run (or finish) the pipeline in ``cfg.run_dir``; returns the report summary."""
     from posttrain.orchestration import cluster
-    from posttrain.report import build_report, format_summary, summary
+    from posttrain.report import build_report, format_summary
+    from posttrain.report_data import summary
 
     run = Path(cfg.run_dir)
     write_resolved(cfg, run)
@@ -161,7 +171,7 @@ def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
         _log_eval(cfg, sft.run_dir, cfg.model.name, step=0)
     actor = cluster.start_actor(_SFTWorker, "sft-0", num_cpus=1)
     try:
-        cluster.gather([actor.train.remote(sft)], ["sft-0"], 24 * 3600, "SFT")
+        cluster.gather([actor.train.remote(sft)], ["sft-0"], cfg.timeouts.sft_stage_s, "SFT")
     finally:
         cluster.kill_actor(actor)
     if cfg.sft_eval_prompts:
@@ -189,7 +199,8 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
     envs = {e.name: load_environment(e) for e in cfg.rlvr.environments}
     pool = RolloutPool(cfg.model.model_copy(update={"name": model}), cfg.rlvr.rollout, name_prefix="eval")
     try:
-        result = evaluate(pool, envs, cfg.rlvr.generation, cfg.sft_eval_prompts, cfg.rlvr.run.seed)
+        result = evaluate(pool, envs, cfg.rlvr.generation, cfg.sft_eval_prompts, cfg.rlvr.run.seed,
+                          cfg.rlvr.run.score_concurrency, cfg.rlvr.run.score_timeout_s, cfg.rlvr.timeouts.judge_s)
     finally:
         pool.shutdown()
     logger = MetricsLogger(run_dir, stage="sft")
@@ -200,7 +211,7 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
 
 def _rows(run_dir: str) -> list[dict[str, float]]:
     """The stage's metric rows (the report's reader: bad lines skipped, never raises on content)."""
-    from posttrain.report import read_metrics
+    from posttrain.report_data import read_metrics
 
     path = Path(run_dir) / "metrics.jsonl"
     return read_metrics(path)[0] if path.is_file() else []

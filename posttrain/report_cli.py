@@ -7,7 +7,8 @@ from typing import Any
 
 
 def _report(args: argparse.Namespace) -> int:
-    from posttrain.report import build_report, format_summary, summary
+    from posttrain.report import build_report, format_summary
+    from posttrain.report_data import summary
 
     index = build_report(args.run_dir, args.out)
     print(index)

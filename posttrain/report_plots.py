@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from posttrain.report import Stage, before_after
+from posttrain.report_data import Stage, before_after
 
 Match = Callable[[str], bool]
 PHASE_ORDER: tuple[str, ...] = ("time/gen_s", "time/score_s", "time/train_s", "time/sync_s")

@@ -182,3 +182,75 @@ def test_gguf_conversion_matches_gguf_model(smollm2_dir):
     with torch.no_grad():
         diff = (reference(ids).logits - converted(ids).logits).abs().max().item()
     assert diff < 1e-4, diff
+
+
+# ---- one loader: SFT, the RL trainers and the rollout engines load a model alike
+
+
+class _Loaded(Exception):
+    """Raised instead of building the weights: the test needs only the calls that got there."""
+
+
+@pytest.fixture
+def loader_calls(monkeypatch, tiny_llama_dir):
+    """Every tokenizer / weights request as (what, path, revision, trust_remote_code[, dtype])."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls: list[tuple] = []
+    real = AutoTokenizer.from_pretrained
+
+    def tokenizer(path, **kw):
+        calls.append(("tokenizer", str(path), kw.get("revision"), kw.get("trust_remote_code")))
+        return real(str(tiny_llama_dir))
+
+    def weights(path, **kw):
+        calls.append(("model", str(path), kw.get("revision"), kw.get("trust_remote_code"), kw.get("dtype")))
+        raise _Loaded
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", weights)
+    return calls
+
+
+def test_sft_trainer_and_engines_load_one_source_alike(loader_calls, tiny_llama_dir, tmp_path, monkeypatch):
+    """A local folder with revision / trust_remote_code / dtype reaches from_pretrained identically
+    from SFT, the RL trainers (``init_from``) and the rollout engines; tokenizer and weights come
+    from the same folder."""
+    from posttrain.config import load_config
+    from posttrain.orchestration import cluster
+    from posttrain.rlvr import actors
+    from posttrain.rlvr.config import RLVRConfig
+    from posttrain.rlvr.trainer_group import TrainerGroup
+    from posttrain.rollout.engine import RolloutEngine
+    from posttrain.sft.config import SFTConfig
+    from posttrain.sft.train import train as sft_train
+
+    folder = str(tiny_llama_dir)
+    loading = ["model.revision=v1", "model.trust_remote_code=true", "model.dtype=float32"]
+    expected = [("tokenizer", folder, "v1", True), ("model", folder, "v1", True, torch.float32)]
+    seen = {}
+
+    sft = load_config(SFTConfig, overrides=[f"model.name={folder}", *loading, "data.limit=2", "progress=false",
+                                            f"run_dir={tmp_path / 'sft'}"])
+    with pytest.raises(_Loaded):
+        sft_train(sft)
+    seen["sft"], loader_calls[:] = list(loader_calls), []
+
+    rl = load_config(RLVRConfig, overrides=["model.name=some-org/base-model", f"init_from={folder}", *loading])
+    monkeypatch.setattr(cluster, "init_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cluster, "start_actor", lambda cls, name, *args, **kwargs: cls(*args))
+    with pytest.raises(_Loaded):
+        TrainerGroup(rl)
+    seen["trainer"], loader_calls[:] = list(loader_calls), []
+
+    pools = []  # what the stage hands its rollout engines, started here in-process
+    monkeypatch.setattr(actors, "StagePlacement", lambda *args, **kwargs: None)
+    monkeypatch.setattr(actors, "TrainerGroup", lambda *args, **kwargs: None)
+    monkeypatch.setattr(actors, "RolloutPool", lambda model, cfg, **kwargs: pools.append((model, cfg)))
+    actors.StageActors(rl, {}, "rlvr").start()
+    (engine_model, rollout_cfg), = pools
+    with pytest.raises(_Loaded):
+        RolloutEngine(engine_model, rollout_cfg.model_copy(update={"backend": "transformers"}))
+    seen["engine"] = list(loader_calls)
+
+    assert seen == {"sft": expected, "trainer": expected, "engine": expected}

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main
-from posttrain.report import build_report, find_stages, summary
+from posttrain.report import build_report
+from posttrain.report_data import find_stages, summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

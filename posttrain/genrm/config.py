@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from posttrain.config import Config, GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.config import MAX_TOP_LOGPROBS, Config, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.environments.registry import EnvConfig
 from posttrain.genrm.judge_format import PromptStyle, Scoring
 from posttrain.rlvr.config import RLVRConfig
@@ -50,6 +50,6 @@ class GenRMEvalConfig(Config):
     prompt_style: PromptStyle = Field("rubric", description="judge prompt the GenRM was trained with: rubric | compact")
     scoring: Scoring = Field("generate", description=(
         "generate = the written values; expected = each written integer replaced by its expectation under "
-        "the judge's top-20 token distribution (as judge.scoring)"))
+        f"the judge's top-{MAX_TOP_LOGPROBS} token distribution (as judge.scoring)"))
     generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.0, enable_thinking=False)
     rollout: RolloutConfig = RolloutConfig(max_model_len=2048)

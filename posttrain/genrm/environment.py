@@ -77,7 +77,8 @@ class GenRMEnv:
     name = "genrm"
     eval_metrics = ("reference_margin",)  # held-out: mean GenRM reward minus the reference's (finer than wins)
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, backend: JudgeBackend | None = None, **options: Any) -> None:
+        """``backend``: a judge to use as it is (tests, a shared judge); else :meth:`start` builds ``judge``'s."""
         self.opts = GenRMOptions.model_validate(options)
         if self.opts.judge.backend == "local" and not self.opts.judge.model:
             raise ValueError("genrm: judge.model (a hub id, model folder or built-in name of the GenRM) is needed "
@@ -86,7 +87,7 @@ class GenRMEnv:
         self.length = LengthControl(lc.reasoning_coef, lc.answer_coef, lc.short_bonus, lc.top_fraction)
         self._rng = random.Random(self.opts.seed)
         self._pool: Any = None
-        self._backend: JudgeBackend | None = None
+        self._backend: JudgeBackend | None = backend
 
     # ----------------------------------------------------------------- data
 
@@ -186,8 +187,10 @@ class GenRMEnv:
                                         [c.answer_tokens for c in group], self.length)
         lo, hi = REWARD_RANGE
         failed = sum(not j.parsed for j in judgements) / max(len(judgements), 1)
+        # length terms can push a raw reward out of the range: clamped, and counted (env/genrm/reward_clamped)
         return [Score(min(1.0, max(0.0, (r - lo) / (hi - lo))),
-                      {**step, "raw_reward": r, "judge_reward": j, "group_parse_failures": failed})
+                      {**step, "raw_reward": r, "judge_reward": j, "group_parse_failures": failed,
+                       "reward_clamped": float(not lo <= r <= hi)})
                 for r, j in zip(adjusted, raw)]
 
 

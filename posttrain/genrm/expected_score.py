@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import replace
 
-from posttrain.genrm.backends import JudgeCall
+from posttrain.genrm.judge import JudgeCall
 from posttrain.genrm.judge_format import (
     FALLBACK,
     KEYS,

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.genrm.backends import Conversation, JudgeCall, JudgeConfig
+from posttrain.genrm.judge import Conversation, JudgeCall, JudgeConfig
 from posttrain.rollout.types import TopTokens
 
 _RETRYABLE_STATUS = {408, 409, 429}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.atomic import atomic_write_text
+from posttrain.config import MAX_TOP_LOGPROBS
 from posttrain.environments.check import gold_answer
 from posttrain.environments.registry import load_environment
 from posttrain.genrm.backends import call_of
@@ -78,7 +79,7 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
         pairs = [p for pair in pairs for p in (pair, swapped(pair))]
     generation = cfg.generation
     if cfg.scoring == "expected":
-        generation = generation.model_copy(update={"top_logprobs": max(generation.top_logprobs, 20)})
+        generation = generation.model_copy(update={"top_logprobs": MAX_TOP_LOGPROBS})
     engine = RolloutEngine(cfg.model, cfg.rollout)
     try:
         groups = engine.generate([judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style)

@@ -50,13 +50,12 @@ class StageActors:
     def start(self) -> None:
         cfg = self.cfg
         self.placement = StagePlacement(self.stage, self.roles, strategy=cfg.run.placement_strategy)
-        self.trainer = TrainerGroup(cfg, placement=self.placement, timeout_s=max(cfg.rollout.call_timeout_s, 1800.0))
+        self.trainer = TrainerGroup(cfg, placement=self.placement)
         if "sandbox" in self.roles:
             self.sandbox = _sandbox_pool(cfg, self.placement)
         for env in self.envs.values():  # environments with actors of their own (a GenRM's engines)
             getattr(env, "start", lambda placement: None)(self.placement)
-        engine_model = ModelConfig(**{**cfg.model.model_dump(), "name": cfg.init_from or cfg.model.name})
-        self.engines = Engines(engine_model, cfg, self.trainer, self.placement)
+        self.engines = Engines(cfg.start_model(), cfg, self.trainer, self.placement)
 
     def close(self) -> None:
         for part in (self.engines, self.trainer, self.sandbox):

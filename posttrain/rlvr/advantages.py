@@ -17,12 +17,10 @@ A group whose rewards are all equal carries no signal (every advantage is 0); wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Baseline = Literal["loo", "mean"]
-Scale = Literal["std", "none"]
+from posttrain.rlvr.config import Baseline, Scale
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import Config, GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.config import JUDGE_S, TRAINER_CALL_S, Config, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.environments.registry import EnvConfig
-from posttrain.sft.config import LoraConfig
+from posttrain.training.config import LoraConfig
 
 Variant = Literal["nano", "grpo", "dr_grpo", "dapo"]
+Baseline = Literal["loo", "mean"]
+Scale = Literal["std", "none"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 # What each named variant sets; explicit keys in the config win.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -30,36 +33,49 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-class AlgorithmConfig(Config):
-    variant: Variant = Field("nano", description="preset of the fields below; explicit fields override it")
-    baseline: Literal["loo", "mean"] = "loo"
-    scale: Literal["std", "none"] = "std"
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
-    eps_high: float = Field(0.28, ge=0.0)
+class LossConfig(Config):
+    """The clipped policy-gradient loss (:func:`posttrain.rlvr.policy_loss.policy_loss` takes this)."""
+
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0, description="clip the ratio below at 1 - eps_low")
+    eps_high: float = Field(0.28, ge=0.0, description="clip the ratio above at 1 + eps_high (0.28: clip-higher)")
     kl_coef: float = Field(0.0, ge=0.0, description="k3 KL to the initial policy (recipe: 0)")
     importance_sampling: bool = Field(True, description="truncated IS between trainer and rollout logprobs")
-    is_cap: float = Field(2.0, gt=0.0)
+    is_cap: float = Field(2.0, gt=0.0, description="truncation of the importance weight")
     seq_error_threshold: float | None = Field(2.0, gt=1.0, description=(
         "mask sequences whose exp(mean |trainer - rollout logprob|) exceeds this; null = never"))
+    aggregation: Aggregation = Field("token_mean", description=(
+        "token_mean (every token of the batch weighs the same), seq_mean_token_mean (GRPO), "
+        "seq_mean_token_sum_norm (Dr.GRPO: token sums divided by sum_norm)"))
+    sum_norm: int | None = Field(None, ge=1, description=(
+        "seq_mean_token_sum_norm: the constant dividing each sequence's token sum; "
+        "null = generation.max_new_tokens (the longest a completion can be)"))
+
+
+class AlgorithmConfig(LossConfig):
+    """The loss plus how rewards become advantages and which rollouts are trained on."""
+
+    variant: Variant = Field("nano", description="preset of the other algorithm keys; keys set explicitly win")
+    baseline: Baseline = Field("loo", description="loo = mean of the group's other rewards; mean = group mean")
+    scale: Scale = Field("std", description="std = divide advantages by the group's std; none = raw differences")
     drop_zero_variance: bool = Field(True, description="mask groups whose rewards are all equal")
     overlong_filter: bool = Field(True, description="mask rollouts cut at max_new_tokens")
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _apply_variant(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            variant = data.get("variant", "nano")
-            if variant in VARIANTS:
-                data = {**VARIANTS[variant], **data}
-        return data
+    def _apply_variant(cls, data: Any, handler: Any) -> Any:
+        """Fill the variant's fields; they do not count as set, so that a later
+        ``algorithm.variant=...`` override brings its own preset instead of keeping this one's."""
+        if not isinstance(data, dict) or data.get("variant", "nano") not in VARIANTS:
+            return handler(data)
+        preset = {k: v for k, v in VARIANTS[data.get("variant", "nano")].items() if k not in data}
+        model = handler({**preset, **data})
+        model.__pydantic_fields_set__.difference_update(preset)
+        return model
 
-    def loss_config(self) -> Any:
-        from posttrain.rlvr.policy_loss import LossConfig
-
-        return LossConfig(eps_low=self.eps_low, eps_high=self.eps_high, kl_coef=self.kl_coef,
-                          importance_sampling=self.importance_sampling, is_cap=self.is_cap,
-                          seq_error_threshold=self.seq_error_threshold, aggregation=self.aggregation)
+    def loss_config(self, max_new_tokens: int) -> LossConfig:
+        """The loss's settings, Dr.GRPO's divisor resolved: ``sum_norm``, else ``max_new_tokens``."""
+        fields = {name: getattr(self, name) for name in LossConfig.model_fields}
+        return LossConfig(**{**fields, "sum_norm": self.sum_norm or max_new_tokens})
 
 
 class RLTrainConfig(Config):
@@ -88,6 +104,17 @@ class SandboxPoolConfig(Config):
         "CPU Ray reserves per sandbox actor (each mostly waits on a sandboxed subprocess)"))
     call_timeout_s: float = Field(60.0, gt=0, description="a job longer than this restarts its actor (infra error)")
     wall_s: float = Field(10.0, gt=0, description="sandbox wall-clock limit of one program run")
+
+
+class TimeoutsConfig(Config):
+    """Deadlines (seconds) of an RL stage's calls besides the rollout engines' (``rollout.*timeout_s``)."""
+
+    trainer_call_s: float = Field(TRAINER_CALL_S, gt=0, description=(
+        "one call to the trainer workers (train step, checkpoint, weight publish) and each collective "
+        "inside their torch.distributed group; past it the run stops with an error naming the worker"))
+    judge_s: float = Field(JUDGE_S, gt=0, description=(
+        "a group environment (a GenRM) scoring one step: every comparison of the step in one call; "
+        "past it that step's groups get reward 0 and error 'timeout' (all equal: nothing is learnt from them)"))
 
 
 class RunConfig(Config):
@@ -123,7 +150,17 @@ class RLVRConfig(Config):
     lora: LoraConfig = LoraConfig()
     run: RunConfig = RunConfig()
     sandbox: SandboxPoolConfig = SandboxPoolConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
     run_dir: str = Field("runs/rlvr", description="run folder: config, metrics, events, checkpoints")
+
+    def loss_config(self) -> LossConfig:
+        """What the trainers optimise: ``algorithm``'s loss, Dr.GRPO normalised by ``generation.max_new_tokens``."""
+        return self.algorithm.loss_config(self.generation.max_new_tokens)
+
+    def start_model(self) -> ModelConfig:
+        """The policy's starting weights: ``init_from`` (a previous stage's model folder) when set, else
+        ``model.name``; loaded with ``model``'s settings by the trainers and the rollout engines alike."""
+        return self.model if self.init_from is None else self.model.model_copy(update={"name": self.init_from})
 
     @model_validator(mode="after")
     def _check(self) -> RLVRConfig:

@@ -18,7 +18,6 @@ training never repeated), a dead sandbox actor by Ray (its job re-sent).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -29,15 +28,7 @@ from typing import Any
 import torch
 
 from posttrain.config import write_resolved
-from posttrain.environments.base import (
-    Completion,
-    Environment,
-    GroupEnvironment,
-    Sample,
-    Score,
-    score_batch,
-    score_groups_safely,
-)
+from posttrain.environments.base import Environment, Sample, Score
 from posttrain.environments.mixing import (
     CurriculumConfig,
     EnvSampler,
@@ -52,7 +43,9 @@ from posttrain.rlvr.actors import Engines, StageActors, local_cpus
 from posttrain.rlvr.advantages import group_advantages
 from posttrain.rlvr.batch import build_batch
 from posttrain.rlvr.config import RLVRConfig
+from posttrain.rlvr.evaluate import evaluate
 from posttrain.rlvr.policy_loss import overlong_mask
+from posttrain.rlvr.scoring import score_rollouts
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
 from posttrain.training.checkpoint import latest_checkpoint
@@ -70,6 +63,7 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
         raise FileExistsError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
                               "that run, or choose another run_dir")
     write_resolved(cfg, cfg.run_dir)
+    log.info(_describe_algorithm(cfg))
     envs = {e.name: load_environment(e) for e in cfg.environments}
     sampler = _make_sampler(cfg, envs)  # validates every dataset before any actor starts
     actors = StageActors(cfg, envs, stage)
@@ -127,7 +121,7 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     rollouts = [r for group in groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
     with timer("score"):
         scores = score_rollouts(envs, drawn, groups, cfg.run.score_concurrency, cfg.run.score_timeout_s,
-                                cfg.rollout.call_timeout_s)
+                                cfg.timeouts.judge_s)
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     adv = group_advantages(rewards, n, baseline=cfg.algorithm.baseline, scale=cfg.algorithm.scale,
                            drop_zero_variance=cfg.algorithm.drop_zero_variance)
@@ -156,43 +150,6 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     metrics["rollout/gen_tokens"] = float(gen_tokens)
     metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timer.seconds["time/gen_s"], 1e-9)
     return metrics
-
-
-def score_rollouts(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]],
-                   groups: Sequence[Sequence[Rollout]], concurrency: int, timeout: float,
-                   group_timeout: float = 1800.0) -> list[Score]:
-    """Each rollout's answer scored by its prompt's environment; flat, prompt-major order.
-
-    A group environment (a GenRM) gets all of its groups of the step in one call, so its judge
-    batches every comparison into one generation.
-    """
-    by_env: dict[str, list[int]] = {}
-    for i, (name, _) in enumerate(drawn):
-        by_env.setdefault(name, []).append(i)
-
-    async def run() -> list[list[Score]]:
-        out: list[list[Score]] = [[] for _ in drawn]
-
-        async def one_env(name: str, rows: list[int]) -> None:
-            env = envs[name]
-            if isinstance(env, GroupEnvironment):
-                done = await score_groups_safely(env, [drawn[i][1] for i in rows],
-                                                 [[_completion(r) for r in groups[i]] for i in rows], group_timeout)
-            else:
-                done = await asyncio.gather(*(score_batch(env, [drawn[i][1]] * len(groups[i]),
-                                                          [r.answer for r in groups[i]], concurrency, timeout)
-                                              for i in rows))
-            for i, scores in zip(rows, done):
-                out[i] = list(scores)
-
-        await asyncio.gather(*(one_env(name, rows) for name, rows in by_env.items()))
-        return out
-
-    return [s for group in asyncio.run(run()) for s in group]
-
-
-def _completion(r: Rollout) -> Completion:
-    return Completion(r.answer, r.reasoning, r.reasoning_tokens, max(0, len(r.token_ids) - r.reasoning_tokens))
 
 
 def _step_metrics(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]], rollouts: list[Rollout],
@@ -229,10 +186,8 @@ def _make_sampler(cfg: RLVRConfig, envs: dict[str, Environment]) -> MixedSampler
 
 
 def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -> dict[str, float]:
-    from posttrain.rlvr.evaluate import evaluate
-
     result = evaluate(engines, envs, cfg.generation, cfg.run.eval_prompts, cfg.run.seed,
-                      cfg.run.score_concurrency, cfg.run.score_timeout_s)
+                      cfg.run.score_concurrency, cfg.run.score_timeout_s, cfg.timeouts.judge_s)
     log.info("eval: %s", " ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.endswith("/prompts")))
     return result
 
@@ -240,6 +195,17 @@ def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -
 def _save(trainer: TrainerGroup, cfg: RLVRConfig, step: int, sampler: MixedSampler) -> None:
     path = trainer.save(cfg.run_dir, step, {"sampler": sampler.state_dict()}, cfg.run.keep_last)
     log.info("checkpoint %s", path)
+
+
+def _describe_algorithm(cfg: RLVRConfig) -> str:
+    """The algorithm as trained, derived values included (Dr.GRPO's divisor comes from the generation length)."""
+    a, loss = cfg.algorithm, cfg.loss_config()
+    line = (f"algorithm {a.variant}: baseline={a.baseline} scale={a.scale} aggregation={loss.aggregation} "
+            f"clip=[{1 - loss.eps_low:g}, {1 + loss.eps_high:g}]")
+    if loss.aggregation == "seq_mean_token_sum_norm":
+        origin = "algorithm.sum_norm" if a.sum_norm else "generation.max_new_tokens"
+        line += f" sum_norm={loss.sum_norm} ({origin})"
+    return line
 
 
 def _one_line(step: int, m: dict[str, float]) -> str:

@@ -15,29 +15,17 @@ recipe's 2.0) is masked out rather than trusted.
 
 Aggregation: ``token_mean`` (DAPO, the recipe: every token of the batch weighs the same),
 ``seq_mean_token_mean`` (original GRPO), ``seq_mean_token_sum_norm`` (Dr.GRPO: token sums
-divided by a constant, so long answers are not favoured or penalised by their length).
+divided by a constant, ``sum_norm`` = the generation length, so long answers are not favoured or
+penalised by their length). The settings are :class:`posttrain.rlvr.config.LossConfig`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    kl_coef: float = 0.0  # the recipe trains without a KL term
-    importance_sampling: bool = True
-    is_cap: float = 2.0  # truncated importance sampling
-    seq_error_threshold: float | None = 2.0  # None: never mask
-    aggregation: Aggregation = "token_mean"
-    sum_norm: int = 1024  # constant divisor of seq_mean_token_sum_norm (e.g. max new tokens)
+from posttrain.rlvr.config import LossConfig
 
 
 @dataclass
@@ -104,6 +92,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, cfg: LossConfig,
     if cfg.aggregation == "seq_mean_token_mean":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seq
     if cfg.aggregation == "seq_mean_token_sum_norm":
+        if cfg.sum_norm is None:
+            raise ValueError("seq_mean_token_sum_norm needs LossConfig.sum_norm (RLVRConfig.loss_config() sets it "
+                             "to generation.max_new_tokens)")
         return ((per_token * mask).sum(-1) / cfg.sum_norm).sum() / n_seq
     raise ValueError(f"aggregation must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm "
                      f"(got {cfg.aggregation!r})")

@@ -20,29 +20,29 @@ from posttrain import models
 from posttrain.config import ModelConfig
 from posttrain.rlvr import distributed
 from posttrain.rlvr.batch import TrainBatch, micro_batches
-from posttrain.rlvr.config import AlgorithmConfig, RLTrainConfig
+from posttrain.rlvr.config import LossConfig, RLTrainConfig
 from posttrain.rlvr.logprobs import completion_logprobs
 from posttrain.rlvr.policy_loss import policy_loss
 from posttrain.rollout.types import WeightUpdate
-from posttrain.sft.config import LoraConfig
-from posttrain.sft.model import prepare_for_training
 from posttrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.training.config import LoraConfig
+from posttrain.training.model import prepare_for_training
 
 
 class PolicyTrainer:
-    def __init__(self, model: ModelConfig, train: RLTrainConfig, lora: LoraConfig, algo: AlgorithmConfig,
-                 seed: int = 0, init_from: str | None = None) -> None:
+    def __init__(self, model: ModelConfig, train: RLTrainConfig, lora: LoraConfig, loss: LossConfig,
+                 seed: int = 0) -> None:
+        """``model``: the policy's starting point (``RLVRConfig.start_model()``), loaded as the engines
+        load it; ``loss``: ``RLVRConfig.loss_config()`` (Dr.GRPO's divisor already resolved)."""
         torch.manual_seed(seed)
         if train.threads:
             torch.set_num_threads(train.threads)
-        self.train_cfg, self.algo, self.lora = train, algo, lora
-        self.tokenizer = models.load_tokenizer(model.name, template=model.chat_template)
-        source = init_from or model.name
-        self.model = prepare_for_training(models.load_model(source, dtype=model.dtype), train, lora)
+        self.train_cfg, self.loss_cfg, self.lora = train, loss, lora
+        self.tokenizer = models.tokenizer_for(model)
+        self.model = prepare_for_training(models.model_for(model), train, lora)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
                                            betas=(0.9, 0.999))
-        self.loss_cfg = algo.loss_config()
         self.steps_done = 0
         self._publisher: Any = None
         self.world: distributed.World | None = None  # set by join_group: one of several data-parallel workers

@@ -28,15 +28,14 @@ class TrainerGroup:
     """trainer-0..trainer-{W-1}: one PolicyTrainer actor per worker in one torch.distributed group
     (gloo on CPU, nccl on CUDA). Same synchronous API as the old single actor calls."""
 
-    def __init__(self, cfg: RLVRConfig, *, placement: StagePlacement | None = None,
-                 timeout_s: float = 600) -> None:
+    def __init__(self, cfg: RLVRConfig, *, placement: StagePlacement | None = None) -> None:
         """``placement``: a StagePlacement with a ``trainer`` bundle per worker (else Ray places them).
-        ``timeout_s`` bounds every call (and each collective inside the group)."""
+        ``cfg.timeouts.trainer_call_s`` bounds every call (and each collective inside the group)."""
         # imported here: torch and transformers stay out of the controller
         from posttrain.rlvr.trainer import PolicyTrainer
 
         cluster.init_ray()
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s = cfg.timeouts.trainer_call_s
         size = cfg.train.workers
         self.names = [f"trainer-{rank}" for rank in range(size)]
         self.actors: list[Any] = []
@@ -45,7 +44,7 @@ class TrainerGroup:
             for rank, name in enumerate(self.names):
                 slot = placement.slot("trainer", rank) if placement is not None else None
                 self.actors.append(cluster.start_actor(
-                    PolicyTrainer, name, cfg.model, cfg.train, cfg.lora, cfg.algorithm, cfg.run.seed, cfg.init_from,
+                    PolicyTrainer, name, cfg.start_model(), cfg.train, cfg.lora, cfg.loss_config(), cfg.run.seed,
                     num_cpus=cfg.train.num_cpus, placement=slot))
             if size > 1:
                 address = self._rank0("group_address", what="start-up")

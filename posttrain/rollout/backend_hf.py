@@ -22,10 +22,9 @@ class HFBackend:
 
         torch.set_num_threads(cfg.engine_threads())
         self.cfg = cfg
-        self.model = models.load_model(model_dir, dtype=model.dtype, revision=model.revision,
-                                       trust_remote_code=model.trust_remote_code)
-        self.tokenizer = models.load_tokenizer(model_dir, revision=model.revision,
-                                               trust_remote_code=model.trust_remote_code)
+        source = model.model_copy(update={"name": model_dir})  # model.name, resolved by the engine
+        self.model = models.model_for(source)
+        self.tokenizer = models.tokenizer_for(source)
         self.pad_id = self.tokenizer.pad_token_id
         self._base_state: dict[str, Any] | None = None  # kept while a LoRA delta is merged in
 

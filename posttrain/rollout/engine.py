@@ -65,8 +65,7 @@ class RolloutEngine:
         model, cfg, rank = self.model_cfg, self.cfg, self.rank
         self.model_dir = models.resolve(model.name)
         check_fits(self.model_dir, cfg)
-        self.tokenizer = models.load_tokenizer(self.model_dir, revision=model.revision,
-                                               trust_remote_code=model.trust_remote_code, template=model.chat_template)
+        self.tokenizer = models.tokenizer_for(model.model_copy(update={"name": self.model_dir}))
         self.backend, self.fallback_reason = _make_backend(self.model_dir, model, cfg, rank)
         self._specs: dict[tuple[int, float], BudgetSpec] = {}
         self._info = EngineInfo(self.name, self.backend.name, self.model_dir, self.fallback_reason,

@@ -22,8 +22,7 @@ def _preview(args: argparse.Namespace, overrides: list[str]) -> int:
     from posttrain.sft import data
 
     cfg = _load(args, overrides)
-    tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.model.trust_remote_code, template=cfg.model.chat_template)
+    tokenizer = models.tokenizer_for(cfg.model)
     rows = data.load_rows(cfg.data)
     data.check_rows(rows, cfg.data.messages_field)
     color = sys.stdout.isatty() and not args.plain

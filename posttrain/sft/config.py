@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.config import Config, ModelConfig
+from posttrain.training.config import LoraConfig
 
 
 class DataConfig(Config):
@@ -40,16 +41,6 @@ class DataConfig(Config):
             raise ValueError("data.reasoning_off_share + data.budget_cut_share must be <= 1 "
                              f"(got {self.reasoning_off_share} + {self.budget_cut_share})")
         return self
-
-
-class LoraConfig(Config):
-    enabled: bool = Field(False, description="train a LoRA adapter (peft) instead of all weights")
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["auto", "all-linear"] = Field("auto", description=(
-        "auto = all-linear, except NemotronH: q,k,v,o_proj, in_proj, up_proj, down_proj "
-        "(all-linear fails on its conv1d/out_proj)"))
 
 
 class TrainConfig(Config):

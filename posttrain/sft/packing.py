@@ -13,12 +13,16 @@ builds the same plan and takes its share, and resume skips to a step without any
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from posttrain.training.loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["pack", "pad"]
 MicroBatch = list[int]  # sample indices
@@ -100,3 +104,37 @@ def collate_padded(docs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> 
 
 def collate(docs: Sequence[tuple[list[int], list[int]]], mode: Mode, pad_id: int) -> dict[str, torch.Tensor]:
     return collate_packed(docs) if mode == "pack" else collate_padded(docs, pad_id)
+
+
+# --------------------------------------------------------------------------- exactness
+
+# Layer kinds whose transformers implementation runs a recurrent state or a causal convolution
+# along the row: position ids do not reset them, so packed documents would leak into each other.
+STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_blocker(model: Any) -> str | None:
+    """Why packing would not be exact for ``model`` (None when it is)."""
+    stateful = sorted({type(m).__name__ for m in model.modules() if STATEFUL.search(type(m).__name__)})
+    if stateful:
+        return (f"{', '.join(stateful)} carry state along the row and ignore document boundaries "
+                "(transformers passes no seq_idx)")
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in PACKING_ATTENTION:
+        return f"attention implementation {attn!r} does not isolate packed documents"
+    return None
+
+
+def resolve_packing(requested: str, model: Any) -> Mode:
+    """``auto`` -> pack when exact else pad; ``pack`` on a model where it is not exact is an error."""
+    blocker = packing_blocker(model)
+    if requested == "pad":
+        return "pad"
+    if blocker is None:
+        return "pack"
+    if requested == "pack":
+        raise ValueError(f"train.packing=pack is not exact for {type(model).__name__}: {blocker}. "
+                         "Use train.packing=auto or pad (one document per row, exact).")
+    log.warning("packing off for %s: %s; using exact padding (one document per row)", type(model).__name__, blocker)
+    return "pad"

@@ -26,10 +26,10 @@ from posttrain.config import write_resolved
 from posttrain.metrics import MetricsLogger
 from posttrain.sft import data as sft_data
 from posttrain.sft.config import SFTConfig
-from posttrain.sft.model import count_params, prepare_for_training, resolve_packing
-from posttrain.sft.packing import Mode, Step, collate, plan_steps
+from posttrain.sft.packing import Mode, Step, collate, plan_steps, resolve_packing
 from posttrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.training.loss import causal_lm_nll_sum
+from posttrain.training.model import count_params, prepare_for_training
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run_dir)
     device = models.default_device()
-    tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.model.trust_remote_code, template=cfg.model.chat_template)
+    tokenizer = models.tokenizer_for(cfg.model)
     dataset = sft_data.build(cfg.data, tokenizer, cfg.train.micro_batch_tokens)  # bad rows fail here, before the model
     torch.manual_seed(cfg.train.seed)
-    model = models.load_model(cfg.model.name, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
-                              trust_remote_code=cfg.model.trust_remote_code)
+    model = models.model_for(cfg.model, device)
     mode = resolve_packing(cfg.train.packing, model)
     model = prepare_for_training(model, cfg.train, cfg.lora)
     if cfg.train.micro_batches_per_step % d.world:

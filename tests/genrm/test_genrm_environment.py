@@ -44,10 +44,8 @@ class QualityJudge:
 
 
 def make_env(judge: QualityJudge, **options) -> GenRMEnv:
-    env = GenRMEnv(judge={"model": "stub"}, length_control={"reasoning_coef": 0, "answer_coef": 0,
-                                                             "short_bonus": 0}, **options)
-    env._backend = judge  # what start() would build
-    return env
+    lengths = {"reasoning_coef": 0, "answer_coef": 0, "short_bonus": 0, **options.pop("length_control", {})}
+    return GenRMEnv(judge, judge={"model": "stub"}, length_control=lengths, **options)
 
 
 def sample(i: int, reference: str = "quality 3") -> Sample:
@@ -125,9 +123,23 @@ def test_both_orders_cancels_position_bias_pair_by_pair():
     # in (i, j) rollout i gets q_i + 2 + 0.125 * 2.5, in (j, i) it gets q_i - 0.3125: mean q_i + 1
     assert [s.metrics["raw_reward"] for s in scores] == pytest.approx([4.0, 2.0, 3.0])
     assert scores[0].metrics["position1_preference"] == 1.0
-    single = make_env(FirstSideJudge(), both_orders=True)
+    single_judge = FirstSideJudge()
+    single = make_env(single_judge, both_orders=True)
     evals = asyncio.run(single.score_groups([sample(0, "quality 1"), sample(1, "quality 3")],
                                             [[Completion("quality 2")], [Completion("quality 2")]]))
     assert [g[0].reward for g in evals] == [1.0, 0.0]  # whichever side is shown first
     assert [g[0].metrics["reference_margin"] for g in evals] == pytest.approx([1.0, -1.0])
-    assert single._backend.batches == [4]
+    assert single_judge.batches == [4]
+
+
+def test_rewards_clamped_to_the_range_are_counted():
+    """A length bonus can lift a raw reward above the range's top (6): the reward stops at 1 and
+    the score says it was clamped, so env/genrm/reward_clamped shows how often that happens."""
+    from posttrain.environments.mixing import env_metrics
+
+    env = make_env(QualityJudge(), shuffle=False, length_control={"short_bonus": 4.0, "top_fraction": 0.5})
+    group = [Completion("quality 5", answer_tokens=1), Completion("quality 1 " + "padding " * 20, answer_tokens=40)]
+    scores = asyncio.run(env.score_groups([sample(0)], [group]))[0]
+    assert scores[0].metrics["raw_reward"] > 6 and scores[0].reward == 1.0
+    assert [s.metrics["reward_clamped"] for s in scores] == [1.0, 0.0]
+    assert env_metrics("genrm", scores)["env/genrm/reward_clamped"] == 0.5

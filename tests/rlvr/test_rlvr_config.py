@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,12 @@ def test_cli_dry_run(capsys):
     assert main(["rlvr", "--config", str(PRESETS[0]), "run.steps=3", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "steps: 3" in out and "variant: nano" in out
+
+
+def test_algorithm_config_imports_without_torch_and_is_the_one_the_loss_uses():
+    code = ("import sys; import posttrain.rlvr.config as c; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'; "
+            "import posttrain.rlvr.policy_loss as p, posttrain.rlvr.advantages as a; "
+            "assert p.LossConfig is c.LossConfig; "
+            "assert a.Baseline is c.Baseline and a.Scale is c.Scale")
+    subprocess.run([sys.executable, "-c", code], check=True)

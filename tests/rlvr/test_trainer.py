@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from posttrain.config import ModelConfig
 from posttrain.rlvr.batch import build_batch, micro_batches
-from posttrain.rlvr.config import AlgorithmConfig, RLTrainConfig
+from posttrain.rlvr.config import AlgorithmConfig, LossConfig, RLTrainConfig
 from posttrain.rlvr.trainer import PolicyTrainer
 from posttrain.rollout.types import Rollout
-from posttrain.sft.config import LoraConfig
+from posttrain.training.config import LoraConfig
 
 
 def rollout(prompt, tokens, logprobs=None):
@@ -26,7 +26,7 @@ def rollout(prompt, tokens, logprobs=None):
 @pytest.fixture
 def trainer(tiny_llama_dir):
     train = RLTrainConfig(lr=1e-2, gradient_checkpointing=False, micro_batch_tokens=16)
-    return PolicyTrainer(ModelConfig(name="tiny-llama"), train, LoraConfig(), AlgorithmConfig(
+    return PolicyTrainer(ModelConfig(name="tiny-llama"), train, LoraConfig(), LossConfig(
         importance_sampling=False, seq_error_threshold=None))
 
 
@@ -90,7 +90,7 @@ def test_published_weights(tmp_path, trainer):
 
 def test_lora_trainer_publishes_the_adapter(tmp_path, tiny_llama_dir):
     trainer = PolicyTrainer(ModelConfig(name="tiny-llama"), RLTrainConfig(gradient_checkpointing=False),
-                            LoraConfig(enabled=True, r=4, alpha=8), AlgorithmConfig())
+                            LoraConfig(enabled=True, r=4, alpha=8), LossConfig())
     update = trainer.publish_weights(str(tmp_path))
     assert update.kind == "lora"
     assert json.loads((Path(update.path) / "adapter_config.json").read_text())["r"] == 4
@@ -101,3 +101,24 @@ def test_variants_fill_defaults_and_explicit_fields_win():
     assert AlgorithmConfig(variant="dr_grpo", scale="std").scale == "std"
     assert AlgorithmConfig().eps_high == 0.28
     assert AlgorithmConfig(variant="grpo").aggregation == "seq_mean_token_mean"
+
+
+def test_dr_grpo_divides_by_the_generation_length(monkeypatch, tiny_llama_dir):
+    """The trainers a stage starts normalise Dr.GRPO's token sums by generation.max_new_tokens (48
+    here), not by a constant: the loss of one 3-token sequence with per-token loss 1 is 3 / 48."""
+    from posttrain.config import load_config
+    from posttrain.orchestration import cluster
+    from posttrain.rlvr.config import RLVRConfig
+    from posttrain.rlvr.policy_loss import policy_loss
+    from posttrain.rlvr.trainer_group import TrainerGroup
+
+    started = []
+    monkeypatch.setattr(cluster, "init_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cluster, "start_actor", lambda cls, name, *args, **kwargs: started.append(cls(*args)))
+    cfg = load_config(RLVRConfig, overrides=["model.name=tiny-llama", "algorithm.variant=dr_grpo",
+                                             "generation.max_new_tokens=48", "train.gradient_checkpointing=false"])
+    TrainerGroup(cfg)
+    (trainer,) = started
+    zeros = torch.zeros(1, 3)
+    out = policy_loss(zeros, zeros, zeros, torch.tensor([-1.0]), torch.ones(1, 3), trainer.loss_cfg)
+    assert out.loss.item() == pytest.approx(3 / 48)

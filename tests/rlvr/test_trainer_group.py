@@ -39,7 +39,7 @@ def config(aggregation: str, workers: int = 1, minibatches: int = 1, micro_batch
 
 
 def in_process(cfg: RLVRConfig) -> PolicyTrainer:
-    return PolicyTrainer(cfg.model, cfg.train, cfg.lora, cfg.algorithm, cfg.run.seed)
+    return PolicyTrainer(cfg.start_model(), cfg.train, cfg.lora, cfg.loss_config(), cfg.run.seed)
 
 
 def make_batch(trainer: PolicyTrainer, rows: list, adv: list[float], off_row: int | None = None) -> TrainBatch:

@@ -8,8 +8,14 @@ import torch
 from posttrain.sft import data
 from posttrain.sft.arith import generate
 from posttrain.sft.config import DataConfig
-from posttrain.sft.model import packing_blocker, resolve_packing
-from posttrain.sft.packing import collate, collate_packed, group_micro_batches, plan_steps
+from posttrain.sft.packing import (
+    collate,
+    collate_packed,
+    group_micro_batches,
+    packing_blocker,
+    plan_steps,
+    resolve_packing,
+)
 from posttrain.training.loss import IGNORE_INDEX, causal_lm_nll_sum
 
 

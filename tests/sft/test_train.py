@@ -70,8 +70,9 @@ def test_lora_nemotron_h_with_frozen_router_resumes(tmp_path, arith_jsonl) -> No
 def test_router_frozen(tiny_nemotron_dir) -> None:
     from transformers import AutoModelForCausalLM
 
-    from posttrain.sft.config import LoraConfig, TrainConfig
-    from posttrain.sft.model import prepare_for_training
+    from posttrain.sft.config import TrainConfig
+    from posttrain.training.config import LoraConfig
+    from posttrain.training.model import prepare_for_training
 
     model = AutoModelForCausalLM.from_pretrained(tiny_nemotron_dir)
     model = prepare_for_training(model, TrainConfig(freeze_router=True, gradient_checkpointing=False), LoraConfig())
@@ -82,8 +83,9 @@ def test_router_frozen(tiny_nemotron_dir) -> None:
 def test_lower_layers_frozen_stay_put_and_the_rest_trains(tmp_path, arith_jsonl, tiny_llama_dir) -> None:
     from transformers import AutoModelForCausalLM
 
-    from posttrain.sft.config import LoraConfig, TrainConfig
-    from posttrain.sft.model import prepare_for_training
+    from posttrain.sft.config import TrainConfig
+    from posttrain.training.config import LoraConfig
+    from posttrain.training.model import prepare_for_training
 
     with pytest.raises(ValueError, match="between 1 and 1"):
         prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),

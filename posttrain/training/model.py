@@ -1,53 +1,27 @@
-"""Model set-up for training: packing exactness, LoRA (peft), router and lower-layer freezing, checkpointing."""
+"""Model set-up for training, shared by SFT and RL: LoRA (peft), router and lower-layer freezing,
+gradient checkpointing, parameter counts."""
 
 from __future__ import annotations
 
 import logging
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from posttrain.sft.config import LoraConfig, TrainConfig
+from posttrain.training.config import LoraConfig
 from posttrain.training.loss import trunk_and_head
-
-if TYPE_CHECKING:
-    from posttrain.rlvr.config import RLTrainConfig
-from posttrain.sft.packing import Mode
 
 log = logging.getLogger(__name__)
 
-# Layer kinds whose transformers implementation runs a recurrent state or a causal convolution
-# along the row: position ids do not reset them, so packed documents would leak into each other.
-STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 NEMOTRON_H_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"]
 
 
-def packing_blocker(model: Any) -> str | None:
-    """Why packing would not be exact for ``model`` (None when it is)."""
-    stateful = sorted({type(m).__name__ for m in model.modules() if STATEFUL.search(type(m).__name__)})
-    if stateful:
-        return (f"{', '.join(stateful)} carry state along the row and ignore document boundaries "
-                "(transformers passes no seq_idx)")
-    attn = getattr(model.config, "_attn_implementation", None)
-    if attn not in PACKING_ATTENTION:
-        return f"attention implementation {attn!r} does not isolate packed documents"
-    return None
+class TrainingSetup(Protocol):
+    """The keys of a stage's ``train`` section that shape the model (SFT's and RL's both have them)."""
 
-
-def resolve_packing(requested: str, model: Any) -> Mode:
-    """``auto`` -> pack when exact else pad; ``pack`` on a model where it is not exact is an error."""
-    blocker = packing_blocker(model)
-    if requested == "pad":
-        return "pad"
-    if blocker is None:
-        return "pack"
-    if requested == "pack":
-        raise ValueError(f"train.packing=pack is not exact for {type(model).__name__}: {blocker}. "
-                         "Use train.packing=auto or pad (one document per row, exact).")
-    log.warning("packing off for %s: %s; using exact padding (one document per row)", type(model).__name__, blocker)
-    return "pad"
+    gradient_checkpointing: bool
+    freeze_router: bool
+    freeze_layers: int
 
 
 def lora_targets(cfg: LoraConfig, model: Any) -> list[str] | str:
@@ -92,7 +66,7 @@ def freeze_lower_layers(model: Any, n: int) -> int:
     return frozen
 
 
-def prepare_for_training(model: Any, train: TrainConfig | RLTrainConfig, lora: LoraConfig) -> Any:
+def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig) -> Any:
     """Gradient checkpointing, then LoRA or full fine-tuning, then router and lower-layer freezing."""
     if train.gradient_checkpointing:
         if getattr(model, "supports_gradient_checkpointing", False):
