@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from posttrain import chat_template, models
 from posttrain.config import ChatConfig
+from posttrain.errors import ConfigError
 from posttrain.rollout.budget import HFThinkingBudget
 
 
@@ -53,7 +54,7 @@ def chat(cfg: ChatConfig, prompt: str, *, out: TextIO | None = sys.stdout,
     from transformers import LogitsProcessorList
 
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt is empty")
+        raise ConfigError("prompt is empty: give the question as the last argument")
     if model is None or tokenizer is None:
         model, tokenizer = models.load(cfg.model)
     gen = cfg.generation

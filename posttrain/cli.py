@@ -3,6 +3,10 @@
 Heavy imports (torch, transformers, vllm) happen inside the commands, so `posttrain --help`
 and config errors come back at once. Each feature adds its commands through a function
 ``add_commands(subparsers)`` listed in ``COMMAND_MODULES``.
+
+Errors: a :class:`posttrain.errors.UserError` (bad config, data, environment, a name that does
+not exist) is one line and exit 2 (``-v`` adds its traceback); anything else is a bug or an
+outage and prints its traceback, exit 1.
 """
 
 from __future__ import annotations
@@ -11,15 +15,23 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from posttrain.config import ChatConfig, ConfigError, describe, load_config, to_yaml
+from posttrain.config import ChatConfig, describe, load_config, to_yaml
+from posttrain.errors import UserError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "posttrain.sft.cli", "posttrain.verifiers.cli", "posttrain.environments.cli", "posttrain.rlvr.cli",
     "posttrain.genrm.cli", "posttrain.pipeline_cli",
     "posttrain.report_cli",
 )  # each has add_commands()
+
+# Command modules that check their input with plain ValueError / OSError raised in their own code
+# (`verify`): those count as user errors. Raising posttrain.errors.DataError there (a ValueError
+# too) makes the entry unnecessary.
+PLAIN_INPUT_ERRORS: tuple[str, ...] = ("posttrain.verifiers.cli",)
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -103,18 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(exc: BaseException, command: Callable[..., Any]) -> bool:
+    """A UserError, or a ValueError / OSError raised by a PLAIN_INPUT_ERRORS command's own code."""
+    if isinstance(exc, UserError):
+        return True
+    if not isinstance(exc, (ValueError, OSError)) or command.__module__ not in PLAIN_INPUT_ERRORS:
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == command.__module__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, OSError, LookupError, ValueError) as exc:
-        print(f"posttrain: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not is_user_error(exc, args.func):
+            traceback.print_exc()  # a bug or an outage: where it happened is the point
+            return 1
+        if args.verbose:
+            traceback.print_exc()
+        print(f"posttrain: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

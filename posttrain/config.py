@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.atomic import atomic_write_text
+from posttrain.errors import ConfigError
 
 C = TypeVar("C", bound="Config")
 
@@ -28,10 +29,6 @@ TRAINER_CALL_S = 1800.0  # one call of the trainer workers (timeouts.trainer_cal
 JUDGE_S = 1800.0  # a group environment (GenRM) scoring one step's groups (timeouts.judge_s)
 SFT_STAGE_S = 24 * 3600.0  # the pipeline's whole SFT stage in its actor sft-0 (pipeline timeouts.sft_stage_s)
 MAX_TOP_LOGPROBS = 20  # the most alternatives per position vLLM returns (its max_logprobs default)
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the fix."""
 
 
 class Config(BaseModel):

@@ -8,11 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import DataError, NotFoundError
+
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """A dataset or one of its rows is unusable; the message names the source, row and field."""
 
 
 def load_rows(source: str, split: str = "train", limit: int | None = None,
@@ -22,7 +20,7 @@ def load_rows(source: str, split: str = "train", limit: int | None = None,
 
     path = Path(source).expanduser()
     if source.startswith((".", "/", "~")) and not path.exists():
-        raise FileNotFoundError(f"dataset path {source!r} not found")
+        raise NotFoundError(f"dataset path {source!r} not found")
     try:
         if path.is_file():
             fmt = FORMATS.get(path.suffix.lower())

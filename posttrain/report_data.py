@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import DataError, NotFoundError
+
 PIPELINE_STAGES: tuple[str, ...] = ("sft", "rlvr", "genrm", "rlhf")  # report order
 OPTIONAL_STAGES: frozenset[str] = frozenset({"genrm"})  # not listed as missing when absent
 STAGE_FILES: tuple[str, ...] = ("metrics.jsonl", "config.yaml", "tensorboard")
@@ -101,7 +103,7 @@ def find_stages(run_dir: str | Path) -> tuple[list[Stage], list[str]]:
     """(stages found, pipeline stages missing). A folder holding stage files is one stage by itself."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist; pass a pipeline or stage run folder")
+        raise NotFoundError(f"run folder {str(run_dir)!r} does not exist; pass a pipeline or stage run folder")
     if (run_dir / "metrics.jsonl").exists():
         return [load_stage(run_dir)], []
     known = [run_dir / s for s in PIPELINE_STAGES if (run_dir / s).is_dir()]
@@ -111,7 +113,7 @@ def find_stages(run_dir: str | Path) -> tuple[list[Stage], list[str]]:
     if not folders and any((run_dir / f).exists() for f in STAGE_FILES):
         return [load_stage(run_dir)], []  # a stage folder before its first logged step
     if not folders:
-        raise ValueError(f"no stage found in {str(run_dir)!r}: expected metrics.jsonl there, or stage "
+        raise DataError(f"no stage found in {str(run_dir)!r}: expected metrics.jsonl there, or stage "
                          f"subfolders ({', '.join(PIPELINE_STAGES)}) holding one")
     missing = [s for s in PIPELINE_STAGES if s not in OPTIONAL_STAGES and not (run_dir / s).is_dir()]
     return [load_stage(p, name=p.name) for p in folders], missing

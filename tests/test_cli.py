@@ -44,6 +44,40 @@ def test_unknown_model_is_a_clear_error(capsys):
     assert "unknown built-in model 'nope'" in capsys.readouterr().err
 
 
+def test_user_error_is_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"posttrain: error: run folder {str(tmp_path / 'nope')!r} does not exist; "
+                                "pass a pipeline or stage run folder"]
+    assert main(["-v", "report", str(tmp_path / "nope")]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [ValueError("bad shape deep inside"), OSError(5, "Input/output error")])
+def test_internal_errors_print_their_traceback(error, tmp_path, capsys, monkeypatch):
+    """A ValueError or OSError that is not a user error is a bug or an outage: its traceback is shown."""
+    from posttrain import report_data
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+
+    def read_metrics(path):
+        raise error
+
+    monkeypatch.setattr(report_data, "read_metrics", read_metrics)
+    assert main(["report", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in read_metrics" in err
+    assert err.rstrip().splitlines()[-1] == f"{type(error).__name__}: {error}"
+
+
+def test_verify_input_errors_stay_one_line(tmp_path, capsys):
+    """`verify` reports bad input files with plain ValueError / OSError raised in its own module."""
+    assert main(["verify", "math", "--pairs", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "missing.jsonl" in err and "Traceback" not in err
+
+
 def test_config_describe(capsys):
     assert main(["config", "chat"]) == 0
     out = capsys.readouterr().out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.environments.base import Environment, Sample, Score, score_batch
+from posttrain.errors import DataError
 
 GARBAGE: dict[str, str] = {
     "empty": "",
@@ -68,7 +69,7 @@ class CheckReport:
 def check_environment(env: Environment, n: int = 10, seed: int = 0, concurrency: int = 4) -> CheckReport:
     samples = list(env.samples("train", seed))[:n]
     if not samples:
-        raise ValueError(f"environment {env.name!r} yielded no samples")
+        raise DataError(f"environment {env.name!r} yielded no samples")
     report = CheckReport(env.name, len(samples))
     golds = [(s, gold_answer(env, s)) for s in samples]
     pairs: list[tuple[Sample, str, str]] = [(s, "gold", g) for s, g in golds if g is not None]

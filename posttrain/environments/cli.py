@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from posttrain.config import parse_overrides
+from posttrain.errors import ConfigError
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -14,7 +15,13 @@ def _load(args: argparse.Namespace) -> Any:
 
     options = parse_overrides(args.option) if args.option else {}
     if args.options_json:
-        options.update(json.loads(args.options_json))
+        try:
+            extra = json.loads(args.options_json)
+        except ValueError as exc:
+            raise ConfigError(f"--options-json is not JSON ({exc}); give one object, e.g. '{{\"size\": 50}}'") from None
+        if not isinstance(extra, dict):
+            raise ConfigError(f"--options-json must be a JSON object of options (got {type(extra).__name__})")
+        options.update(extra)
     return load_environment(EnvConfig(name=args.name, options=options))
 
 

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from posttrain.config import Config
 from posttrain.environments.base import Environment
+from posttrain.errors import EnvironmentLoadError
 
 ENTRY_POINT_GROUP = "posttrain.environments"
 
@@ -33,10 +34,6 @@ _BUILTINS: dict[str, str] = {
     "genrm_preference": "posttrain.genrm.preference_env:PreferenceEnv",
     "genrm": "posttrain.genrm.environment:GenRMEnv",
 }
-
-
-class EnvLoadError(LookupError):
-    """An environment could not be found or built."""
 
 
 class EnvConfig(Config):
@@ -62,20 +59,20 @@ def find_class(name: str) -> Callable[..., Environment]:
             try:
                 return eps[0].load()
             except Exception as exc:
-                raise EnvLoadError(f"entry point {name!r} ({eps[0].value}) failed to load: {exc}") from exc
+                raise EnvironmentLoadError(f"entry point {name!r} ({eps[0].value}) failed to load: {exc}") from exc
         if ":" not in name:
             known = ", ".join(builtin_names() + entry_point_names())
-            raise EnvLoadError(f"unknown environment {name!r}; known: {known}; or give module:Class")
+            raise EnvironmentLoadError(f"unknown environment {name!r}; known: {known}; or give module:Class")
         target = name
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise EnvLoadError(f"environment {name!r}: cannot import {module_name!r}: {exc}") from exc
+        raise EnvironmentLoadError(f"environment {name!r}: cannot import {module_name!r}: {exc}") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise EnvLoadError(f"environment {name!r}: {module_name!r} has no attribute {attr!r}") from None
+        raise EnvironmentLoadError(f"environment {name!r}: {module_name!r} has no attribute {attr!r}") from None
 
 
 def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
@@ -85,8 +82,8 @@ def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
     try:
         env = cls(**cfg.options)
     except (TypeError, ValueError) as exc:
-        raise EnvLoadError(f"environment {cfg.name!r}: bad options {cfg.options}: {exc}") from exc
+        raise EnvironmentLoadError(f"environment {cfg.name!r}: bad options {cfg.options}: {exc}") from exc
     missing = [a for a in ("name", "samples", "score") if not hasattr(env, a)]
     if missing:
-        raise EnvLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} (see posttrain.environments.base)")
+        raise EnvironmentLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} (see posttrain.environments.base)")
     return env

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 from posttrain.config import GenerationConfig
+from posttrain.errors import ConfigError
 from posttrain.genrm.judge import Conversation, JudgeBackend, JudgeCall, JudgeConfig
 
 
@@ -98,13 +99,13 @@ def judge_backend(cfg: JudgeConfig, pool: Any | None = None,
 
         return OpenAIJudge(cfg)
     if cfg.base_url is not None:
-        raise ValueError(f"judge.base_url is set ({cfg.base_url!r}) but judge.backend='local'; "
+        raise ConfigError(f"judge.base_url is set ({cfg.base_url!r}) but judge.backend='local'; "
                          "set judge.backend=openai to use that server, or unset base_url")
     if cfg.extra_body or cfg.headers:
-        raise ValueError("judge.extra_body / judge.headers apply to backend=openai only; "
+        raise ConfigError("judge.extra_body / judge.headers apply to backend=openai only; "
                          "for backend=local pass a GenerationConfig, or set judge.backend=openai")
     if pool is None:
-        raise ValueError("judge.backend='local' needs a rollout pool running the GenRM "
+        raise ConfigError("judge.backend='local' needs a rollout pool running the GenRM "
                          "(judge_backend(cfg, pool=RolloutPool(...))), or set judge.backend=openai "
                          "and judge.base_url=http://HOST:PORT/v1 to use a served GenRM")
     return LocalJudge(pool, generation if generation is not None else judge_generation(cfg))

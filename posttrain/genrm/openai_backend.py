@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.errors import ConfigError
 from posttrain.genrm.judge import Conversation, JudgeCall, JudgeConfig
 from posttrain.rollout.types import TopTokens
 
@@ -38,9 +39,9 @@ class OpenAIJudge:
 
     def __init__(self, cfg: JudgeConfig) -> None:
         if cfg.backend != "openai":
-            raise ValueError(f"OpenAIJudge needs judge.backend='openai' (got {cfg.backend!r})")
+            raise ConfigError(f"OpenAIJudge needs judge.backend='openai' (got {cfg.backend!r})")
         if not cfg.base_url:
-            raise ValueError("judge.base_url is required for judge.backend='openai', e.g. "
+            raise ConfigError("judge.base_url is required for judge.backend='openai', e.g. "
                              "http://127.0.0.1:8000/v1 for `vllm serve MODEL --port 8000`")
         self.cfg = cfg
         self._lock = threading.Lock()
@@ -127,7 +128,7 @@ class OpenAIJudge:
         async def first_model() -> str:
             page = await asyncio.wait_for(client.models.list(), self.cfg.timeout_s)
             if not page.data:
-                raise LookupError(f"{self.cfg.base_url}/models lists no model; set judge.model")
+                raise ConfigError(f"{self.cfg.base_url}/models lists no model; set judge.model")
             return str(page.data[0].id)
 
         outcome = await self._retrying(first_model)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain.environments.data import DataError, OnInvalid, validate_rows
+from posttrain.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def _read(source: str, split: str, limit: int | None, subset: str | None) -> lis
         folder = shipped_folder(source.partition(":")[2])
         path = folder / f"{split}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"no shipped preference set {source!r} (looked for {path})")
+            raise NotFoundError(f"no shipped preference set {source!r} (looked for {path})")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return rows[:limit] if limit is not None else rows
     try:

@@ -19,6 +19,7 @@ from posttrain.atomic import atomic_write_text
 from posttrain.config import MAX_TOP_LOGPROBS
 from posttrain.environments.check import gold_answer
 from posttrain.environments.registry import load_environment
+from posttrain.errors import DataError
 from posttrain.genrm.backends import call_of
 from posttrain.genrm.config import GenRMEvalConfig, GenRMTrainConfig
 from posttrain.rlvr.config import RLVRConfig
@@ -54,7 +55,7 @@ def warmup(cfg: GenRMTrainConfig) -> str:
             if answer:
                 rows.append({"messages": [*sample.messages, {"role": "assistant", "content": answer}]})
     if not rows:
-        raise ValueError("warmup.enabled but no environment sample has a gold answer to learn from")
+        raise DataError("warmup.enabled but no environment sample has a gold answer to learn from")
     data_file = folder / "data.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(data_file, "".join(json.dumps(r) + "\n" for r in rows))
@@ -74,7 +75,7 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
 
     pairs = load_pairs(cfg.source, cfg.split, limit=cfg.limit)
     if not pairs:
-        raise ValueError(f"no preference pairs in {cfg.source!r} split {cfg.split!r}")
+        raise DataError(f"no preference pairs in {cfg.source!r} split {cfg.split!r}")
     if cfg.both_orders:
         pairs = [p for pair in pairs for p in (pair, swapped(pair))]
     generation = cfg.generation

@@ -37,6 +37,7 @@ from posttrain.environments.mixing import (
     pass_rates_from_scores,
 )
 from posttrain.environments.registry import load_environment
+from posttrain.errors import ConfigError
 from posttrain.metrics import MetricsLogger, PhaseTimer
 from posttrain.orchestration import cluster
 from posttrain.rlvr.actors import Engines, StageActors, local_cpus
@@ -60,7 +61,7 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
     ``stage`` labels metrics and the placement group: RLHF and GenRM training run this same loop.
     """
     if not resume and latest_checkpoint(cfg.run_dir) is not None:
-        raise FileExistsError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
+        raise ConfigError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
                               "that run, or choose another run_dir")
     write_resolved(cfg, cfg.run_dir)
     log.info(_describe_algorithm(cfg))

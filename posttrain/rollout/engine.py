@@ -20,6 +20,7 @@ import numpy as np
 
 from posttrain import chat_template, models
 from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.errors import ConfigError
 from posttrain.rollout.budget import BudgetSpec, count_reasoning_tokens
 from posttrain.rollout.types import (
     BackendUnsupportedError,
@@ -90,7 +91,7 @@ class RolloutEngine:
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) + gen.max_new_tokens > self.cfg.max_model_len]
         if too_long:
             i = too_long[0]
-            raise ValueError(f"prompt {first_index + i} has {len(prompt_ids[i])} tokens; with max_new_tokens="
+            raise ConfigError(f"prompt {first_index + i} has {len(prompt_ids[i])} tokens; with max_new_tokens="
                              f"{gen.max_new_tokens} it exceeds rollout.max_model_len={self.cfg.max_model_len}")
         spec = SamplingSpec(n=n, max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             seed=gen.seed, first_index=first_index, reasoning_budget=gen.reasoning_budget,

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from posttrain.errors import NotFoundError
 from posttrain.rollout.types import WeightUpdate
 
 FULL_FILE = "model.safetensors"
@@ -73,7 +74,7 @@ class ShmPublisher:
 
     def __init__(self, root: str = "/dev/shm") -> None:
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"rollout.sync_dir {root!r} is not a folder; use /dev/shm or a local tmp dir")
+            raise NotFoundError(f"rollout.sync_dir {root!r} is not a folder; use /dev/shm or a local tmp dir")
         self.root = root
         self._live: list[str] = []
 

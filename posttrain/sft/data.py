@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import chat_template
+from posttrain.errors import DataError, NotFoundError
 from posttrain.sft.config import DataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -58,7 +59,7 @@ def shipped_dataset(name: str) -> Path:
     if not folder.is_dir():
         available = sorted(p.name for p in Path(str(resources.files("posttrain").joinpath("data"))).iterdir()
                            if p.is_dir() and not p.name.startswith(("_", ".")))
-        raise FileNotFoundError(f"no shipped dataset {name!r}; available: {', '.join(available)}")
+        raise NotFoundError(f"no shipped dataset {name!r}; available: {', '.join(available)}")
     return folder
 
 
@@ -71,7 +72,7 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
         path = str(shipped_dataset(path.partition(":")[2]))
     rows = read(path, split=cfg.split, limit=cfg.limit)
     if rows and cfg.messages_field not in rows[0]:
-        raise ValueError(f"data.path {path!r} has no column {cfg.messages_field!r} (columns: "
+        raise DataError(f"data.path {path!r} has no column {cfg.messages_field!r} (columns: "
                          f"{', '.join(rows[0])}); set data.messages_field")
     return [{cfg.messages_field: r[cfg.messages_field]} for r in rows]
 
@@ -100,14 +101,14 @@ def row_errors(index: int, messages: Any, fld: str = "messages") -> list[str]:
 
 
 def check_rows(rows: Sequence[dict[str, Any]], fld: str = "messages") -> None:
-    """Raise one ``ValueError`` listing the first bad rows, before any model is loaded."""
+    """Raise one ``DataError`` listing the first bad rows, before any model is loaded."""
     errors: list[str] = []
     for i, row in enumerate(rows):
         errors.extend(row_errors(i, row.get(fld), fld))
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
     if errors:
-        raise ValueError("bad dataset rows (fix or drop them; a message is "
+        raise DataError("bad dataset rows (fix or drop them; a message is "
                          "{'role': 'user'|'assistant'|..., 'content': str, 'reasoning_content'?: str}):\n  "
                          + "\n  ".join(errors[:MAX_REPORTED_ERRORS]))
 
@@ -170,16 +171,16 @@ def build(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> Dataset:
         sample = tokenize(make_example(i, row[cfg.messages_field], cfg, tokenizer), tokenizer)
         if len(sample.input_ids) > max_tokens:
             if cfg.overlong == "error":
-                raise ValueError(f"row {i}: {len(sample.input_ids)} tokens > train.micro_batch_tokens="
+                raise DataError(f"row {i}: {len(sample.input_ids)} tokens > train.micro_batch_tokens="
                                  f"{max_tokens}; raise it or set data.overlong=drop")
             dropped += 1
             continue
         if sample.n_loss_tokens == 0:
-            raise ValueError(f"row {i}: no assistant tokens after rendering; check its messages")
+            raise DataError(f"row {i}: no assistant tokens after rendering; check its messages")
         samples.append(sample)
         modes[sample.mode] = modes.get(sample.mode, 0) + 1
     if not samples:
-        raise ValueError(f"data.path {cfg.path!r}: no usable samples ({dropped} longer than {max_tokens} tokens)")
+        raise DataError(f"data.path {cfg.path!r}: no usable samples ({dropped} longer than {max_tokens} tokens)")
     return Dataset(samples, dropped, modes)
 
 

@@ -23,6 +23,7 @@ import torch
 from posttrain import models
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
 from posttrain.config import write_resolved
+from posttrain.errors import ConfigError
 from posttrain.metrics import MetricsLogger
 from posttrain.sft import data as sft_data
 from posttrain.sft.config import SFTConfig
@@ -135,7 +136,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     mode = resolve_packing(cfg.train.packing, model)
     model = prepare_for_training(model, cfg.train, cfg.lora)
     if cfg.train.micro_batches_per_step % d.world:
-        raise ValueError(f"train.micro_batches_per_step={cfg.train.micro_batches_per_step} must be a multiple "
+        raise ConfigError(f"train.micro_batches_per_step={cfg.train.micro_batches_per_step} must be a multiple "
                          f"of the number of processes ({d.world})")
     steps = plan_steps([len(s.input_ids) for s in dataset.samples], max_tokens=cfg.train.micro_batch_tokens,
                        micro_batches_per_step=cfg.train.micro_batches_per_step, epochs=cfg.train.epochs,

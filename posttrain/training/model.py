@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
+from posttrain.errors import ConfigError
 from posttrain.training.config import LoraConfig
 from posttrain.training.loss import trunk_and_head
 
@@ -40,7 +41,7 @@ def freeze_router(model: Any) -> int:
                 p.requires_grad_(False)
                 frozen += 1
     if frozen == 0:
-        raise ValueError(f"train.freeze_router=true but {type(model).__name__} has no MoE router; set it to false")
+        raise ConfigError(f"train.freeze_router=true but {type(model).__name__} has no MoE router; set it to false")
     return frozen
 
 
@@ -54,9 +55,9 @@ def freeze_lower_layers(model: Any, n: int) -> int:
     trunk, _ = trunk_and_head(model)
     layers = getattr(trunk, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"train.freeze_layers: {type(trunk).__name__} has no 'layers' list of decoder layers")
+        raise ConfigError(f"train.freeze_layers: {type(trunk).__name__} has no 'layers' list of decoder layers")
     if not 0 < n < len(layers):
-        raise ValueError(f"train.freeze_layers must be between 1 and {len(layers) - 1} for this model "
+        raise ConfigError(f"train.freeze_layers must be between 1 and {len(layers) - 1} for this model "
                          f"({len(layers)} layers; got {n})")
     frozen = 0
     for module in (model.get_input_embeddings(), *layers[:n]):
@@ -81,7 +82,7 @@ def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig) -> 
         try:
             model = get_peft_model(model, peft_cfg)
         except ValueError as exc:
-            raise ValueError(f"lora.target_modules={peft_cfg.target_modules!r} does not fit "
+            raise ConfigError(f"lora.target_modules={peft_cfg.target_modules!r} does not fit "
                              f"{type(model).__name__}: {exc}. Name Linear layers explicitly.") from exc
     if train.freeze_router:
         log.info("froze %d router tensors", freeze_router(model))

@@ -10,7 +10,8 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.environments import registry
-from posttrain.environments.registry import EnvLoadError, load_environment
+from posttrain.environments.registry import load_environment
+from posttrain.errors import EnvironmentLoadError
 
 PLUGIN = '''
 from posttrain.environments.base import Sample, Score
@@ -89,7 +90,7 @@ def test_module_class_path(tmp_path, monkeypatch):
     ],
 )
 def test_load_errors_name_the_problem(name, options, message):
-    with pytest.raises(EnvLoadError, match=message.replace("(", r"\(")):
+    with pytest.raises(EnvironmentLoadError, match=message.replace("(", r"\(")):
         load_environment(name, **options)
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from posttrain.config import load_config
 from posttrain.environments.registry import EnvConfig
+from posttrain.errors import ConfigError
 from posttrain.orchestration import cluster
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.loop import main
@@ -80,5 +81,5 @@ def test_dead_rollout_engine_is_restarted(tmp_path, tiny_llama_dir):
 def test_existing_run_needs_resume(tmp_path):
     (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-00000001" / "state.json").write_text('{"step": 1}')
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(ConfigError, match="pass --resume"):
         main(config(tmp_path, 2))
