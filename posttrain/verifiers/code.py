@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -124,6 +125,13 @@ def check_function(program: str, entry_point: str, test: str, *, helpers: str = 
 
 def _run_function_tests(sandbox: Sandbox, program: str, entry_point: str, test: str,
                         helpers: str) -> tuple[str, str]:
+    """The verdict of ``test`` on the candidate. A broken test is INFRA (not scored), never a 0:
+    one that does not compile, raises before it calls the candidate, or names something undefined
+    or unimportable (NameError/ImportError: no value the candidate returns can cause those)."""
+    try:
+        code = compile(test, "<test>", "exec")  # trusted dataset code
+    except (SyntaxError, ValueError, TypeError) as exc:
+        return INFRA, f"the test does not compile ({type(exc).__name__}: {exc}): fix the problem's test"[:500]
     reply = sandbox.start(program, entry_point)
     if reply.get("status") != "ready":
         return _setup_failure(reply)
@@ -136,16 +144,19 @@ def _run_function_tests(sandbox: Sandbox, program: str, entry_point: str, test: 
             namespace = {"__name__": "__verifier__"}
     try:
         namespace.update({entry_point: proxy, "candidate": proxy})
-        exec(compile(test, "<test>", "exec"), namespace)  # trusted dataset code
+        exec(code, namespace)
         if callable(namespace.get("check")):
             namespace["check"](proxy)
     except SandboxAbort as exc:
         return exc.kind, exc.detail
     except CandidateRaised as exc:
         return RUNTIME, str(exc)[:500]
-    except AssertionError as exc:
-        return WRONG, f"assertion failed {exc}"[:500]
     except Exception as exc:  # noqa: BLE001 - the test's own error on a bad value means: wrong
+        if proxy.calls == 0 or isinstance(exc, (NameError, ImportError)):
+            when = "before calling the candidate" if proxy.calls == 0 else f"after {proxy.calls} calls"
+            return INFRA, f"the test itself failed {when} ({type(exc).__name__}: {exc}): fix the problem's test"[:500]
+        if isinstance(exc, AssertionError):
+            return WRONG, f"assertion failed {exc}"[:500]
         return WRONG, f"{type(exc).__name__}: {exc}"[:500]
     if proxy.calls == 0:
         return INFRA, "the test never called the candidate: check the test code"
@@ -190,13 +201,54 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
 
 def check_humaneval(problem: dict[str, Any], completion: str, *, limits: Limits | None = None,
                     isolation: Isolation | None = None) -> CodeResult:
-    """One HumanEval-shaped record (``prompt``, ``test``, ``entry_point``) and a completion."""
+    """One HumanEval-shaped record (``prompt``, ``test``, ``entry_point``) and a completion.
+
+    A broken problem (``humaneval_defect``, or a test that fails on its own) gives kind INFRA
+    with a detail naming the problem: not scored, never a 0 for the model.
+    """
     for key in ("prompt", "test", "entry_point"):
         if key not in problem:
             raise ValueError(f"problem {problem.get('task_id', '?')!r} lacks {key!r}: HumanEval records need "
                              "task_id, prompt, test, entry_point")
-    return check_function(humaneval_program(problem, completion), problem["entry_point"], problem["test"],
-                          helpers=problem["prompt"], limits=limits, isolation=isolation)
+    if not isinstance(completion, str):
+        raise ValueError(f"completion for problem {problem.get('task_id', '?')!r} must be a string "
+                         f"(got {type(completion).__name__})")
+    name = f"problem {problem.get('task_id', '?')!r}"
+    defect = humaneval_defect(problem)
+    if defect is not None:
+        return CodeResult(False, INFRA, 0.0, f"{name}: {defect}")
+    result = check_function(humaneval_program(problem, completion), problem["entry_point"], problem["test"],
+                            helpers=problem["prompt"], limits=limits, isolation=isolation)
+    if result.kind == INFRA:
+        result.detail = f"{name}: {result.detail}"
+    return result
+
+
+_DEFINES = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
+
+
+def humaneval_defect(problem: dict[str, Any]) -> str | None:
+    """Why a HumanEval-shaped problem cannot score any completion, found without running it; else None.
+
+    ``prompt`` and ``entry_point`` must be strings, ``test`` Python that compiles, and when the
+    prompt defines functions (HumanEval's signature and docstring) the entry point is one of them.
+    """
+    for key in ("prompt", "test", "entry_point"):
+        value = problem.get(key)
+        if not isinstance(value, str):
+            got = "null" if value is None else f"{type(value).__name__} {repr(value)[:40]}"
+            return f"its {key!r} must be a string (got {got}): fix the problem"
+    if not problem["entry_point"].isidentifier():
+        return f"its entry_point {problem['entry_point']!r} is not a Python name: fix the problem"
+    try:
+        compile(problem["test"], "<test>", "exec")
+    except (SyntaxError, ValueError) as exc:
+        return f"its test does not compile ({type(exc).__name__}: {exc}): fix the problem's test"
+    defined = _DEFINES.findall(problem["prompt"])
+    if defined and problem["entry_point"] not in defined:
+        return (f"its entry_point {problem['entry_point']!r} is not defined by its prompt (which defines "
+                f"{', '.join(defined)}): fix entry_point")
+    return None
 
 
 def to_json(result: CodeResult) -> str:

@@ -5,6 +5,8 @@ and some parsed results hang *after* its timeout, so each check runs in a worker
 is killed and respawned on a hard deadline. Model text is never given to ``sympify`` (it
 evaluates code): both sides are parsed with math-verify's LaTeX grammar only, the gold
 wrapped in ``$…$`` (189/193 right vs 142/193 raw, measured), and answers are length-capped.
+When the gold is a plain number, only a plain number literal can be right (``plain_number``):
+``\\frac{40}{2}`` or ``\\sqrt{400}`` for 20 is arithmetic handed to the verifier, kind "unsimplified".
 A verdict is always a bool or an error kind — never an exception turned silently into 0.
 """
 
@@ -20,15 +22,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from math import gcd
 from typing import Any
 
 EXTRACTORS = ("boxed", "answer_is", "last_number")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?|-?\.\d+%?")
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?:/\d+)?%?|-?\d+(?:\.\d+)?(?:/\d+)?%?|-?\.\d+%?")
 _ANSWER_IS = re.compile(r"answer is[:\s]*", re.IGNORECASE)
-_NUMERIC_GOLD = re.compile(r"^\$?\s*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?\s*%?\s*\$?$")
-# two operands joined by an operator: "13 + 7", "28*9", "(12 + 14) * 3", "2\times 10", "3^2"
-_ARITHMETIC = re.compile(r"[\d)}]\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*[\d(\\{]")
-_FRACTION = re.compile(r"^\s*-?\d+\s*/\s*\d+\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +39,28 @@ class MathConfig:
     max_text_chars: int = 200_000  # only the tail of longer completions is searched
     timeout_s: float = 6.0  # hard deadline per check (the worker is killed and respawned)
     parse_timeout_s: int = 2  # math-verify's own (SIGALRM) timeouts inside the worker
-    # A numeric gold needs a computed answer: math-verify would evaluate "13 + 7" to 20, and an RL
-    # policy learns to restate the question's expression (measured: greedy accuracy 0.13 -> "1.00"
-    # in 21 steps of bench/rlvr_learning.py before this check). Kind "unsimplified", reward 0.
+    # A plain-number gold needs a plain-number answer: math-verify evaluates "13 + 7", \frac{40}{2},
+    # \sqrt{400}, \binom{6}{3} to 20, and an RL policy learns to restate the question's arithmetic
+    # (measured: greedy accuracy 0.13 -> "1.00" in 21 steps of bench/rlvr_learning.py before this
+    # check). Any answer that is not a number literal (see plain_number) scores 0 without being
+    # evaluated: kind "unsimplified" (written with digits, operators or commands), else wrong_answer.
     require_simplified: bool = True
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.extract if e not in EXTRACTORS]
         if unknown or not self.extract:
             raise ValueError(f"math extract must be a non-empty subset of {EXTRACTORS} (got {self.extract!r})")
+        if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s < float("inf")):
+            raise ValueError(f"math timeout_s must be a positive number of seconds (got {self.timeout_s!r})")
 
 
 @dataclasses.dataclass
 class MathResult:
-    """``kind``: correct, wrong_answer, no_answer, answer_too_long, unsimplified, timeout, or infra (not scored)."""
+    """``kind``: correct, wrong_answer, no_answer, answer_too_long, unsimplified, timeout, or infra (not scored).
+
+    ``unsimplified``: the gold is a plain number and the answer is not a number literal (an
+    expression or a command, whatever its value: it is never evaluated).
+    """
 
     correct: bool
     kind: str
@@ -95,15 +102,75 @@ def _last_number(text: str) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
+# A plain number literal: the only answer form a plain-number gold accepts (see plain_number).
+_PLAIN = re.compile(r"""(?P<sign>[-+\u2212]?)\s*
+    (?: (?P<whole>\d+)?\s*\\[cdt]?frac\s*(?:\{\s*(?P<n1>\d+)\s*\}\s*\{\s*(?P<d1>\d+)\s*\}|(?P<n2>\d)\s*(?P<d2>\d))
+      | (?P<n3>\d+)\s*/\s*(?P<d3>\d+)
+      | (?P<dec>\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+) )
+    \s*(?P<pct>\\?%)? (?P<tail>.*)""", re.X | re.S | re.ASCII)
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\u00b0")
+# units after the number are words ("cm", "m/s", "cm^2"); a letter run is matched whole (no backtracking)
+_UNITS = re.compile(r"(?:[A-Za-z]+(?![A-Za-z])(?:\s*\^\s*\{?[23]\}?)?|[\s/])*")
+_WRAPPER = re.compile(r"\\(?:boxed|fbox|text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!)(?=\d{3}(?!\d))")  # 1{,}000 and 1\,000
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|\\displaystyle\b|~")
+_FINAL_EQUALS = re.compile(r"(?<![<>!=])=(?!=)")
+_COMPUTED = re.compile(r"[\d\\+\-*/^!×÷·√\u2212]")  # what arithmetic (rather than a word) is written with
+
+
+def plain_number(text: str, *, strict: bool = True) -> str | None:
+    """``text`` as one plain number literal, canonical (``"-20"``, ``"0.5"``, ``"\\frac{1}{2}"``,
+    ``"50\\%"``), or None when it is anything else: an expression, a command, two numbers.
+
+    Allowed around the number: ``$``, ``\\boxed{}``/``\\text{}`` wrappers, a sign, thousands
+    separators (``1,000``, ``1{,}000``, ``1\\,000``), a trailing period, a percent sign, and units
+    that are words (``20 \\text{ cm}``, ``20 m/s``, ``20^\\circ``); worked answers count by what
+    follows the last ``=``. Fractions (``a/b``, ``\\frac{a}{b}``, ``\\dfrac``, ``\\tfrac``,
+    ``\\frac12``, a mixed ``2\\frac{1}{2}``) must be in lowest terms with a denominator above 1
+    when ``strict`` (answers): ``\\frac{40}{2}`` is arithmetic left to do. Not literals, on
+    purpose: ``2e1``/``2.0E1`` (a product in disguise, read inconsistently by math-verify),
+    ``(20)``, ``2 \\times 10^1``, ``\\sqrt{400}``, ``4!``.
+    """
+    text = _FINAL_EQUALS.split(text)[-1]
+    text = _THOUSANDS.sub(",", text)
+    for _ in range(4):  # nested wrappers: \boxed{\text{20}}
+        text = _WRAPPER.sub(r" \1 ", text)
+    text = _SPACING.sub(" ", text.replace("\\$", " ").replace("$", " ")).strip().rstrip(".").strip()
+    while text.startswith("{") and text.endswith("}") and _closing_brace(text) == len(text) - 1:
+        text = text[1:-1].strip()
+    match = _PLAIN.fullmatch(text)
+    if match is None or not _UNITS.fullmatch(_DEGREES.sub(" ", match["tail"])):
+        return None
+    g = match.groupdict()
+    sign = "-" if g["sign"] in ("-", "\u2212") else ""
+    pct = "\\%" if g["pct"] else ""
+    if g["dec"] is not None:
+        return sign + g["dec"].replace(",", "").rstrip(".") + pct
+    i = next(i for i in "123" if g[f"n{i}"] is not None)  # which fraction form matched
+    n, d, whole = int(g[f"n{i}"]), int(g[f"d{i}"]), int(g["whole"] or 0)
+    if d == 0 or strict and (d < 2 or gcd(n, d) != 1 or (g["whole"] is not None and n >= d)):
+        return None
+    return f"{sign}\\frac{{{whole * d + n}}}{{{d}}}{pct}"
+
+
+def _closing_brace(text: str) -> int:
+    """Index of the brace that closes ``text[0]``, or -1."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            return i
+    return -1
+
+
 def is_unsimplified(answer: str, gold: str) -> bool:
-    """True when ``gold`` is a plain number but ``answer`` is arithmetic still to be done.
+    """True when ``gold`` is a plain number but ``answer`` is written with arithmetic or commands
+    instead of as a plain number literal (``\\frac{40}{2}``, ``\\sqrt{400}``, ``13 + 7``...).
 
     Worked answers count by their result: in "80 * 10 = 800" only "800" is the answer.
     """
-    answer = answer.rsplit("=", 1)[-1]
-    if not _NUMERIC_GOLD.match(gold.strip()) or _FRACTION.match(answer.replace("$", "")):
-        return False
-    return bool(_ARITHMETIC.search(answer.replace(",", "")))
+    return (plain_number(gold, strict=False) is not None and plain_number(answer) is None
+            and bool(_COMPUTED.search(answer)))
 
 
 def extract_answer(text: str, methods: Sequence[str] = EXTRACTORS, max_text_chars: int = 200_000) -> str | None:
@@ -211,12 +278,18 @@ class MathChecker:
             return result(False, "no_answer")
         if len(answer) > self.config.max_answer_chars:
             return result(False, "answer_too_long", f"{len(answer)} > {self.config.max_answer_chars} chars")
-        if self.config.require_simplified and is_unsimplified(answer, str(gold)):
-            return result(False, "unsimplified", f"{answer[:80]!r} is an expression, not the number {str(gold)[:40]!r}")
+        gold, to_verify = str(gold), answer
+        plain_gold = plain_number(gold, strict=False) if self.config.require_simplified else None
+        if plain_gold is not None:  # a number is asked for: only a number literal can be right
+            literal = plain_number(answer)
+            if literal is None:
+                kind = "unsimplified" if _COMPUTED.search(answer) else "wrong_answer"
+                return result(False, kind, f"{answer[:80]!r} is not a plain number; the gold {gold[:40]!r} is")
+            gold, to_verify = plain_gold, literal
         try:
             proc = self._ensure_worker()
             assert proc.stdin is not None
-            proc.stdin.write((json.dumps([str(gold), answer, self.config.parse_timeout_s]) + "\n").encode())
+            proc.stdin.write((json.dumps([gold, to_verify, self.config.parse_timeout_s]) + "\n").encode())
             proc.stdin.flush()
             reply = self._readline(self.config.timeout_s)
         except (OSError, ValueError, RuntimeError) as exc:

@@ -120,3 +120,47 @@ def test_cli_verify_code(tmp_path, capsys):
     expected_p1 = sum(sum(e for t, _, e in COMPLETIONS if t == p["task_id"]) / sum(t == p["task_id"] for t, _, _ in
                       COMPLETIONS) for p in PROBLEMS) / len(PROBLEMS)
     assert f"pass@1: {expected_p1:.4f}" in printed and "pass@2:" in printed
+
+
+ADD = {"task_id": "Add/0", "prompt": "def add(a, b):\n    \"\"\"a + b\"\"\"\n", "entry_point": "add",
+       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+
+
+@pytest.mark.parametrize("broken", [
+    {"test": None}, {"test": ["assert add(1, 2) == 3"]},
+    {"test": "def check(candidate):\n    assert candidate(1, 2) == = 3\n"},
+    {"test": "def check(candidate):\n    assert math.isclose(candidate(1, 2), 3)\n"},  # uses a module it never imports
+    {"test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert math.isclose(candidate(0, 1), 1)\n"},
+    {"test": "import not_a_module_anywhere\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n"},
+    {"test": "def check(candidate):\n    assert False, 'unfinished test'\n    assert candidate(1, 2) == 3\n"},
+    {"entry_point": "addd"}, {"entry_point": "add me"}, {"prompt": None}, {"entry_point": 3},
+], ids=["test-null", "test-list", "test-syntax-error", "test-no-import", "test-no-import-after-a-call",
+        "test-bad-import", "test-fails-alone", "entry-point-misspelled", "entry-point-not-a-name", "prompt-null",
+        "entry-point-number"])
+def test_broken_problem_is_infra_not_a_zero(broken):
+    result = check_humaneval({**ADD, **broken}, "    return a + b\n", limits=LIMITS)
+    assert result.kind == INFRA and result.reward is None and "'Add/0'" in result.detail, result
+
+
+def test_candidates_own_errors_stay_its_failure():
+    def kind(completion: str, test: str = ADD["test"]) -> str:
+        return check_humaneval({**ADD, "test": test}, completion, limits=LIMITS).kind
+
+    assert kind("    return a + b + undefined_name\n") == RUNTIME
+    assert kind("    import not_a_module_anywhere\n    return a + b\n") == RUNTIME
+    assert kind("    return str(a + b)\n") == WRONG
+    close = "def check(candidate):\n    assert abs(candidate(1, 2) - 3) < 1e-9\n"
+    assert kind("    return str(a + b)\n", close) == WRONG
+    assert kind("    return a + b\n\ndel add\n") == WRONG  # the candidate removed its own function
+
+
+def test_check_function_with_a_broken_test_is_infra():
+    for test in ("assert f( == 1\n", "assert 1 == 2\nassert f() == 1\n", "assert f() == undefined_constant\n"):
+        result = check_function("def f():\n    return 1\n", "f", test, limits=LIMITS)
+        assert result.kind == INFRA and result.reward is None, (test, result)
+
+
+def test_fixture_problems_have_no_defect():
+    from posttrain.verifiers.code import humaneval_defect
+
+    assert [humaneval_defect(p) for p in PROBLEMS] == [None] * len(PROBLEMS)

@@ -106,3 +106,85 @@ def test_numeric_golds_need_a_computed_answer(checker, prediction, gold, kind):
     assert result.kind == kind and result.reward == float(kind == "correct"), result
     if kind == "unsimplified":
         assert MathChecker(MathConfig(require_simplified=False)).check(prediction, gold).correct  # math-verify alone
+
+
+@pytest.fixture(scope="module")
+def unguarded():
+    """math-verify's equivalence alone (require_simplified=False): shows each hack below is real."""
+    with MathChecker(MathConfig(timeout_s=4.0, parse_timeout_s=2, require_simplified=False)) as c:
+        yield c
+
+
+# Restating the question's arithmetic for a gold of 20, in every notation math-verify evaluates.
+HACKS_OF_20 = [
+    "\\boxed{\\frac{40}{2}}", "\\boxed{\\dfrac{400}{20}}", "\\boxed{\\tfrac{40}{2}}", "\\boxed{\\cfrac{40}{2}}",
+    "\\boxed{\\frac{{40}}{{2}}}", "\\boxed{{{40}/{2}}}", "\\boxed{\\frac{20}{1}}", "\\boxed{\\frac{-40}{-2}}",
+    "\\boxed{\\dfrac{\\dfrac{40}{1}}{2}}", "\\boxed{40/2}", "\\boxed{(40)/(2)}", "The answer is 40/2.",
+    "The answer is $\\frac{40}{2}$.", "\\boxed{\\sqrt{400}}", "\\boxed{\\sqrt[3]{8000}}", "\\boxed{\\sqrt{20^2}}",
+    "\\boxed{\\binom{6}{3}}", "\\boxed{\\left(10+10\\right)}", "\\boxed{10 + 10}", "\\boxed{2\\cdot 10}",
+    "\\boxed{2 \\times 10}", "\\boxed{2*10}", "\\boxed{20\\cdot 1}", "\\boxed{20^{1}}", "\\boxed{2^2 \\cdot 5}",
+    "\\boxed{19\\frac{2}{2}}", "\\boxed{e^{\\ln 20}}", "\\boxed{\\exp(\\ln(20))}", "\\boxed{\\log_2(2^{20})}",
+    "\\boxed{20\\sin^2 x + 20\\cos^2 x}", "\\boxed{2.0E1}", "\\boxed{(20)}", "\\boxed{-(-20)}", "\\boxed{|-20|}",
+    "\\boxed{\\max(20, 1)}", "\\boxed{\\lceil 19.5 \\rceil}", "\\boxed{\\sum_{i=1}^{20} 1}",
+    "\\boxed{\\int_0^{20} 1 dx}",
+    "\\boxed{20 = 40/2}", "\\boxed{\\frac{40}{2}\\text{ cm}}",
+]
+
+
+@pytest.mark.parametrize("prediction", HACKS_OF_20)
+def test_any_notation_of_arithmetic_is_unsimplified(checker, unguarded, prediction):
+    result = checker.check(prediction, "20")
+    assert result.kind == "unsimplified" and result.reward == 0.0 and not result.correct, result
+    assert unguarded.check(prediction, "20").correct  # the form does fool math-verify alone
+
+
+@pytest.mark.parametrize("prediction, gold", [
+    ("\\boxed{4!}", "24"), ("\\boxed{\\frac{2}{4}}", "1/2"), ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}"),
+    ("\\boxed{x-x}", "0"), ("\\boxed{\\frac{0}{5}}", "0"), ("\\boxed{0.5 \\cdot 1}", "0.5"), ("\\boxed{2.0e1}", "20"),
+    ("\\boxed{\\text{40/2}}", "20"), ("\\boxed{\\pow(2,2)}", "4"), ("\\boxed{20 \\bmod 21}", "20"),
+])
+def test_other_unsimplified_forms(checker, prediction, gold):
+    result = checker.check(prediction, gold)
+    assert result.kind == "unsimplified" and result.reward == 0.0, result
+
+
+@pytest.mark.parametrize("prediction, gold", [
+    ("20", "20"), ("\\boxed{20}", "20"), ("\\boxed{ 20 }", "20"), ("\\boxed{20.0}", "20"),
+    ("The answer is 20.00", "20"), ("The answer is 20.", "20"), ("\\boxed{20.}", "20"), ("$20$", "20"),
+    ("\\boxed{{20}}", "20"), ("\\boxed{+20}", "20"), ("\\boxed{\\text{20}}", "20"), ("The answer is 20 apples.", "20"),
+    ("\\boxed{20\\text{ cm}}", "20"), ("\\boxed{20 \\text{ cm}^2}", "20"), ("\\boxed{20^\\circ}", "20"),
+    ("\\boxed{\\$20}", "20"), ("\\boxed{20\\%}", "20"), ("\\boxed{x = 20}", "20"), ("13 + 7 = 20", "20"),
+    ("\\boxed{20}", "\\$20"), ("\\boxed{1{,}000}", "1000"), ("\\boxed{1\\,000}", "1000"), ("\\boxed{1000}", "1,000"),
+    ("\\boxed{\\frac{1}{2}}", "1/2"), ("\\boxed{\\frac12}", "1/2"), ("\\boxed{\\dfrac{1}{2}}", "1/2"),
+    ("\\boxed{0.5}", "1/2"), ("\\boxed{0.5}", "\\frac{1}{2}"), ("\\boxed{.5}", "0.5"),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5"), ("\\boxed{2\\frac{1}{2}}", "2.5"), ("\\boxed{\\frac{5}{2}}", "2.5"),
+    ("\\boxed{\u22125}", "-5"), ("\\boxed{0.2}", "20%"),
+])
+def test_plain_forms_of_a_plain_gold_stay_correct(checker, prediction, gold):
+    result = checker.check(prediction, gold)
+    assert result.kind == "correct" and result.reward == 1.0, result
+
+
+@pytest.mark.parametrize("prediction, gold, kind", [
+    ("\\boxed{21}", "20", "wrong_answer"), ("\\boxed{\\frac{41}{2}}", "20", "wrong_answer"),
+    ("\\boxed{twenty}", "20", "wrong_answer"), ("The answer is 1,2", "12", "unsimplified"),
+])
+def test_wrong_plain_answers_are_wrong(checker, prediction, gold, kind):
+    assert checker.check(prediction, gold).kind == kind
+
+
+def test_plain_number_decisions():
+    from posttrain.verifiers.math import plain_number
+
+    assert plain_number("\\boxed{ \\text{1{,}000} }.") == "1000"
+    assert plain_number("-2\\frac{1}{2}") == "-\\frac{5}{2}" and plain_number("50\\%") == "50\\%"
+    assert plain_number("\\frac{6}{8}") is None and plain_number("\\frac{6}{8}", strict=False) == "\\frac{6}{8}"
+    for not_literal in ("2e1", "2.0E1", "(20)", "20!", "20^2", "20 1", "1,0000", "x \\le 20", "\\frac{1}{0}"):
+        assert plain_number(not_literal, strict=False) is None, not_literal
+    assert plain_number("20 " + "ab" * 100 + "!") is None  # letter runs are matched whole: no regex blow-up
+
+
+def test_config_rejects_bad_timeout():
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout_s must be a positive"):
+            MathConfig(timeout_s=bad)
