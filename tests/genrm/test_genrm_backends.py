@@ -177,7 +177,9 @@ def test_timeout_fails_after_all_attempts_others_succeed(server):
     assert (calls[1].text, calls[1].error, calls[1].attempts) == (None, "timeout", 2)
     assert server.seen["slow"] == 2
     assert [calls[0].text, calls[2].text] == ["judged:a", "judged:b"]
-    assert 0.55 < calls[1].seconds < 2.5  # two 0.3 s attempts, not two of the server's 1.5 s
+    # two 0.3 s attempts (a lower bound holds on any machine); had the client waited for the
+    # server's 1.5 s answer, the call would hold its text instead of a timeout
+    assert calls[1].seconds > 0.55
 
 
 def test_client_error_is_not_retried(server):
