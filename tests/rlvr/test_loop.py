@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.config import load_config
+from posttrain.environments.base import Sample, Score
 from posttrain.environments.registry import EnvConfig
 from posttrain.errors import ConfigError
 from posttrain.orchestration import cluster
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.loop import main
+from posttrain.rollout.types import Rollout
 
 HERE = Path(__file__).parent
 PRESET = HERE.parents[1] / "configs" / "rlvr" / "tiny_smoke.yaml"
@@ -83,3 +86,47 @@ def test_existing_run_needs_resume(tmp_path):
     (tmp_path / "checkpoints" / "step-00000001" / "state.json").write_text('{"step": 1}')
     with pytest.raises(ConfigError, match="pass --resume"):
         main(config(tmp_path, 2))
+
+
+class SlowJudgeEnv:
+    """A group environment (as a GenRM is) whose judge takes 5 s per step."""
+
+    name = "slow_judge"
+
+    def samples(self, split, seed):
+        return [Sample(f"{split}/0", [{"role": "user", "content": "hi"}])]
+
+    async def score(self, sample, completion):
+        return Score(1.0)
+
+    async def score_groups(self, samples, groups):
+        await asyncio.sleep(5)
+        return [[Score(1.0) for _ in group] for group in groups]
+
+
+class OneRolloutPerSample:
+    """In place of the rollout engines: every prompt gets n identical one-token rollouts."""
+
+    def generate(self, prompts, gen, n):
+        return [[Rollout(prompt_index=p, sample_index=i, prompt_ids=[1], token_ids=[2], logprobs=[0.0], text="a",
+                         finish_reason="stop", reasoning=None, answer="a", reasoning_closed=True, reasoning_tokens=0)
+                 for i in range(n)] for p in range(len(prompts))]
+
+    def sync(self, probe=None):
+        raise AssertionError("nothing was trained: no sync")
+
+    restarts = 0
+
+
+def test_the_judge_deadline_is_timeouts_judge_s(tmp_path):
+    """A group environment gets timeouts.judge_s for a step (not rollout.call_timeout_s): past it,
+    the step's rollouts get reward 0 and error 'timeout', and nothing is trained."""
+    from posttrain.rlvr.loop import _make_sampler, rl_step
+
+    cfg = config(tmp_path, 1).model_copy(update={"environments": [EnvConfig(name="slow_judge")]})
+    cfg.timeouts.judge_s = 0.2
+    assert cfg.rollout.call_timeout_s > 5
+    envs = {"slow_judge": SlowJudgeEnv()}
+    metrics = rl_step(cfg, 0, _make_sampler(cfg, envs), envs, OneRolloutPerSample(), trainer=None)
+    assert metrics["env/slow_judge/errors/timeout"] == cfg.run.prompts_per_step * cfg.rollout.samples_per_prompt
+    assert metrics["reward/mean"] == 0.0 and metrics["train/skipped_updates"] == 1.0

@@ -36,7 +36,8 @@ def test_runs_vllm_as_named_actor(pool):
     import ray
 
     assert pool.infos[0].backend == "vllm" and pool.infos[0].fallback_reason is None
-    assert ray.get_actor("rollout-0") is not None
+    info = ray.get(ray.get_actor("rollout-0").info.remote())  # the name finds the pool's own engine
+    assert (info.name, info.backend, info.pid) == ("rollout-0", "vllm", pool.infos[0].pid)
 
 
 def test_n_samples_with_logprobs(pool):
