@@ -119,12 +119,13 @@ def is_user_error(exc: BaseException, command: Callable[..., Any]) -> bool:
     """A UserError, or a ValueError / OSError raised by a PLAIN_INPUT_ERRORS command's own code."""
     if isinstance(exc, UserError):
         return True
-    if not isinstance(exc, (ValueError, OSError)) or command.__module__ not in PLAIN_INPUT_ERRORS:
+    module = getattr(command, "__module__", None)
+    if not isinstance(exc, (ValueError, OSError)) or module not in PLAIN_INPUT_ERRORS:
         return False
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__") == command.__module__
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == module
 
 
 def main(argv: Sequence[str] | None = None) -> int:

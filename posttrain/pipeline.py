@@ -94,10 +94,10 @@ def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
         return env
     if "genrm" not in models:
         raise ConfigError("rlhf: the genrm environment's judge.model is 'auto' but no genrm stage has run; add "
-                         "'genrm' to stages or set rlhf.environments[...].options.judge.model")
+                          "'genrm' to stages or set rlhf.environments[...].options.judge.model")
     if judge.setdefault("prompt_style", style) != style:
         raise ConfigError(f"rlhf: judge.prompt_style={judge['prompt_style']!r} but the genrm stage trains the judge "
-                         f"on prompt_style={style!r}; a GenRM must judge with the prompt it learnt (drop the key)")
+                          f"on prompt_style={style!r}; a GenRM must judge with the prompt it learnt (drop the key)")
     return env.model_copy(update={"options": {**env.options, "judge": {**judge, "model": models["genrm"]}}})
 
 

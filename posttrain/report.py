@@ -52,7 +52,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / "report"
     if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():
         raise ConfigError(f"report folder {str(out)!r} exists and is not a report (no index.html); "
-                         "pass --out with a new or empty folder")
+                          "pass --out with a new or empty folder")
     with file_lock(out.parent / f".{out.name}.lock"):
         remove_stale_tmp(out)
         with atomic_dir(out) as tmp:

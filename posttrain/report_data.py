@@ -114,7 +114,7 @@ def find_stages(run_dir: str | Path) -> tuple[list[Stage], list[str]]:
         return [load_stage(run_dir)], []  # a stage folder before its first logged step
     if not folders:
         raise DataError(f"no stage found in {str(run_dir)!r}: expected metrics.jsonl there, or stage "
-                         f"subfolders ({', '.join(PIPELINE_STAGES)}) holding one")
+                        f"subfolders ({', '.join(PIPELINE_STAGES)}) holding one")
     missing = [s for s in PIPELINE_STAGES if s not in OPTIONAL_STAGES and not (run_dir / s).is_dir()]
     return [load_stage(p, name=p.name) for p in folders], missing
 

@@ -85,5 +85,6 @@ def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
         raise EnvironmentLoadError(f"environment {cfg.name!r}: bad options {cfg.options}: {exc}") from exc
     missing = [a for a in ("name", "samples", "score") if not hasattr(env, a)]
     if missing:
-        raise EnvironmentLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} (see posttrain.environments.base)")
+        raise EnvironmentLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} "
+                                   "(see posttrain.environments.base)")
     return env

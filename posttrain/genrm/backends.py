@@ -100,14 +100,14 @@ def judge_backend(cfg: JudgeConfig, pool: Any | None = None,
         return OpenAIJudge(cfg)
     if cfg.base_url is not None:
         raise ConfigError(f"judge.base_url is set ({cfg.base_url!r}) but judge.backend='local'; "
-                         "set judge.backend=openai to use that server, or unset base_url")
+                          "set judge.backend=openai to use that server, or unset base_url")
     if cfg.extra_body or cfg.headers:
         raise ConfigError("judge.extra_body / judge.headers apply to backend=openai only; "
-                         "for backend=local pass a GenerationConfig, or set judge.backend=openai")
+                          "for backend=local pass a GenerationConfig, or set judge.backend=openai")
     if pool is None:
         raise ConfigError("judge.backend='local' needs a rollout pool running the GenRM "
-                         "(judge_backend(cfg, pool=RolloutPool(...))), or set judge.backend=openai "
-                         "and judge.base_url=http://HOST:PORT/v1 to use a served GenRM")
+                          "(judge_backend(cfg, pool=RolloutPool(...))), or set judge.backend=openai "
+                          "and judge.base_url=http://HOST:PORT/v1 to use a served GenRM")
     return LocalJudge(pool, generation if generation is not None else judge_generation(cfg))
 
 

@@ -42,7 +42,7 @@ class OpenAIJudge:
             raise ConfigError(f"OpenAIJudge needs judge.backend='openai' (got {cfg.backend!r})")
         if not cfg.base_url:
             raise ConfigError("judge.base_url is required for judge.backend='openai', e.g. "
-                             "http://127.0.0.1:8000/v1 for `vllm serve MODEL --port 8000`")
+                              "http://127.0.0.1:8000/v1 for `vllm serve MODEL --port 8000`")
         self.cfg = cfg
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -62,7 +62,7 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
     """
     if not resume and latest_checkpoint(cfg.run_dir) is not None:
         raise ConfigError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
-                              "that run, or choose another run_dir")
+                          "that run, or choose another run_dir")
     write_resolved(cfg, cfg.run_dir)
     log.info(_describe_algorithm(cfg))
     envs = {e.name: load_environment(e) for e in cfg.environments}

@@ -73,7 +73,7 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     rows = read(path, split=cfg.split, limit=cfg.limit)
     if rows and cfg.messages_field not in rows[0]:
         raise DataError(f"data.path {path!r} has no column {cfg.messages_field!r} (columns: "
-                         f"{', '.join(rows[0])}); set data.messages_field")
+                        f"{', '.join(rows[0])}); set data.messages_field")
     return [{cfg.messages_field: r[cfg.messages_field]} for r in rows]
 
 
@@ -109,8 +109,8 @@ def check_rows(rows: Sequence[dict[str, Any]], fld: str = "messages") -> None:
             break
     if errors:
         raise DataError("bad dataset rows (fix or drop them; a message is "
-                         "{'role': 'user'|'assistant'|..., 'content': str, 'reasoning_content'?: str}):\n  "
-                         + "\n  ".join(errors[:MAX_REPORTED_ERRORS]))
+                        "{'role': 'user'|'assistant'|..., 'content': str, 'reasoning_content'?: str}):\n  "
+                        + "\n  ".join(errors[:MAX_REPORTED_ERRORS]))
 
 
 # --------------------------------------------------------------------------- transforms
@@ -172,7 +172,7 @@ def build(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> Dataset:
         if len(sample.input_ids) > max_tokens:
             if cfg.overlong == "error":
                 raise DataError(f"row {i}: {len(sample.input_ids)} tokens > train.micro_batch_tokens="
-                                 f"{max_tokens}; raise it or set data.overlong=drop")
+                                f"{max_tokens}; raise it or set data.overlong=drop")
             dropped += 1
             continue
         if sample.n_loss_tokens == 0:

@@ -66,7 +66,7 @@ def plan_steps(lengths: Sequence[int], *, max_tokens: int, micro_batches_per_ste
         steps.extend(micro[i : i + micro_batches_per_step] for i in range(0, full, micro_batches_per_step))
     if not steps:
         raise DataError(f"not enough data for one step of {micro_batches_per_step} micro-batches of "
-                         f"{max_tokens} tokens; lower train.micro_batches_per_step or micro_batch_tokens")
+                        f"{max_tokens} tokens; lower train.micro_batches_per_step or micro_batch_tokens")
     return steps[:max_steps] if max_steps else steps
 
 
@@ -136,6 +136,6 @@ def resolve_packing(requested: str, model: Any) -> Mode:
         return "pack"
     if requested == "pack":
         raise ConfigError(f"train.packing=pack is not exact for {type(model).__name__}: {blocker}. "
-                         "Use train.packing=auto or pad (one document per row, exact).")
+                          "Use train.packing=auto or pad (one document per row, exact).")
     log.warning("packing off for %s: %s; using exact padding (one document per row)", type(model).__name__, blocker)
     return "pad"

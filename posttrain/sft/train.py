@@ -137,7 +137,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     model = prepare_for_training(model, cfg.train, cfg.lora)
     if cfg.train.micro_batches_per_step % d.world:
         raise ConfigError(f"train.micro_batches_per_step={cfg.train.micro_batches_per_step} must be a multiple "
-                         f"of the number of processes ({d.world})")
+                          f"of the number of processes ({d.world})")
     steps = plan_steps([len(s.input_ids) for s in dataset.samples], max_tokens=cfg.train.micro_batch_tokens,
                        micro_batches_per_step=cfg.train.micro_batches_per_step, epochs=cfg.train.epochs,
                        seed=cfg.train.seed, mode=mode, max_steps=cfg.train.max_steps)

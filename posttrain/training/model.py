@@ -58,7 +58,7 @@ def freeze_lower_layers(model: Any, n: int) -> int:
         raise ConfigError(f"train.freeze_layers: {type(trunk).__name__} has no 'layers' list of decoder layers")
     if not 0 < n < len(layers):
         raise ConfigError(f"train.freeze_layers must be between 1 and {len(layers) - 1} for this model "
-                         f"({len(layers)} layers; got {n})")
+                          f"({len(layers)} layers; got {n})")
     frozen = 0
     for module in (model.get_input_embeddings(), *layers[:n]):
         for p in module.parameters():
@@ -83,7 +83,7 @@ def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig) -> 
             model = get_peft_model(model, peft_cfg)
         except ValueError as exc:
             raise ConfigError(f"lora.target_modules={peft_cfg.target_modules!r} does not fit "
-                             f"{type(model).__name__}: {exc}. Name Linear layers explicitly.") from exc
+                              f"{type(model).__name__}: {exc}. Name Linear layers explicitly.") from exc
     if train.freeze_router:
         log.info("froze %d router tensors", freeze_router(model))
     if train.freeze_layers:
