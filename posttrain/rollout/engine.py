@@ -92,7 +92,7 @@ class RolloutEngine:
         if too_long:
             i = too_long[0]
             raise ConfigError(f"prompt {first_index + i} has {len(prompt_ids[i])} tokens; with max_new_tokens="
-                             f"{gen.max_new_tokens} it exceeds rollout.max_model_len={self.cfg.max_model_len}")
+                              f"{gen.max_new_tokens} it exceeds rollout.max_model_len={self.cfg.max_model_len}")
         spec = SamplingSpec(n=n, max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             seed=gen.seed, first_index=first_index, reasoning_budget=gen.reasoning_budget,
                             budget_grace=self.cfg.budget_grace, top_logprobs=gen.top_logprobs)
