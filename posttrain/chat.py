@@ -16,7 +16,7 @@ from posttrain.rollout.budget import HFThinkingBudget
 @dataclass(frozen=True)
 class ChatResult:
     text: str  # the raw completion (reasoning + answer)
-    completion: chat_template.Completion
+    completion: chat_template.ReasoningSplit
     new_tokens: int
     reasoning_tokens: int | None  # counted by the budget processor when one ran
     seconds: float

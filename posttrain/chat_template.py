@@ -99,30 +99,48 @@ def thinking_enabled(messages: Messages, default: bool = True) -> bool:
 
 
 @dataclass(frozen=True)
-class Completion:
+class ReasoningSplit:
+    """A completion cut into its reasoning and its answer (see :func:`split_reasoning`)."""
+
     reasoning: str | None  # None when the completion carries no reasoning part
     answer: str
     reasoning_closed: bool  # False when generation stopped inside <think> (e.g. max tokens)
 
 
-def split_reasoning(text: str, *, started_in_reasoning: bool = True) -> Completion:
-    """Split a completion into reasoning and answer.
+def answer_offset(text: str) -> int:
+    """Where the answer of ``text`` starts: just past the FIRST ``</think>`` (0 when there is none).
+
+    The first close, not the last, because that is where the reasoning ended while the model wrote
+    it: the thinking budget stops counting there (``posttrain.rollout.budget``), the answer-length
+    counts start there, and vLLM's reasoning parsers cut there too. A model that then writes
+    ``</think>`` inside its answer (explaining the tag, quoting a response) keeps its whole answer:
+    cutting at the last one would quietly turn the part before it into unscored "reasoning", so a
+    verifier or judge would see only a tail of what the user sees. The chat template renders a
+    history turn with the same cut.
+    """
+    close = text.find(THINK_CLOSE)
+    return close + len(THINK_CLOSE) if close >= 0 else 0
+
+
+def split_reasoning(text: str, *, started_in_reasoning: bool = True) -> ReasoningSplit:
+    """Split a completion into reasoning and answer at the first ``</think>`` (see :func:`answer_offset`).
 
     ``started_in_reasoning``: the prompt ended in ``<think>\\n`` (thinking on), so the text begins
     inside the reasoning. Works on any string (model output is untrusted): plain ``str`` ops, no
-    regex backtracking. An unclosed reasoning part yields an empty answer.
+    regex backtracking. An unclosed reasoning part yields an empty answer. The one reasoning split
+    of the package: rollouts, chat, SFT data and the GenRM judge's output all go through it.
     """
     if not isinstance(text, str):
         raise TypeError(f"completion must be str, got {type(text).__name__}")
-    head, sep, tail = text.partition(THINK_CLOSE)
-    if sep:
-        reasoning = head.split(THINK_OPEN)[-1].strip()
-        return Completion(reasoning=reasoning, answer=tail.strip(), reasoning_closed=True)
+    start = answer_offset(text)
+    if start:
+        reasoning = text[: start - len(THINK_CLOSE)].split(THINK_OPEN)[-1].strip()
+        return ReasoningSplit(reasoning=reasoning, answer=text[start:].strip(), reasoning_closed=True)
     stripped = text.lstrip()
     if started_in_reasoning or stripped.startswith(THINK_OPEN):
         reasoning = stripped[len(THINK_OPEN) :] if stripped.startswith(THINK_OPEN) else text
-        return Completion(reasoning=reasoning.strip(), answer="", reasoning_closed=False)
-    return Completion(reasoning=None, answer=text.strip(), reasoning_closed=True)
+        return ReasoningSplit(reasoning=reasoning.strip(), answer="", reasoning_closed=False)
+    return ReasoningSplit(reasoning=None, answer=text.strip(), reasoning_closed=True)
 
 
 def _text_of(content: Any) -> str:

@@ -161,3 +161,20 @@ def test_split_reasoning_hostile_inputs_are_fast():
     assert c.reasoning_closed and c.reasoning == "x"
     with pytest.raises(TypeError):
         ct.split_reasoning(None)  # type: ignore[arg-type]
+
+
+STRAY_CLOSE = [  # the model wrote </think> inside its answer (explaining the tag, quoting itself)
+    "<think>\nr\n</think>\nUse the </think> tag to end reasoning.",
+    "r</think>a</think>b",
+]
+
+
+@pytest.mark.parametrize("content", STRAY_CLOSE)
+def test_the_template_and_split_reasoning_cut_at_the_same_close(tokenizer, content):
+    """The reasoning ends at the FIRST ``</think>``: what follows is the answer, all of it -- as the
+    budget processor counts it and as the template renders the turn on the next request."""
+    split = ct.split_reasoning(content, started_in_reasoning=False)
+    text = ct.render(tokenizer, [USER, {"role": "assistant", "content": content}])
+    turn = text.split("<|im_start|>assistant\n")[-1].removesuffix("<|im_end|>\n")
+    assert turn == f"<think>\n{split.reasoning}\n</think>\n{split.answer}"
+    assert ct.split_reasoning(turn, started_in_reasoning=False) == split

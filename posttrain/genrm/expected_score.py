@@ -18,13 +18,13 @@ import math
 import re
 from dataclasses import replace
 
+from posttrain.chat_template import answer_offset
 from posttrain.genrm.judge import JudgeCall
 from posttrain.genrm.judge_format import (
     FALLBACK,
     KEYS,
     RANKING_RANGE,
     SCORE_RANGE,
-    THINK_CLOSE,
     Judgement,
     Scoring,
     parse_judgement,
@@ -74,7 +74,7 @@ def expected_value(top: dict[str, float], low: float, high: float) -> float | No
 def expected_judgement(judgement: Judgement, top_tokens: TopTokens | None) -> tuple[Judgement, int]:
     """``judgement`` with each single-token integer value replaced by its expectation, and how many were.
 
-    The last occurrence of each key in the answer (after ``</think>``) locates its value's token;
+    The last occurrence of each key in the answer (after the first ``</think>``) locates its value's token;
     a value whose token does not read as the integer the judgement holds is left as written.
     """
     if not judgement.parsed or not top_tokens:
@@ -86,7 +86,7 @@ def expected_judgement(judgement: Judgement, top_tokens: TopTokens | None) -> tu
             offsets.append(at)
             at += len(t)
         text = "".join(texts)
-        answer_start = text.rfind(THINK_CLOSE) + len(THINK_CLOSE) if THINK_CLOSE in text else 0
+        answer_start = answer_offset(text)
         values, read = {}, 0
         for key in KEYS:
             low, high = RANKING_RANGE if key == "ranking" else SCORE_RANGE

@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any, Literal
 
+from posttrain.chat_template import split_reasoning
+
 SCORE_RANGE = (1.0, 5.0)
 RANKING_RANGE = (1.0, 6.0)
 KEYS = ("score_1", "score_2", "ranking")
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MAX_SCANNED_CHARS = 65_536  # the answer ends the output: only this tail is searched
 MAX_OBJECT_CHARS = 2_048  # a judgement object is tiny; longer brace spans are skipped
 MAX_PARSE_TRIES = 64  # json.loads attempts per output, newest candidates first
@@ -139,10 +140,8 @@ _BARE_KEY = re.compile(r"([{,]\s*)([A-Za-z_][A-Za-z_0-9]*)\s*:")
 
 def _answer_part(text: str) -> str | None:
     """The text after the reasoning (``None`` when reasoning opened and never closed)."""
-    close = text.rfind(THINK_CLOSE)
-    if close >= 0:
-        return text[close + len(THINK_CLOSE):]
-    return None if THINK_OPEN in text else text
+    split = split_reasoning(text, started_in_reasoning=False)
+    return split.answer if split.reasoning_closed else None
 
 
 def _candidates(text: str) -> Iterator[str]:
@@ -213,8 +212,8 @@ def _judgement(obj: dict[str, Any]) -> Judgement:
 def parse_judgement(text: str) -> Judgement:
     """The judgement at the end of a judge's output, or :data:`FALLBACK` with a named error.
 
-    Reasoning (``...</think>``) is dropped; the last complete JSON object holding all three
-    keys decides, wherever it sits (prose, code fences, nested in another object). Errors:
+    Reasoning (up to the first ``</think>``, as for any completion) is dropped; the last complete
+    JSON object holding all three keys decides, wherever it sits (prose, code fences, nested in another object). Errors:
     ``not_text``, ``reasoning_unclosed``, ``no_json``, ``missing:<key>``, ``not_number:<key>``,
     ``not_finite:<key>``, ``out_of_range:<key>``.
     """

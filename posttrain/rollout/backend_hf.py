@@ -8,7 +8,7 @@ from typing import Any
 from posttrain import models
 from posttrain.config import ModelConfig, RolloutConfig
 from posttrain.rollout.budget import HFThinkingBudget
-from posttrain.rollout.types import RolloutError, Sample, SamplingSpec, WeightUpdate
+from posttrain.rollout.types import GeneratedTokens, RolloutError, SamplingSpec, WeightUpdate
 from posttrain.rollout.weight_sync import FULL_FILE
 
 
@@ -28,10 +28,11 @@ class HFBackend:
         self.pad_id = self.tokenizer.pad_token_id
         self._base_state: dict[str, Any] | None = None  # kept while a LoRA delta is merged in
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec, budget_mask: list[bool]) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec,
+                 budget_mask: list[bool]) -> list[list[GeneratedTokens]]:
         """Prompts run one batch per budget setting (a logits processor spans a whole batch); each
         prompt is repeated ``n`` times (greedy decoding refuses ``num_return_sequences > 1``)."""
-        result: list[list[Sample] | None] = [None] * len(prompts)
+        result: list[list[GeneratedTokens] | None] = [None] * len(prompts)
         for use_budget in (False, True):
             idx = [i for i, m in enumerate(budget_mask) if bool(m) == use_budget]
             if idx:
@@ -40,7 +41,8 @@ class HFBackend:
                     result[i] = samples
         return [r or [] for r in result]
 
-    def _generate(self, prompts: list[list[int]], spec: SamplingSpec, budget: int | None) -> list[list[Sample]]:
+    def _generate(self, prompts: list[list[int]], spec: SamplingSpec,
+                  budget: int | None) -> list[list[GeneratedTokens]]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -68,11 +70,12 @@ class HFBackend:
                    for r in range(new.shape[0])]
         return [samples[p * spec.n : (p + 1) * spec.n] for p in range(len(prompts))]
 
-    def _trim(self, tokens: list[int], logprobs: list[float], top: list[dict[int, float]] | None = None) -> Sample:
+    def _trim(self, tokens: list[int], logprobs: list[float],
+              top: list[dict[int, float]] | None = None) -> GeneratedTokens:
         eos = self.tokenizer.eos_token_id
         end = tokens.index(eos) + 1 if eos in tokens else len(tokens)
         top = [{**t, tok: lp} for t, tok, lp in zip(top[:end], tokens, logprobs)] if top is not None else None
-        return Sample(tokens[:end], logprobs[:end], "stop" if eos in tokens else "length", top)
+        return GeneratedTokens(tokens[:end], logprobs[:end], "stop" if eos in tokens else "length", top)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[Any, Any]:
         import torch

@@ -18,9 +18,9 @@ from typing import Any
 from posttrain.config import ModelConfig, RolloutConfig
 from posttrain.rollout.types import (
     BackendUnsupportedError,
+    GeneratedTokens,
     ModelDoesNotFitError,
     RolloutError,
-    Sample,
     SamplingSpec,
     WeightUpdate,
     request_seed,
@@ -112,7 +112,8 @@ class VLLMBackend:
         except Exception as exc:  # vLLM raises many types; classify by message
             raise _classify(exc, model_dir, cfg) from exc
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec, budget_mask: list[bool]) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec,
+                 budget_mask: list[bool]) -> list[list[GeneratedTokens]]:
         """``n`` samples per prompt; the budget applies to prompts whose ``budget_mask`` is set."""
         from vllm import SamplingParams
 
@@ -172,8 +173,8 @@ class VLLMBackend:
             llm.llm_engine.engine_core.shutdown()  # before the process exits, or /dev/shm/psm_* leaks
 
 
-def _sample(out: Any, top_k: int = 0) -> Sample:
-    """A Sample from a vLLM completion; with ``top_k``, the k likeliest tokens per position (plus the
+def _sample(out: Any, top_k: int = 0) -> GeneratedTokens:
+    """A GeneratedTokens from a vLLM completion; with ``top_k``, the k likeliest tokens per position (plus the
     sampled one when it is not among them: vLLM's dict may hold k + 1)."""
     ids = list(out.token_ids)
     logprobs = [d[t].logprob for t, d in zip(ids, out.logprobs or [])]
@@ -181,7 +182,7 @@ def _sample(out: Any, top_k: int = 0) -> Sample:
     top = None
     if top_k:
         top = [{a: lp.logprob for a, lp in d.items()} for d in out.logprobs or []]
-    return Sample(token_ids=ids, logprobs=logprobs, finish_reason=reason, top_logprobs=top)
+    return GeneratedTokens(token_ids=ids, logprobs=logprobs, finish_reason=reason, top_logprobs=top)
 
 
 def _dtype(dtype: str) -> str:

@@ -24,9 +24,9 @@ from posttrain.errors import ConfigError
 from posttrain.rollout.budget import BudgetSpec, count_reasoning_tokens
 from posttrain.rollout.types import (
     BackendUnsupportedError,
+    GeneratedTokens,
     ModelDoesNotFitError,
     Rollout,
-    Sample,
     SamplingSpec,
     TopTokens,
     WeightUpdate,
@@ -136,7 +136,7 @@ class RolloutEngine:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def _rollout(self, p: int, i: int, prompt_ids: list[int], s: Sample, thinking: bool,
+    def _rollout(self, p: int, i: int, prompt_ids: list[int], s: GeneratedTokens, thinking: bool,
                  gen: GenerationConfig) -> Rollout:
         text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
         split = chat_template.split_reasoning(text, started_in_reasoning=thinking)
@@ -150,7 +150,7 @@ class RolloutEngine:
                        reasoning_closed=split.reasoning_closed, reasoning_tokens=n_reasoning, engine=self.name,
                        top_tokens=self._top_tokens(s) if s.top_logprobs is not None else None)
 
-    def _top_tokens(self, s: Sample) -> TopTokens:
+    def _top_tokens(self, s: GeneratedTokens) -> TopTokens:
         """Token ids of the sample and of its alternatives as text (one decode per distinct id); ids
         that decode alike (e.g. partial UTF-8 bytes) share one entry holding their summed probability."""
         ids = sorted({*s.token_ids, *(t for top in s.top_logprobs or [] for t in top)})

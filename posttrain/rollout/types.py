@@ -50,7 +50,7 @@ def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 @dataclass
-class Sample:
+class GeneratedTokens:
     """One completion as a backend returns it: tokens and per-token logprobs."""
 
     token_ids: list[int]
@@ -70,7 +70,7 @@ class Rollout:
     sample_index: int  # 0 .. n-1 within that prompt
     prompt_ids: list[int]
     token_ids: list[int]
-    logprobs: list[float]  # [len(token_ids)], see Sample.logprobs
+    logprobs: list[float]  # [len(token_ids)], see GeneratedTokens.logprobs
     text: str  # decoded completion (reasoning + answer), special tokens removed
     finish_reason: FinishReason
     reasoning: str | None  # None when thinking was off

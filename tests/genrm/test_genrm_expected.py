@@ -95,3 +95,11 @@ def test_order_averaged_accuracy_cancels_position_bias():
     assert preference_metrics(pairs, biased, both_orders=True)["pairwise_accuracy_both_orders"] == 1.0
     with pytest.raises(ValueError, match="pair, swapped pair"):
         order_averaged_accuracy(pairs[:3], biased[:3])
+
+
+def test_answer_starts_after_the_first_close():
+    """A stray ``</think>`` after the verdict (quoted by the judge) does not hide the verdict's tokens."""
+    pieces = ["<think>", "r", "</think>", *JSON_PIECES, " a stray ", "</think>"]
+    alt = {3 + 6: {"5": L(0.5), "3": L(0.5)}}
+    judged, read = expected_judgement(parse_judgement("".join(pieces)), tokens(pieces, alt))
+    assert read == 3 and judged.score_1 == pytest.approx(4.0)

@@ -157,3 +157,10 @@ def test_compact_style_is_shorter_and_keeps_everything_the_judge_needs():
     assert "Reason" not in compact  # JSON only: the small GenRM trained on it answers at once
     with pytest.raises(ValueError, match="style"):
         judge_messages(conversation, "4", "5", style="short")
+
+
+def test_judge_answer_that_quotes_the_close_tag_is_read():
+    """One reasoning split for policy and judge: the answer starts after the FIRST ``</think>``, so a
+    verdict followed by a remark that quotes the tag is still the verdict (not ``no_json``)."""
+    text = "<think>R2 leaks its tags.</think>" + OK + " (response 2 printed a stray </think>)"
+    assert (parse_judgement(text).score_1, parse_judgement(text).ranking) == (4, 2)
