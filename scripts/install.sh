@@ -10,13 +10,17 @@ extras=${2:-cpu,dev}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-# The code verifiers sandbox untrusted programs with bubblewrap (without it they fall back to
-# rlimits and warn loudly). Installed only when missing and when we may (root with apt-get).
-if ! command -v bwrap >/dev/null 2>&1; then
+# The code verifiers sandbox untrusted programs with bubblewrap and a seccomp filter built by
+# libseccomp (without bwrap they fall back to rlimits and warn loudly; without libseccomp the
+# filter is listed as missing). Installed only when missing and when we may (root with apt-get).
+sandbox_pkgs=()
+command -v bwrap >/dev/null 2>&1 || sandbox_pkgs+=(bubblewrap)
+ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2 ' >/dev/null || sandbox_pkgs+=(libseccomp2)  # no -q: SIGPIPE + pipefail
+if [ ${#sandbox_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${sandbox_pkgs[@]}" >/dev/null
   else
-    echo "warning: bubblewrap (bwrap) missing; code verifiers will use the weaker rlimits sandbox" >&2
+    echo "warning: ${sandbox_pkgs[*]} missing; code verifiers will run with weaker isolation" >&2
   fi
 fi
 

@@ -1,21 +1,32 @@
 """Ray start/attach, named actors and calls that fail loudly instead of hanging.
 
 Later stages (trainer, sandboxes, GenRM) reuse these: ``init_ray()`` attaches to
-``RAY_ADDRESS`` when set, else starts a private local cluster with its own temp dir (never
-the shared /tmp/ray), no dashboard, and auth off (Ray 2.60 otherwise writes a token that breaks
-later ``ray job submit``); ``start_actor`` names actors by role (``rollout-0``) so the
-dashboard shows who is who; ``gather`` turns a dead actor or a hang into a clear error.
+``RAY_ADDRESS`` when set (auth off unless ``RAY_AUTH_MODE`` says otherwise, as for the README's
+``ray start`` + ``ray job submit``), else starts a private local cluster with its own temp dir
+(never the shared /tmp/ray), no dashboard, and token auth with a token that lives only in this
+process's environment; ``start_actor`` names actors by role (``rollout-0``) so the dashboard
+shows who is who; ``gather`` turns a dead actor or a hang into a clear error.
+
+Why the token: even without the dashboard, Ray's dashboard agent serves a job API (it runs
+shell commands) on 127.0.0.1 and on the node's own IP, and GCS/raylet gRPC listen on every
+interface; with auth off, any local process (or a sandboxed program that reaches the host's
+loopback) could run code as us. Ray's default token would be written to ``~/.ray/auth_token``,
+which switches later ``ray`` commands to token mode and breaks ``ray job submit`` to clusters
+started without it; ``RAY_AUTH_TOKEN`` in our environment reaches Ray's processes and nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from typing import Any
 
 log = logging.getLogger(__name__)
 NAMESPACE = "posttrain"
 DEFAULT_TEMP_DIR = "/tmp/ray-posttrain"
+_SAVED_ENV: dict[str, str | None] = {}  # what _private_token_auth replaced, put back by shutdown_ray
+_TOKEN = secrets.token_hex(32)  # one per process: Ray's C++ side caches the token it first read
 
 
 class ActorDiedError(RuntimeError):
@@ -40,7 +51,6 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
     """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         if metrics_export_port:
             log.warning("Ray is already running; metrics_export_port=%d is ignored (Ray keeps its own)",
@@ -48,7 +58,9 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         return _url(ray.init(address=address, namespace=namespace, log_to_driver=True))
+    _private_token_auth()
     temp_dir = temp_dir or os.environ.get("POSTTRAIN_RAY_TEMP_DIR", DEFAULT_TEMP_DIR)
     os.makedirs(temp_dir, exist_ok=True)
     # Ray 2.60 turns a loopback _node_ip_address into the host's own IP
@@ -61,6 +73,37 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
                          _metrics_export_port=port))
 
 
+def _private_token_auth() -> None:
+    """Token auth for a private cluster, unless ``RAY_AUTH_MODE`` is set (the user's choice)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token = os.environ.get("RAY_AUTH_TOKEN") or _TOKEN
+    for key, value in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN", token)):
+        _SAVED_ENV.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+    _refresh_ray_config()
+
+
+def _refresh_ray_config() -> None:
+    """Ray caches RAY_AUTH_MODE and the token: re-read both (as Ray does when it turns tokens on itself)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _restore_env() -> None:
+    if not _SAVED_ENV:
+        return
+    for key, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _SAVED_ENV.clear()
+    _refresh_ray_config()
+
+
 def _url(context: Any) -> str | None:
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not str(url).startswith("http") else url or None
@@ -71,6 +114,7 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    _restore_env()
 
 
 def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, env: dict[str, str] | None = None,

@@ -4,7 +4,8 @@ Environments call these plain functions; every result says *why* (an error kind)
 infrastructure failures (``kind == "infra"``, ``reward is None``) so they are never scored 0.
 
 - :func:`check_humaneval`, :func:`check_function`, :func:`check_io` — code, run in
-  :class:`Sandbox` (bubblewrap as an unprivileged uid, or a loudly-warned rlimits fallback);
+  :class:`Sandbox` (bubblewrap as an unprivileged uid with a seccomp filter, sized tmpfs and
+  per-run memory/process/CPU cgroup caps, or a loudly-warned rlimits fallback);
 - :class:`MathChecker` — math-verify in a killable worker process;
 - :func:`check_instructions`, :func:`check_json` — IFEval-style constraints, JSON Schema;
 - ``posttrain.verifiers.pool.VerifierPool`` — the same behind named Ray actors (imports ray).

@@ -3,40 +3,53 @@
 Isolation, strongest first:
 - ``bwrap``: bubblewrap started as a *real* unprivileged uid (root with ``--uid N`` would
   still be host root inside), fresh user/pid/net/ipc/uts/cgroup namespaces, no nested user
-  namespaces, only ``/usr`` visible (read-only), a fixed-size tmpfs as ``/tmp``,
-  ``--die-with-parent --new-session``, no_new_privs; plus rlimits set by our runner before
-  the candidate runs, and (as root) a per-run cgroup capping total memory and processes.
+  namespaces, only ``/usr`` visible (read-only), ``/`` and ``/dev`` read-only, the only writable
+  storage two sized tmpfs (``/tmp`` and ``/dev/shm``, ``Limits.tmpfs_mb`` together),
+  ``--die-with-parent --new-session``, no_new_privs, and a seccomp filter (see ``seccomp``).
+  bwrap's own pid 1 runs unfiltered next to the candidate, so its ``/proc/1`` is hidden and
+  ptrace-like calls are denied.
 - ``rlimits``: the fallback — rlimits, its own session/process group, an unprivileged uid
-  and cgroup when we are root, a private working folder; a loud warning names what is missing.
+  and cgroup when we are root, a private working folder, and an empty network namespace
+  (``unshare --net``) where one can be made; a loud warning names what is missing. Without a
+  network namespace it refuses to run while a Ray cluster is up in this process: the host's
+  loopback reaches Ray's dashboard/job API, which runs shell commands.
 
-Each run leases a uid from a rotating pool (see ``uids``); afterwards every process of that
-uid is SIGKILLed, so nothing outlives a call. Deadlines are enforced from outside with
-``poll``; we never wait for pipe EOF (a daemon could hold the pipe open). No seccomp or
-landlock filter is applied (listed as missing).
+Both: the rlimits are set by ``prlimit`` *before* ``exec bwrap`` (so every process of the run,
+bwrap's included, inherits them), and as root a per-run cgroup caps total memory, processes
+and CPU (``Limits.cpus``: a spinning run cannot starve its neighbours). Each run leases a uid
+from a rotating pool (see ``uids``); afterwards every process of that uid is SIGKILLed, so
+nothing outlives a call. Deadlines are enforced from outside with ``poll``; we never wait for
+pipe EOF (a daemon could hold the pipe open). Landlock is not applied (listed as missing).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
+import resource
 import select
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.verifiers import cgroups
+from posttrain.verifiers import cgroups, seccomp
 from posttrain.verifiers.uids import UID_BASE, UID_COUNT, UidError, UidLease, drop_to, kill_uid, remove_files_of
 
 log = logging.getLogger(__name__)
 
 RUNNER_SOURCE = (Path(__file__).with_name("_runner.py")).read_text()
+_PRLIMIT_FLAGS = {"RLIMIT_AS": "--as", "RLIMIT_CPU": "--cpu", "RLIMIT_NPROC": "--nproc", "RLIMIT_FSIZE": "--fsize",
+                  "RLIMIT_NOFILE": "--nofile", "RLIMIT_CORE": "--core"}
 
 
 class SandboxError(RuntimeError):
@@ -54,10 +67,17 @@ class Limits:
     processes: int = 32  # RLIMIT_NPROC for the run's uid
     file_size_mb: int = 16  # RLIMIT_FSIZE
     open_files: int = 64  # RLIMIT_NOFILE
-    tmpfs_mb: int = 64  # size of the private /tmp (bwrap)
+    tmpfs_mb: int = 64  # all writable storage together (bwrap): 3/4 is /tmp, 1/4 /dev/shm; the rest is read-only
+    cpus: float = 1.0  # CPU time of the whole run per second of wall time (cgroup quota, if available); 0: no cap
     log_bytes: int = 64 * 1024  # stdout+stderr kept for diagnostics; the rest is drained
     reply_bytes: int = 8 * 1024 * 1024  # one reply line; more is an output-limit failure
     start_s: float = 5.0  # the runner must say hello within this (else: infrastructure error)
+
+    def __post_init__(self) -> None:
+        if self.tmpfs_mb < 2:
+            raise ValueError(f"Limits.tmpfs_mb must be >= 2 (1 MiB each for /tmp and /dev/shm; got {self.tmpfs_mb})")
+        if self.cpus < 0:
+            raise ValueError(f"Limits.cpus must be >= 0 (0 means no CPU cap; got {self.cpus})")
 
     def rlimits(self) -> dict[str, tuple[int, int]]:
         mb = 1024 * 1024
@@ -70,6 +90,11 @@ class Limits:
             "RLIMIT_CORE": (0, 0),
         }
 
+    def tmpfs_bytes(self) -> tuple[int, int]:
+        """Sizes of the sandbox's /tmp and /dev/shm: together exactly ``tmpfs_mb``."""
+        shm_mb = max(1, self.tmpfs_mb // 4)
+        return (self.tmpfs_mb - shm_mb) << 20, shm_mb << 20
+
 
 @dataclasses.dataclass(frozen=True)
 class Isolation:
@@ -80,11 +105,17 @@ class Isolation:
     drop_uid: bool  # True when runs use a dedicated unprivileged uid (we are root)
     missing: tuple[str, ...] = ()
     cgroup: str | None = None  # "v1"/"v2": a per-run cgroup caps total memory and processes
+    cpu_cap: bool = False  # the per-run cgroup also caps CPU (Limits.cpus)
+    seccomp: int = 0  # bwrap: syscalls the seccomp filter denies (0: no filter)
+    network: tuple[str, ...] = ()  # rlimits: argv prefix giving each run an empty network namespace
 
     def describe(self) -> str:
         who = f"uids {UID_BASE}-{UID_BASE + UID_COUNT - 1}" if self.drop_uid else f"own uid {os.getuid()}"
         text = f"{self.kind} as {who}, python {self.python}"
-        text += f", cgroup {self.cgroup} (total memory + pids cap)" if self.cgroup else ""
+        text += f", seccomp filter ({self.seccomp} syscalls denied)" if self.seccomp else ""
+        text += ", own network namespace (unshare)" if self.network else ""
+        caps = "total memory + pids + CPU cap" if self.cpu_cap else "total memory + pids cap"
+        text += f", cgroup {self.cgroup} ({caps})" if self.cgroup else ""
         return text + (f"; MISSING: {', '.join(self.missing)}" if self.missing else "")
 
 
@@ -96,6 +127,40 @@ def _sandbox_python() -> str:
     raise SandboxError("no python3 for the sandbox: install python3 under /usr/bin or set POSTTRAIN_SANDBOX_PYTHON")
 
 
+def ray_cluster_up() -> bool:
+    """Is this process attached to a Ray cluster (a driver after ``ray.init``, or a Ray actor)?
+
+    Only our own cluster is seen (Ray loaded here, never imported for the check); a cluster some
+    other process started on this host is not, which is why the fallback always takes a network
+    namespace when it can get one.
+    """
+    ray = sys.modules.get("ray")
+    is_initialized = getattr(ray, "is_initialized", None)
+    return bool(is_initialized and is_initialized())
+
+
+@functools.cache
+def network_namespace() -> tuple[str, ...]:
+    """argv prefix running a command in a new, empty network namespace; () when none works here.
+
+    As root ``unshare --net`` (before the uid is dropped); otherwise a user namespace around it.
+    """
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return ()
+    tries = [[unshare, "--user", "--map-current-user", "--net", "--"]]
+    if os.geteuid() == 0:
+        tries.insert(0, [unshare, "--net", "--"])
+    for prefix in tries:
+        try:
+            subprocess.run([*prefix, "true"], check=True, timeout=10, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return tuple(prefix)
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return ()
+
+
 @functools.cache
 def detect_isolation(mode: str | None = None) -> Isolation:
     """Probe once per process. ``mode`` (or $POSTTRAIN_SANDBOX) forces "bwrap" or "rlimits"."""
@@ -103,30 +168,91 @@ def detect_isolation(mode: str | None = None) -> Isolation:
     if mode not in ("auto", "bwrap", "rlimits"):
         raise ValueError(f"sandbox mode must be auto, bwrap or rlimits (got {mode!r})")
     python, root = _sandbox_python(), os.geteuid() == 0
-    missing = ["seccomp/landlock syscall filter"]
+    missing = []
     if not root:
         missing.append("dedicated uid (runs as your own uid and can touch your files)")
     cgroup = cgroups.mode() if root and os.environ.get("POSTTRAIN_SANDBOX_CGROUP", "1") != "0" else None
+    cpu_cap = bool(cgroup) and cgroups.has_cpu_cap(cgroup)
     if cgroup is None:
         missing.append("cgroup (memory cap is per process, not per run)")
+    if not cpu_cap:
+        missing.append("per-run CPU cap (a run's processes compete for every core)")
     if mode != "rlimits" and shutil.which("bwrap"):
-        iso = Isolation("bwrap", python, root, tuple(missing), cgroup)
         try:
-            with Sandbox(Limits(wall_s=10, start_s=10), iso) as probe:
-                probe.start("pass", None)
-            log.debug("sandbox: %s", iso.describe())
-            return iso
-        except SandboxError as exc:
-            if mode == "bwrap":
-                raise
-            log.warning("bubblewrap is installed but does not work here (%s)", exc)
+            seccomp.filter_bytes()
+            filters: list[tuple[int, tuple[str, ...]]] = [(len(seccomp.denied_names()), ())]
+        except seccomp.SeccompUnavailable as exc:
+            filters = []
+            missing.append(f"seccomp syscall filter ({exc})")
+        filters.append((0, ("seccomp syscall filter (bwrap refused it)",) if filters else ()))
+        for denied, more in filters:
+            iso = Isolation("bwrap", python, root, (*missing, *more, "landlock"), cgroup, cpu_cap, denied)
+            try:
+                with Sandbox(Limits(wall_s=10, start_s=10), iso) as probe:
+                    probe.start("pass", None)
+                log.debug("sandbox: %s", iso.describe())
+                return iso
+            except SandboxError as exc:
+                error = exc
+        if mode == "bwrap":
+            raise error
+        log.warning("bubblewrap is installed but does not work here (%s)", error)
     elif mode == "bwrap":
         raise SandboxError("bwrap not found: apt-get install bubblewrap (scripts/install.sh does it as root)")
-    missing += ["network isolation", "filesystem view (host files readable)", "pid namespace",
+    network = network_namespace()
+    missing += ["seccomp syscall filter", "landlock", "filesystem view (host files readable)", "pid namespace",
                 "fixed-size tmpfs (only per-file size cap)"]
-    iso = Isolation("rlimits", python, root, tuple(missing), cgroup)
+    if not network:
+        missing.append("network isolation (refuses to run while Ray is up)")
+    iso = Isolation("rlimits", python, root, tuple(missing), cgroup, cpu_cap, 0, network)
     log.warning("SANDBOX IS WEAK: %s. Install bubblewrap for namespaces.", iso.describe())
     return iso
+
+
+@functools.cache
+def runner_bytecode(python: str) -> str | None:
+    """RUNNER_SOURCE compiled by the sandbox's interpreter; runs then skip a ~4 ms compile.
+
+    One .pyc per (runner source, interpreter build), shared by our processes in a folder only
+    we can write and the run's uid can read (a Ray actor killed without atexit leaves nothing
+    new behind). None if it cannot be made: runs then pass the source with ``-c``.
+    """
+    folder = Path(tempfile.gettempdir()) / f"posttrain-runner-{os.geteuid()}"
+    try:
+        real = os.path.realpath(python)
+        key = f"{RUNNER_SOURCE}\0{real}\0{os.stat(real).st_mtime_ns}".encode()
+        pyc = folder / f"{hashlib.sha256(key).hexdigest()[:24]}.pyc"
+        folder.mkdir(mode=0o755, exist_ok=True)
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise OSError(f"{folder} is not a folder only we can write")
+        if not pyc.exists():
+            source = folder / f"{pyc.stem}.{os.getpid()}.py"
+            partial = folder / f"{pyc.stem}.{os.getpid()}.tmp"
+            source.write_text(RUNNER_SOURCE)
+            compile_it = "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], doraise=True)"
+            try:
+                subprocess.run([python, "-I", "-S", "-c", compile_it, str(source), str(partial)], check=True,
+                               timeout=60, stdin=subprocess.DEVNULL, capture_output=True)
+            finally:
+                source.unlink(missing_ok=True)
+            partial.chmod(0o644)
+            os.replace(partial, pyc)  # atomic: other processes see the whole file or none
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not precompile the sandbox runner with %s (%s); passing its source instead", python, exc)
+        return None
+    return str(pyc)
+
+
+@functools.cache
+def _prlimit() -> str | None:
+    return shutil.which("prlimit")
+
+
+def _set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
+    """preexec_fn fallback when util-linux ``prlimit`` is missing (slower: no vfork)."""
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), value)
 
 
 class Sandbox:
@@ -142,7 +268,7 @@ class Sandbox:
         self.log = bytearray()
         self._buf = bytearray()
         self._lease: UidLease | None = None
-        self._cgroup: cgroups.RunCgroup | None = None
+        self._slot: cgroups.Slot | None = None
         self._tmp: str | None = None
         self._deadline = 0.0
         self._req_w: int | None = None
@@ -155,43 +281,74 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _command(self, req_fd: int, rep_fd: int) -> list[str]:
-        runner = [self.isolation.python, "-I", "-S", "-c", RUNNER_SOURCE, str(req_fd), str(rep_fd),
-                  json.dumps(self.limits.rlimits())]
+    def _command(self, req_fd: int, rep_fd: int, filter_fd: int | None) -> list[str]:
+        """prlimit (so bwrap and everything under it inherit the limits), bwrap, the runner."""
+        rlimits = self.limits.rlimits()
+        pyc = runner_bytecode(self.isolation.python)
+        if pyc and not os.path.exists(pyc):  # a /tmp cleaner took it: compile again
+            runner_bytecode.cache_clear()
+            pyc = runner_bytecode(self.isolation.python)
+        code = ["-c", RUNNER_SOURCE] if pyc is None else ["/runner.pyc" if self.isolation.kind == "bwrap" else pyc]
+        runner = [self.isolation.python, "-I", "-S", *code, str(req_fd), str(rep_fd), json.dumps(rlimits)]
+        prlimit = _prlimit()
+        limited = [prlimit, *[f"{_PRLIMIT_FLAGS[n]}={s}:{h}" for n, (s, h) in rlimits.items()], "--"] if prlimit else []
         if self.isolation.kind != "bwrap":
-            return runner
-        return ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            return [*limited, *runner]
+        tmp_bytes, shm_bytes = self.limits.tmpfs_bytes()
+        return [*limited, "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
                 "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
                 "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
                 "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
-                "--size", str(self.limits.tmpfs_mb * 1024 * 1024), "--tmpfs", "/tmp", "--chdir", "/tmp",
-                "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+                *(["--ro-bind", pyc, "/runner.pyc"] if pyc else []),
+                # bwrap's pid 1 is unfiltered and as old as the sandbox: hide its mem, fds, environ...
+                "--size", "4096", "--tmpfs", "/proc/1", "--remount-ro", "/proc/1",
+                "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--size", str(shm_bytes), "--tmpfs", "/dev/shm",
+                "--remount-ro", "/dev", "--remount-ro", "/",  # the only writable storage: the two sized tmpfs
+                *(["--seccomp", str(filter_fd)] if filter_fd is not None else []),
+                "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                 "--setenv", "LANG", "C.UTF-8", "--", *runner]
 
     def _identity(self) -> tuple[list[str], dict[str, Any], str]:
-        """Lease a uid (and its cgroup) when we are root; returns argv prefix, Popen kwargs, cwd."""
-        prefix: list[str] = []
+        """Lease a uid (and a cgroup slot) when we are root; returns argv prefix, Popen kwargs, cwd.
+
+        The prefix: [join the cgroup (v2)] [own network namespace (rlimits)] [drop to the uid].
+        """
+        join: list[str] = []
+        drop: list[str] = []
         kwargs: dict[str, Any] = {}
+        if not _prlimit():
+            kwargs["preexec_fn"] = functools.partial(_set_rlimits, self.limits.rlimits())
         if self.isolation.drop_uid:
             try:
                 self._lease = UidLease()
-                prefix, kwargs = drop_to(self._lease.uid)
+                drop, more = drop_to(self._lease.uid)
+                kwargs.update(more)
                 if self.isolation.cgroup:
-                    self._cgroup = cgroups.RunCgroup(f"posttrain-sandbox-{self._lease.uid}",
-                                                     self.limits.run_memory_mb << 20, self.limits.processes + 4,
-                                                     self.isolation.cgroup)
-                    prefix = self._cgroup.wrapper() + prefix
+                    cpus = self.limits.cpus if self.isolation.cpu_cap else 0
+                    # pids: the run's processes, bwrap's two and slack
+                    self._slot = cgroups.lease(self.isolation.cgroup, self.limits.run_memory_mb << 20,
+                                               self.limits.processes + 4, cpus)
+                    join = [] if self._slot.in_thread else self._slot.cgroup.wrapper()
             except (UidError, OSError, ValueError) as exc:
                 raise SandboxError(f"could not prepare the sandbox uid/cgroup: {exc}") from exc
-        cwd = "/"
-        if self.isolation.kind != "bwrap":  # no private tmpfs: a private folder as the working directory
-            cwd = self._tmp = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-            if self._lease:
-                os.chown(cwd, self._lease.uid, self._lease.uid)
-        return prefix, kwargs, cwd
+        return [*join, *self.isolation.network, *drop], kwargs, self._workdir()
+
+    def _workdir(self) -> str:
+        if self.isolation.kind == "bwrap":
+            return "/"
+        self._tmp = tempfile.mkdtemp(prefix="posttrain-sandbox-")  # no private tmpfs: a private folder
+        if self._lease:
+            os.chown(self._tmp, self._lease.uid, self._lease.uid)
+        return self._tmp
 
     def start(self, source: str, entry_point: str | None) -> dict[str, Any]:
         """Start the runner, load ``source``; returns its setup reply (``status`` "ready" or why not)."""
+        if self.isolation.kind != "bwrap" and not self.isolation.network and ray_cluster_up():
+            raise SandboxError(
+                "refusing to run untrusted code: the rlimits fallback has no network isolation (`unshare --net` "
+                "failed here) and a Ray cluster is up in this process, whose dashboard/job API on 127.0.0.1 runs "
+                "shell commands. Install bubblewrap (apt-get install bubblewrap), or allow network namespaces "
+                f"(root, or unprivileged user namespaces). Isolation: {self.isolation.describe()}")
         prefix, kwargs, cwd = self._identity()
         self._deadline = time.monotonic() + self.limits.wall_s
         req_r, self._req_w = os.pipe()
@@ -199,19 +356,22 @@ class Sandbox:
         self._log_r, log_w = os.pipe()
         for fd in (self._req_w, self._rep_r, self._log_r):
             os.set_blocking(fd, False)
+        filter_fd = seccomp.filter_pipe() if self.isolation.kind == "bwrap" and self.isolation.seccomp else None
+        passed = (req_r, rep_w) if filter_fd is None else (req_r, rep_w, filter_fd)
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "LANG": "C.UTF-8"}
+        argv = prefix + self._command(req_r, rep_w, filter_fd)
+        popen = functools.partial(subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_w, stderr=log_w,
+                                  pass_fds=passed, cwd=cwd, env=env, start_new_session=True, **kwargs)
         try:
-            self.proc = subprocess.Popen(prefix + self._command(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=log_w,
-                                         stderr=log_w, pass_fds=(req_r, rep_w), cwd=cwd, env=env,
-                                         start_new_session=True, **kwargs)
+            self.proc = self._slot.spawn(popen) if self._slot else popen()  # a slot forks inside its cgroup
         except OSError as exc:
             raise SandboxError(f"could not start the sandbox: {exc}") from exc
         finally:
-            for fd in (req_r, rep_w, log_w):
+            for fd in (*passed, log_w):
                 os.close(fd)
         hello = self._read_reply(min(self._deadline, time.monotonic() + self.limits.start_s))
         if not hello or hello.get("status") != "hello":
-            raise SandboxError(f"sandbox did not start ({self.isolation.kind}): {hello} {self.log_text()[-500:]!r}")
+            raise SandboxError(f"sandbox could not start ({self.isolation.kind}): {hello} {self.log_text()[-500:]!r}")
         return self.request({"source": source, "entry_point": entry_point})
 
     def request(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +402,7 @@ class Sandbox:
             self.kill()
         if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap reports a child's signal as 128+N
             return {"status": "timeout", "message": f"CPU limit {self.limits.cpu_s}s"}
-        if self._cgroup and self._cgroup.hit_memory_limit():
+        if self._slot and self._slot.cgroup.hit_memory_limit():
             return {"status": "memory", "message": f"run memory cap {self.limits.run_memory_mb} MiB (cgroup)"}
         return {"status": "crash", "message": f"program ended without answering (exit {code})"}
 
@@ -319,7 +479,10 @@ class Sandbox:
     def close(self) -> None:
         try:
             self.kill()
+            if self._slot:  # only a swept slot is reused
+                cgroups.release(self._slot)
         finally:
+            self._slot = None
             for name in ("_req_w", "_rep_r", "_log_r"):
                 fd = getattr(self, name, None)
                 if fd is not None:

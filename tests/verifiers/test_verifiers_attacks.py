@@ -9,6 +9,7 @@ the slow run repeats everything on the rlimits fallback.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import socket
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.verifiers import sandbox as sandbox_mod
 from posttrain.verifiers.code import INFRA, check_function
 from posttrain.verifiers.sandbox import Limits, detect_isolation
-from posttrain.verifiers.uids import UID_BASE, UID_COUNT, processes_of
+from posttrain.verifiers.uids import LOCK_DIR, UidLease, processes_of
 
 PROJECT = Path(__file__).resolve().parents[2]
 TEST = ("def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
@@ -89,6 +91,9 @@ ATTACKS: list[tuple[str, str, bool]] = [
      "    if libc.unshare(0x10000000) == 0:\n        return -1\n"
      "    if os.system('unshare -Ur true 2>/dev/null') == 0:\n"
      "        return -1\n    return a + b\n", True),
+    ("ptrace_pid1", "import ctypes, os\ndef add(a, b):\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+     "    for pid in (1, os.getppid()):\n        if libc.syscall(101, 16, pid, 0, 0) == 0:\n            return -1\n"
+     "    try:\n        open('/proc/1/mem', 'r+b'); return -1\n    except OSError:\n        return a + b\n", True),
     ("deep_recursion", "import sys\nsys.setrecursionlimit(10**6)\ndef add(a, b):\n    return add(a, b) + 1\n", False),
     ("huge_return_value", "def add(a, b):\n    return 'x' * (64 * 2**20)\n", False),
     ("syntax_bomb", "def add(a, b):\n    return " + "(" * 5000 + "1" + ")" * 5000 + "\n", False),
@@ -105,8 +110,34 @@ def host_listener():
     server.close()
 
 
-def _no_sandbox_processes() -> list[int]:
-    return [pid for uid in range(UID_BASE, UID_BASE + UID_COUNT) for pid in processes_of(uid)]
+@pytest.fixture
+def leased_uids(monkeypatch) -> list[int]:
+    """The sandbox uids this test's runs lease (other processes may run sandboxes meanwhile)."""
+    uids: list[int] = []
+
+    class Recorded(UidLease):
+        def __init__(self) -> None:
+            super().__init__()
+            uids.append(self.uid)
+
+    monkeypatch.setattr(sandbox_mod, "UidLease", Recorded)
+    return uids
+
+
+def _survivors(uids: list[int]) -> list[int]:
+    """Live processes of our runs' uids; a uid someone else leases again right now is theirs."""
+    pids = []
+    for uid in set(uids):
+        fd = os.open(LOCK_DIR / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            pids += processes_of(uid)
+        finally:
+            os.close(fd)
+    return pids
 
 
 def _project_digest() -> str:
@@ -116,7 +147,8 @@ def _project_digest() -> str:
     return digest.hexdigest()
 
 
-def run_attack(name: str, program: str, may_pass: bool, isolation, host_listener, tmp_path) -> None:
+def run_attack(name: str, program: str, may_pass: bool, isolation, host_listener, tmp_path,
+               leased_uids: list[int]) -> None:
     sentinel = tmp_path / "sentinel"
     sentinel.write_text("intact")
     targets = [str(sentinel), str(PROJECT / "pwned"), "/etc/pwned", "/usr/pwned"]
@@ -128,7 +160,9 @@ def run_attack(name: str, program: str, may_pass: bool, isolation, host_listener
     elapsed = time.monotonic() - start
 
     assert result.kind != INFRA, f"{name}: the sandbox failed to run: {result.detail}"
-    if may_pass and isolation.kind == "bwrap":
+    # the fallback's own network namespace (unshare --net) must hold too
+    guaranteed = isolation.kind == "bwrap" or (isolation.network and name.startswith("network"))
+    if may_pass and guaranteed:
         assert result.passed, f"{name}: isolation probe saw the forbidden thing succeed: {result}"
     elif not may_pass:
         assert not result.passed, f"{name}: a wrong program passed: {result}"
@@ -139,27 +173,28 @@ def run_attack(name: str, program: str, may_pass: bool, isolation, host_listener
     assert not (PROJECT / "pwned").exists() and not Path("/etc/pwned").exists()
     assert not Path("/usr/pwned").exists() and not Path("/tmp/fill").exists()
     assert _project_digest() == before
-    if isolation.kind == "bwrap":  # the fallback has no network namespace (its warning says so)
+    if isolation.kind == "bwrap" or isolation.network:  # else the fallback's warning says so
         with pytest.raises(BlockingIOError):
             host_listener.accept()
     # nothing left running, and the next call works
-    assert _no_sandbox_processes() == [], f"{name}: processes survived the call"
+    if isolation.drop_uid:
+        assert leased_uids and _survivors(leased_uids) == [], f"{name}: processes survived the call"
     follow_up = check_function(GOOD, "add", TEST, limits=LIMITS, isolation=isolation)
     assert follow_up.passed, f"after {name}: {follow_up}"
 
 
 @pytest.mark.parametrize("name,program,may_pass", ATTACKS, ids=[a[0] for a in ATTACKS])
-def test_attack_best_isolation(name, program, may_pass, host_listener, tmp_path):
+def test_attack_best_isolation(name, program, may_pass, host_listener, tmp_path, leased_uids):
     isolation = detect_isolation()
     print(f"isolation: {isolation.describe()}")
-    run_attack(name, program, may_pass, isolation, host_listener, tmp_path)
+    run_attack(name, program, may_pass, isolation, host_listener, tmp_path, leased_uids)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the fallback is only contained with a dedicated uid (root)")
 @pytest.mark.parametrize("name,program,may_pass", ATTACKS, ids=[a[0] for a in ATTACKS])
-def test_attack_rlimits_fallback(name, program, may_pass, host_listener, tmp_path):
-    run_attack(name, program, may_pass, detect_isolation("rlimits"), host_listener, tmp_path)
+def test_attack_rlimits_fallback(name, program, may_pass, host_listener, tmp_path, leased_uids):
+    run_attack(name, program, may_pass, detect_isolation("rlimits"), host_listener, tmp_path, leased_uids)
 
 
 RESOURCE_ATTACKS = [a for a in ATTACKS if a[0] in ("fork_bomb", "memory_bomb", "memory_bomb_many_processes",
@@ -168,10 +203,10 @@ RESOURCE_ATTACKS = [a for a in ATTACKS if a[0] in ("fork_bomb", "memory_bomb", "
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,program,may_pass", RESOURCE_ATTACKS, ids=[a[0] for a in RESOURCE_ATTACKS])
-def test_attack_without_cgroup(name, program, may_pass, host_listener, tmp_path):
+def test_attack_without_cgroup(name, program, may_pass, host_listener, tmp_path, leased_uids):
     """Machines without cgroups: rlimits alone must still contain the resource attacks."""
-    isolation = dataclasses.replace(detect_isolation(), cgroup=None)
-    run_attack(name, program, may_pass, isolation, host_listener, tmp_path)
+    isolation = dataclasses.replace(detect_isolation(), cgroup=None, cpu_cap=False)
+    run_attack(name, program, may_pass, isolation, host_listener, tmp_path, leased_uids)
 
 
 def test_good_program_passes_and_reports_isolation():
