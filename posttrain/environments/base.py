@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -138,6 +139,18 @@ async def score_batch(env: Environment, samples: Sequence[Sample], completions: 
             return await score_safely(env, sample, completion, timeout)
 
     return list(await asyncio.gather(*(one(s, c) for s, c in zip(samples, completions))))
+
+
+def rng_state(rng: random.Random) -> list[Any]:
+    """``rng``'s state as JSON data (checkpoints are JSON): for an environment's ``state_dict``."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_rng(rng: random.Random, state: Sequence[Any]) -> None:
+    """Put ``rng`` back in a state from :func:`rng_state` (or ``getstate()`` after a JSON round trip)."""
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
 
 
 def user_prompt(text: str, system: str | None = None) -> Messages:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.environments.base import Sample, Score
+from posttrain.environments.base import Sample, Score, restore_rng, rng_state
 
 
 def allocate(weights: Mapping[str, float], n: int, rng: random.Random) -> dict[str, int]:
@@ -131,12 +131,11 @@ class EnvSampler:
         self.step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "pass_rate": dict(self.pass_rate), "step": self.step,
+        return {"rng": rng_state(self.rng), "pass_rate": dict(self.pass_rate), "step": self.step,
                 "order": list(self._order)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        rng = state["rng"]
-        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        restore_rng(self.rng, state["rng"])
         self.pass_rate = dict(state["pass_rate"])
         self.step = int(state["step"])
         self._order = list(state["order"])
@@ -160,11 +159,10 @@ class MixedSampler:
         self.samplers[env_name].update(pass_rates)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "envs": {k: s.state_dict() for k, s in self.samplers.items()}}
+        return {"rng": rng_state(self.rng), "envs": {k: s.state_dict() for k, s in self.samplers.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        rng = state["rng"]
-        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        restore_rng(self.rng, state["rng"])
         for name, sub in state["envs"].items():
             self.samplers[name].load_state_dict(sub)
 

@@ -62,6 +62,12 @@ class LocalJudge:
     def close(self) -> None:
         """The pool belongs to the caller (it may be the policy's): nothing to release here."""
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self._batches}  # the next batch's seed offset
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._batches = int(state["batches"])
+
     def __enter__(self) -> LocalJudge:
         return self
 

@@ -14,20 +14,29 @@ response instead: reward 1 / 0.5 / 0 for a win / tie / loss, so ``eval/genrm/acc
 the policy's win rate against the reference and ``eval/genrm/reward`` counts ties as halves;
 ``eval/genrm/reference_margin`` is the mean of (policy's GenRM reward - reference's): a finer
 measure of the same thing when the judge's verdicts are expectations.
+
+A judge call that fails (outage, timeout, crashed engine) is not a verdict: the rollouts it
+compared are scored as infra errors (counted in ``env/genrm/errors/infra`` and
+``verifier/errors``, not trained), and a step in which every call failed is logged as a warning.
+The shuffle RNG and the judge's seed counter are checkpointed (:meth:`GenRMEnv.state_dict`), so
+a resumed run judges exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from posttrain.config import Config, ModelConfig, RolloutConfig
-from posttrain.environments.base import Completion, Sample, Score
+from posttrain.environments.base import Completion, Sample, Score, restore_rng, rng_state
 from posttrain.genrm.backends import (
     JudgeBackend,
     JudgeCall,
@@ -37,11 +46,14 @@ from posttrain.genrm.backends import (
 )
 from posttrain.genrm.circular import Mode, Rule, aggregate, orient, pairs, position_bias
 from posttrain.genrm.expected_score import judge_verdicts
+from posttrain.genrm.judge import Conversation
 from posttrain.genrm.judge_format import Judgement, judge_messages
 from posttrain.genrm.length_control import LengthControl, apply_length_control
 from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
 
 REWARD_RANGE = (0.0, 6.0)  # raw GenRM rewards (1-5 scores, ranking shifts, length terms) -> [0, 1]
+
+log = logging.getLogger(__name__)
 
 
 class LengthControlConfig(Config):
@@ -88,6 +100,8 @@ class GenRMEnv:
         self._rng = random.Random(self.opts.seed)
         self._pool: Any = None
         self._backend: JudgeBackend | None = backend
+        self._given_backend = backend is not None
+        self._judge_state: dict[str, Any] | None = None  # loaded before start(): applied by start()
 
     # ----------------------------------------------------------------- data
 
@@ -107,22 +121,25 @@ class GenRMEnv:
     # ----------------------------------------------------------------- actors
 
     def roles(self) -> dict[str, list[dict[str, float]]]:
-        """Ray bundles this environment needs: one per local GenRM engine."""
-        if self.opts.judge.backend != "local":
+        """Ray bundles this environment needs: one per local GenRM engine (none with a given backend)."""
+        if self.opts.judge.backend != "local" or self._given_backend:
             return {}
         r = self.opts.judge_rollout
         return {"genrm": [{"CPU": r.cpus_per_engine}] * r.num_engines}
 
     def start(self, placement: Any = None) -> None:
         """Start the judge (local: GenRM engines ``genrm-0..`` in the stage's placement group)."""
-        if self._backend is not None:
-            return
+        if self._backend is None:
+            self._backend = self._start_backend(placement)
+        self._apply_judge_state()
+
+    def _start_backend(self, placement: Any) -> JudgeBackend:
         if self.opts.judge.backend == "local":
             from posttrain.rollout.pool import RolloutPool
 
             self._pool = RolloutPool(ModelConfig(name=self.opts.judge.model), self.opts.judge_rollout,
                                      name_prefix="genrm", placement=placement)
-        self._backend = judge_backend(self.opts.judge, pool=self._pool)
+        return judge_backend(self.opts.judge, pool=self._pool)
 
     def close(self) -> None:
         if self._backend is not None:
@@ -130,6 +147,22 @@ class GenRMEnv:
         if self._pool is not None:
             self._pool.shutdown()
         self._backend = self._pool = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to judge as an uninterrupted one (JSON): the shuffle RNG, the judge's state."""
+        judge = self._backend.state_dict() if self._backend is not None else self._judge_state
+        return {"rng": rng_state(self._rng), "judge": judge}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(self._rng, state["rng"])
+        self._judge_state = state.get("judge")
+        if self._backend is not None:
+            self._apply_judge_state()
+
+    def _apply_judge_state(self) -> None:
+        if self._judge_state is not None and self._backend is not None:
+            self._backend.load_state_dict(self._judge_state)
+            self._judge_state = None
 
     # ----------------------------------------------------------------- scoring
 
@@ -139,27 +172,32 @@ class GenRMEnv:
 
     async def score_groups(self, samples: Sequence[Sample], groups: Sequence[Sequence[Completion]]) -> list[list[Score]]:
         plans = [self._plan(s, g) for s, g in zip(samples, groups)]
-        batch = [conv for plan in plans for conv in plan["convs"]]
+        batch = [conv for plan in plans for conv in plan.convs]
         self.start()
         calls = await asyncio.to_thread(self._backend.complete, batch) if batch else []  # type: ignore[union-attr]
+        _warn_if_all_failed(calls)
         judgements, expected_rate = judge_verdicts(calls, self.opts.judge.scoring)
-        step = _step_metrics(calls, judgements, [p for plan in plans for p in plan["shown"]])
+        step = _step_metrics(calls, judgements, [p for plan in plans for p in plan.shown])
         if self.opts.judge.scoring == "expected":
             step["expected_values_rate"] = expected_rate
         out, at = [], 0
         for plan, group in zip(plans, groups):
-            k = len(plan["convs"])
-            out.append(self._rewards(plan, group, judgements[at:at + k], step))
+            k = len(plan.convs)
+            verdicts = Verdicts(judgements[at:at + k], calls[at:at + k], step)
+            if isinstance(plan, VersusReference):
+                out.append([self._reference_score(plan, verdicts)])
+            else:
+                out.append(self._group_scores(plan, group, verdicts))
             at += k
         return out
 
-    def _plan(self, sample: Sample, group: Sequence[Completion]) -> dict[str, Any]:
+    def _plan(self, sample: Sample, group: Sequence[Completion]) -> WithinGroup | VersusReference:
         """The comparisons of one group: oriented index pairs and their judge conversations."""
         answers = [c.answer for c in group]
         if len(group) == 1:  # evaluation: against the reference response (index 1)
             reference = (sample.answer or {}).get("reference") if isinstance(sample.answer, dict) else None
             if not reference:
-                return {"answers": answers, "shown": [], "convs": [], "single": True}
+                return VersusReference([], [])
             answers, shown = answers + [reference], [(0, 1)]
         else:
             shown = pairs(len(group), self.opts.mode, self.opts.k)
@@ -169,29 +207,74 @@ class GenRMEnv:
             shown = orient(shown, self._rng)
         convs = [judge_messages(sample.messages, answers[a], answers[b], style=self.opts.judge.prompt_style)
                  for a, b in shown]
-        return {"answers": answers, "shown": shown, "convs": convs, "single": len(group) == 1}
+        return VersusReference(shown, convs) if len(group) == 1 else WithinGroup(shown, convs)
 
-    def _rewards(self, plan: dict[str, Any], group: Sequence[Completion], judgements: list[Judgement],
-                 step: dict[str, float]) -> list[Score]:
-        if plan["single"]:
-            if not plan["shown"]:
-                return [Score(0.0, dict(step), error="no_reference")]
-            mine, ref = aggregate(2, plan["shown"], judgements, self.opts.rule)
-            win = 1.0 if mine > ref else 0.5 if mine == ref else 0.0
-            failed = next((j.error for j in judgements if not j.parsed), None)
-            error = None if failed is None else f"judge:{failed}"
-            return [Score(win, {**step, "raw_reward": mine, "reference_reward": ref, "reference_margin": mine - ref},
-                          error)]
-        raw = aggregate(len(group), plan["shown"], judgements, self.opts.rule)
+    def _reference_score(self, plan: VersusReference, verdicts: Verdicts) -> Score:
+        if not plan.shown:
+            return Score(0.0, dict(verdicts.step), error="no_reference")
+        mine, ref = aggregate(2, plan.shown, verdicts.judgements, self.opts.rule)
+        win = 1.0 if mine > ref else 0.5 if mine == ref else 0.0
+        failed = next((j.error for j in verdicts.judgements if not j.parsed), None)
+        error = verdicts.outage(plan.shown).get(0) or (None if failed is None else f"judge:{failed}")
+        return Score(win, {**verdicts.step, "raw_reward": mine, "reference_reward": ref,
+                           "reference_margin": mine - ref}, error)
+
+    def _group_scores(self, plan: WithinGroup, group: Sequence[Completion], verdicts: Verdicts) -> list[Score]:
+        raw = aggregate(len(group), plan.shown, verdicts.judgements, self.opts.rule)
         adjusted = apply_length_control(raw, [c.reasoning_tokens for c in group],
                                         [c.answer_tokens for c in group], self.length)
         lo, hi = REWARD_RANGE
-        failed = sum(not j.parsed for j in judgements) / max(len(judgements), 1)
+        failed = sum(not j.parsed for j in verdicts.judgements) / max(len(verdicts.judgements), 1)
+        outage = verdicts.outage(plan.shown)
         # length terms can push a raw reward out of the range: clamped, and counted (env/genrm/reward_clamped)
         return [Score(min(1.0, max(0.0, (r - lo) / (hi - lo))),
-                      {**step, "raw_reward": r, "judge_reward": j, "group_parse_failures": failed,
-                       "reward_clamped": float(not lo <= r <= hi)})
-                for r, j in zip(adjusted, raw)]
+                      {**verdicts.step, "raw_reward": r, "judge_reward": j, "group_parse_failures": failed,
+                       "reward_clamped": float(not lo <= r <= hi)}, outage.get(i))
+                for i, (r, j) in enumerate(zip(adjusted, raw))]
+
+
+@dataclass(frozen=True)
+class WithinGroup:
+    """The judge calls comparing a group's rollouts: ``convs[k]`` shows ``shown[k]`` = (first, second)."""
+
+    shown: list[tuple[int, int]]
+    convs: list[Conversation]
+
+
+@dataclass(frozen=True)
+class VersusReference:
+    """Greedy evaluation: the one rollout (index 0) against the prompt's reference (index 1); no calls
+    when the sample has no reference."""
+
+    shown: list[tuple[int, int]]
+    convs: list[Conversation]
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What the judge said about one group: a judgement per call (failed calls: the fallback), the
+    calls themselves, and the step's judge statistics."""
+
+    judgements: list[Judgement]
+    calls: list[JudgeCall]
+    step: dict[str, float]
+
+    def outage(self, shown: Sequence[tuple[int, int]]) -> dict[int, str]:
+        """An infra error per answer that a failed call compared (its reward is not a verdict)."""
+        out: dict[int, str] = {}
+        for pair, call in zip(shown, self.calls):
+            if not call.ok:
+                for i in pair:
+                    out.setdefault(i, f"infra:judge call failed ({call.error})")
+        return out
+
+
+def _warn_if_all_failed(calls: list[JudgeCall]) -> None:
+    """A step with judge calls and no answer to any of them: every reward of it is made up."""
+    if calls and not any(c.ok for c in calls):
+        codes = ", ".join(f"{code} x{n}" for code, n in Counter(c.error or "unknown" for c in calls).most_common())
+        log.warning("genrm: every judge call of this step failed (%d calls: %s); no rollout of it is trained. "
+                    "Is the judge up? (%s)", len(calls), codes, calls[0].detail[:200])
 
 
 def _step_metrics(calls: list[JudgeCall], judgements: list[Judgement], shown: list[tuple[int, int]]) -> dict[str, float]:

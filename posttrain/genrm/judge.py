@@ -89,8 +89,16 @@ class JudgeCall:
 
 
 class JudgeBackend(Protocol):
-    """Anything that turns judge conversations into raw completions, one per conversation, in order."""
+    """Anything that turns judge conversations into raw completions, one per conversation, in order.
+
+    ``state_dict`` is what a resumed run needs to sample as an uninterrupted one (JSON data, e.g. a
+    seed counter; ``{}`` for a stateless backend), given back through ``load_state_dict``.
+    """
 
     def complete(self, batch: list[Conversation]) -> list[JudgeCall]: ...
 
     def close(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

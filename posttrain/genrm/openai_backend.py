@@ -81,6 +81,12 @@ class OpenAIJudge:
         if not thread.is_alive():
             loop.close()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # every request carries judge.seed as configured: nothing moves between batches
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Stateless: nothing to restore."""
+
     def __enter__(self) -> OpenAIJudge:
         return self
 

@@ -75,7 +75,7 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
     with actors, closing(MetricsLogger(cfg.run_dir, stage=stage)) as metrics_log:
         trainer, engines = actors.trainer, actors.engines
         assert trainer is not None and engines is not None
-        start_step = _restore(cfg, trainer, engines, sampler, resume)
+        start_step = _restore(cfg, trainer, engines, sampler, envs, resume)
         if cfg.run.eval_every and start_step == 0:
             metrics_log.log(0, _evaluate(cfg, engines, envs))
         started = time.monotonic()
@@ -89,7 +89,7 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
             metrics_log.log(step + 1, last)
             log.info(_one_line(step + 1, last))
             if (step + 1) % cfg.run.save_every == 0 or done:
-                _save(trainer, cfg, step + 1, sampler)
+                _save(trainer, cfg, step + 1, sampler, envs)
             if out_of_time:
                 log.info("run.max_minutes=%g reached after step %d; stopping", cfg.run.max_minutes, step + 1)
                 break
@@ -97,14 +97,17 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
     return last
 
 
-def _restore(cfg: RLVRConfig, trainer: TrainerGroup, engines: Engines, sampler: MixedSampler, resume: bool) -> int:
-    """The step to start from: the last checkpoint's (trainer, sampler, engines brought to it) or 0."""
+def _restore(cfg: RLVRConfig, trainer: TrainerGroup, engines: Engines, sampler: MixedSampler,
+             envs: dict[str, Environment], resume: bool) -> int:
+    """The step to start from: the last checkpoint's (trainer, sampler, environments, engines brought to it) or 0."""
     state = trainer.resume(cfg.run_dir) if resume else None
     if state is None:
         if resume:
             log.info("no checkpoint in %s yet: starting from step 0", cfg.run_dir)
         return 0
     sampler.load_state_dict(state["sampler"])
+    for name, env_state in state.get("envs", {}).items():  # e.g. a GenRM's shuffle RNG and judge seed
+        envs[name].load_state_dict(env_state)
     engines.sync()  # engines start from the base weights; bring them to the checkpoint
     log.info("resumed from step %d", int(state["step"]))
     return int(state["step"])
@@ -193,8 +196,10 @@ def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -
     return result
 
 
-def _save(trainer: TrainerGroup, cfg: RLVRConfig, step: int, sampler: MixedSampler) -> None:
-    path = trainer.save(cfg.run_dir, step, {"sampler": sampler.state_dict()}, cfg.run.keep_last)
+def _save(trainer: TrainerGroup, cfg: RLVRConfig, step: int, sampler: MixedSampler,
+          envs: dict[str, Environment]) -> None:
+    env_states = {name: env.state_dict() for name, env in envs.items() if hasattr(env, "state_dict")}
+    path = trainer.save(cfg.run_dir, step, {"sampler": sampler.state_dict(), "envs": env_states}, cfg.run.keep_last)
     log.info("checkpoint %s", path)
 
 

@@ -143,3 +143,81 @@ def test_rewards_clamped_to_the_range_are_counted():
     assert scores[0].metrics["raw_reward"] > 6 and scores[0].reward == 1.0
     assert [s.metrics["reward_clamped"] for s in scores] == [1.0, 0.0]
     assert env_metrics("genrm", scores)["env/genrm/reward_clamped"] == 0.5
+
+
+class OutageJudge(QualityJudge):
+    """The calls in ``down`` fail as a backend reports an outage (no text, an error code)."""
+
+    def __init__(self, down: set[int]) -> None:
+        super().__init__()
+        self.down = down
+
+    def complete(self, batch):
+        calls = super().complete(batch)
+        return [JudgeCall(None, "timeout", 3, 1.0) if i in self.down else c for i, c in enumerate(calls)]
+
+
+def test_failed_judge_calls_are_counted_infra_errors():
+    """A judge call that never came back is not a neutral verdict: the rollouts it compared are
+    counted as infra errors (env/genrm/errors/infra, verifier/errors) and not trained."""
+    from posttrain.environments.mixing import env_metrics
+
+    env = make_env(OutageJudge(down={0}), shuffle=False, rule="reference")
+    scores = asyncio.run(env.score_groups([sample(0)], [[Completion(f"quality {q}") for q in (5, 1, 3, 3)]]))[0]
+    assert [s.error is not None for s in scores] == [True, True, False, False]  # call 0 compared rollouts 0, 1
+    assert all(s.error.startswith("infra") for s in scores[:2])
+    assert env_metrics("genrm", scores)["env/genrm/errors/infra"] == 2
+    single = make_env(OutageJudge(down={0}), shuffle=False)
+    assert asyncio.run(single.score_groups([sample(0)], [[Completion("quality 5")]]))[0][0].error.startswith("infra")
+
+
+def test_a_step_whose_every_judge_call_failed_says_so(caplog):
+    env = make_env(OutageJudge(down=set(range(10))), shuffle=False)
+    with caplog.at_level("WARNING", logger="posttrain.genrm.environment"):
+        scores = asyncio.run(env.score_groups([sample(0), sample(1)],
+                                              [[Completion(f"quality {q}") for q in (5, 1, 3)]] * 2))
+    assert all(s.error is not None and s.error.startswith("infra") for g in scores for s in g)
+    assert any("every judge call" in r.getMessage() and "timeout" in r.getMessage() for r in caplog.records)
+
+
+class SeedEchoPool:
+    """A stand-in rollout pool: the judge's answer says which seed and which response came first."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+
+    def generate(self, prompts, gen, n):
+        from types import SimpleNamespace
+
+        out = []
+        for conv in prompts:
+            q1, q2 = (int(x) for x in re.findall(r"quality (\d)", conv[-1]["content"])[-2:])
+            self.seen.append((gen.seed, conv[-1]["content"]))
+            ranking = 1 + (gen.seed + q1) % 6
+            text = json.dumps({"score_1": q1, "score_2": q2, "ranking": ranking})
+            out.append([SimpleNamespace(text=text, token_ids=[1], finish_reason="stop", top_tokens=None)])
+        return out
+
+
+def test_environment_state_resumes_the_judge_exactly():
+    """The shuffle RNG and the local judge's seed counter are checkpointed: a fresh environment
+    loaded with the state judges the next step exactly as the original does."""
+    from posttrain.genrm.backends import LocalJudge, judge_generation
+    from posttrain.genrm.judge import JudgeConfig
+
+    def env_on(pool):
+        return GenRMEnv(LocalJudge(pool, judge_generation(JudgeConfig(model="stub"))), judge={"model": "stub"}, seed=5)
+
+    group = [[Completion(f"quality {q}") for q in (4, 2, 5, 1, 3)]]
+    first_pool = SeedEchoPool()
+    first = env_on(first_pool)
+    asyncio.run(first.score_groups([sample(0)], group))
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints are JSON
+    first_pool.seen.clear()
+    expected = asyncio.run(first.score_groups([sample(0)], group))[0]
+    resumed_pool = SeedEchoPool()
+    resumed = env_on(resumed_pool)
+    resumed.load_state_dict(state)
+    got = asyncio.run(resumed.score_groups([sample(0)], group))[0]
+    assert resumed_pool.seen == first_pool.seen  # same seeds, same orientation
+    assert [s.reward for s in got] == [s.reward for s in expected]

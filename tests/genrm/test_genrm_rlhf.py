@@ -7,13 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from posttrain.config import load_config
 from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig
 from posttrain.orchestration import cluster
 
-CONFIGS = Path(__file__).parents[2] / "configs"
+HERE = Path(__file__).parent
+CONFIGS = HERE.parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +50,32 @@ def test_genrm_train_warmup_then_rl(tmp_path, tiny_llama_dir):
     resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert resolved["init_from"] == str(tmp_path / "warmup" / "model")  # RL starts from the warm-up
     assert (tmp_path / "checkpoints" / "step-00000001").is_dir()
+
+
+def seeded_rlhf(run_dir: Path, steps: int) -> RLHFConfig:
+    """RLHF on tiny-llama judged by a deterministic stand-in GenRM (tests/genrm/seeded_judge.py)."""
+    return load_config(RLHFConfig, CONFIGS / "rlhf" / "tiny_smoke.yaml", [
+        f"run_dir={run_dir}", f"run.steps={steps}",
+        'environments=[{name: "seeded_judge:seeded_genrm", options: {size: 8, judge: {model: seeded}}}]'])
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_rlhf_resume_matches_uninterrupted_run(tmp_path, tiny_llama_dir, monkeypatch):
+    """As RLVR's resume test, with the GenRM's state in the checkpoint: its shuffle RNG and its
+    judge's seed counter (a resumed run that forgot them judges step 2 differently)."""
+    from posttrain.rlvr.loop import main
+
+    monkeypatch.syspath_prepend(str(HERE))
+    main(seeded_rlhf(tmp_path / "straight", 2), stage="rlhf")
+    main(seeded_rlhf(tmp_path / "resumed", 1), stage="rlhf")
+    main(seeded_rlhf(tmp_path / "resumed", 2), resume=True, stage="rlhf")
+    a, b = weights(tmp_path / "straight", 2), weights(tmp_path / "resumed", 2)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["env/genrm/raw_reward"] == pytest.approx(straight[-1]["env/genrm/raw_reward"])
