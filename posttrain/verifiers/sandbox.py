@@ -200,8 +200,8 @@ def detect_isolation(mode: str | None = None) -> Isolation:
     elif mode == "bwrap":
         raise SandboxError("bwrap not found: apt-get install bubblewrap (scripts/install.sh does it as root)")
     network = network_namespace()
-    missing += ["seccomp syscall filter", "landlock", "filesystem view (host files readable)", "pid namespace",
-                "fixed-size tmpfs (only per-file size cap)"]
+    missing += ["seccomp syscall filter", "landlock", "filesystem view (host files readable, world-writable folders "
+                "writable)", "pid namespace", "fixed-size tmpfs (only per-file size cap)"]
     if not network:
         missing.append("network isolation (refuses to run while Ray is up)")
     iso = Isolation("rlimits", python, root, tuple(missing), cgroup, cpu_cap, 0, network)
