@@ -390,7 +390,7 @@ def test_ray_cluster_up_means_ray_imported_and_initialized(monkeypatch):
     assert not sandbox_mod.ray_cluster_up()
 
 
-def test_private_ray_cluster_uses_a_token_kept_in_memory(monkeypatch):
+def test_private_ray_cluster_uses_a_token_kept_in_memory(monkeypatch, tmp_path):
     """Ray's job API runs shell commands: a private local cluster gets token auth, never on disk."""
     import ray
 
@@ -409,7 +409,7 @@ def test_private_ray_cluster_uses_a_token_kept_in_memory(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(cluster, "_refresh_ray_config", lambda: None)
-    cluster.init_ray(temp_dir="/tmp/ray-posttrain-token-test")
+    cluster.init_ray(temp_dir=str(tmp_path))
     assert seen["address"] == "local" and seen["host"] == "127.0.0.1"
     assert seen["mode"] == "token" and seen["token"] and len(seen["token"]) >= 32
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -418,7 +418,7 @@ def test_private_ray_cluster_uses_a_token_kept_in_memory(monkeypatch):
     assert "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_MODE" not in os.environ
 
 
-def test_explicit_ray_auth_mode_is_respected(monkeypatch):
+def test_explicit_ray_auth_mode_is_respected(monkeypatch, tmp_path):
     import ray
 
     from posttrain.orchestration import cluster
@@ -428,5 +428,5 @@ def test_explicit_ray_auth_mode_is_respected(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(mode=os.environ.get("RAY_AUTH_MODE")))
-    cluster.init_ray(temp_dir="/tmp/ray-posttrain-token-test")
+    cluster.init_ray(temp_dir=str(tmp_path))
     assert seen["mode"] == "disabled"
