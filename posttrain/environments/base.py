@@ -7,7 +7,8 @@ text after ``</think>``; the whole text when thinking was off): reasoning never 
 
 Scoring runs on hostile text. :func:`score_safely` is the one place the loop calls: whatever
 an environment does (raise, hang, return junk), the result is a finite reward in [0, 1]
--- 0 on any failure -- and an ``error`` string that metrics count.
+-- 0 on any failure -- with a :class:`ScoreKind` that says what went wrong (metrics count
+kinds; the loop trains only verdicts) and an ``error`` text that says it to a person.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 Messages = list[dict[str, str]]
@@ -32,11 +34,42 @@ class Sample:
     info: dict[str, Any] = field(default_factory=dict)  # difficulty, source row, ...
 
 
+class ScoreKind(StrEnum):
+    """What a score is: a verdict on the completion, or why there is none. Code decides on this,
+    never on the ``error`` text."""
+
+    OK = "ok"  # the environment judged the completion (any reward)
+    INVALID = "invalid"  # no gradable answer in it (empty, no final answer, bad format): reward 0, a verdict
+    ENV_ERROR = "env_error"  # the environment failed on it (raised, hung, returned junk, a sample it cannot use)
+    INFRA = "infra"  # the machinery failed (sandbox, checker process, judge outage, a broken gold answer)
+
+    @property
+    def is_verdict(self) -> bool:
+        """True when the reward says something about the completion: only those rollouts are trained."""
+        return self in (ScoreKind.OK, ScoreKind.INVALID)
+
+
 @dataclass
 class Score:
+    """A reward in [0, 1] and what kind of score it is; ``error`` is the free-text detail for people.
+
+    A score with an ``error`` and no ``kind`` is ``invalid`` (the completion's fault), so a plug-in's
+    ``Score(0.0, error="no answer")`` means what it says.
+    """
+
     reward: float
     metrics: dict[str, float] = field(default_factory=dict)  # logged as env/<name>/<key>
-    error: str | None = None  # "timeout", "sandbox", "parse", "crash:<Type>", ...
+    error: str | None = None  # detail: "no final answer", "KeyError: 'x'", "sandbox actor died", ...
+    kind: ScoreKind = ScoreKind.OK
+
+    def __post_init__(self) -> None:
+        if self.error is not None and self.kind is ScoreKind.OK:
+            self.kind = ScoreKind.INVALID
+
+    @classmethod
+    def failed(cls, kind: ScoreKind, error: str, metrics: dict[str, float] | None = None) -> Score:
+        """Reward 0 for a completion that got no verdict, or an invalid one."""
+        return cls(0.0, dict(metrics or {}), error, kind)
 
 
 @runtime_checkable
@@ -55,28 +88,29 @@ class Environment(Protocol):
 
 
 async def score_safely(env: Environment, sample: Sample, completion: Any, timeout: float = 60.0) -> Score:
-    """Score with every failure turned into reward 0 plus a named error; never raises."""
-    if not isinstance(completion, str):
-        return Score(0.0, error=f"bad_completion:{type(completion).__name__}")
+    """Score with every failure turned into reward 0 plus a kind and a detail; never raises."""
+    if not isinstance(completion, str):  # the pipeline handed over no text: nothing was judged
+        return Score.failed(ScoreKind.INFRA, f"completion is a {type(completion).__name__}, not text")
     try:
         score = await asyncio.wait_for(env.score(sample, completion), timeout)
     except asyncio.TimeoutError:
-        return Score(0.0, error="timeout")
+        return Score.failed(ScoreKind.ENV_ERROR, f"timeout: no score within {timeout:g}s")
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - the environment's bug must not kill the step
-        return Score(0.0, error=f"crash:{type(exc).__name__}: {str(exc)[:200]}")
+        return Score.failed(ScoreKind.ENV_ERROR, f"crash: {type(exc).__name__}: {str(exc)[:200]}")
     return checked(score)
 
 
 def checked(score: Any) -> Score:
-    """``score`` if it is a Score with a finite reward (clamped into [0, 1]); else reward 0 + error."""
+    """``score`` if it is a Score with a finite reward (clamped into [0, 1]); else reward 0 + env_error."""
     if not isinstance(score, Score):
-        return Score(0.0, error=f"bad_score_type:{type(score).__name__}")
+        return Score.failed(ScoreKind.ENV_ERROR, f"score() returned a {type(score).__name__}, not a Score")
     reward = score.reward
     if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
-        return Score(0.0, metrics=score.metrics, error=f"bad_reward:{reward!r:.40}")
-    return Score(min(1.0, max(0.0, float(reward))), score.metrics, score.error)
+        return Score.failed(ScoreKind.ENV_ERROR, f"bad reward {reward!r:.40}", score.metrics)
+    kind = score.kind if isinstance(score.kind, ScoreKind) else ScoreKind.ENV_ERROR
+    return Score(min(1.0, max(0.0, float(reward))), score.metrics, score.error, kind)
 
 
 @dataclass(frozen=True)
@@ -107,23 +141,23 @@ class GroupEnvironment(Protocol):
 
 async def score_groups_safely(env: GroupEnvironment, samples: Sequence[Sample],
                               groups: Sequence[Sequence[Completion]], timeout: float) -> list[list[Score]]:
-    """``env.score_groups`` with every failure turned into reward 0 + a named error for the whole step."""
+    """``env.score_groups`` with every failure turned into reward 0 + env_error for the whole step."""
 
     def failed(error: str) -> list[list[Score]]:
-        return [[Score(0.0, error=error) for _ in group] for group in groups]
+        return [[Score.failed(ScoreKind.ENV_ERROR, error) for _ in group] for group in groups]
 
     try:
         result = await asyncio.wait_for(env.score_groups(samples, groups), timeout)
     except asyncio.TimeoutError:
-        return failed("timeout")
+        return failed(f"timeout: no scores within {timeout:g}s")
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - the environment's bug must not kill the step
-        return failed(f"crash:{type(exc).__name__}: {str(exc)[:200]}")
+        return failed(f"crash: {type(exc).__name__}: {str(exc)[:200]}")
     shape_ok = isinstance(result, list) and len(result) == len(groups) and all(
         isinstance(r, list) and len(r) == len(g) for r, g in zip(result, groups))
     if not shape_ok:
-        return failed("bad_group_scores:shape")
+        return failed("score_groups() returned scores that do not match the groups' shape")
     return [[checked(s) for s in scores] for scores in result]
 
 

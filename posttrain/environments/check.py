@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.environments.base import Environment, Sample, Score, score_batch
+from posttrain.environments.base import Environment, Sample, Score, ScoreKind, score_batch
 from posttrain.errors import DataError
 
 GARBAGE: dict[str, str] = {
@@ -55,7 +55,7 @@ class CheckReport:
         out.append(f"  gold answers scoring 1.0: {self.n_gold - len(self.gold_failures)}/{self.n_gold}"
                    + ("" if self.n_gold == self.n_samples else f" ({self.n_samples - self.n_gold} samples carry no gold)"))
         for sid, score in self.gold_failures[:5]:
-            out.append(f"    FAIL gold {sid}: reward {score.reward} error {score.error}")
+            out.append(f"    FAIL gold {sid}: reward {score.reward} ({score.kind}: {score.error})")
         total = self.n_samples * len(GARBAGE)
         out.append(f"  garbage scoring 0: {total - len(self.garbage_failures)}/{total}")
         for sid, case, score in self.garbage_failures[:5]:
@@ -77,8 +77,8 @@ def check_environment(env: Environment, n: int = 10, seed: int = 0, concurrency:
     pairs += [(s, case, text) for s in samples for case, text in GARBAGE.items()]
     scores = asyncio.run(score_batch(env, [p[0] for p in pairs], [p[2] for p in pairs], concurrency))
     for (sample, case, _), score in zip(pairs, scores):
-        if score.error:
-            report.errors[score.error.split(":")[0]] += 1
+        if score.kind is not ScoreKind.OK:
+            report.errors[score.kind] += 1
         if case == "gold" and score.reward != 1.0:
             report.gold_failures.append((sample.id, score))
         elif case != "gold" and score.reward != 0.0:

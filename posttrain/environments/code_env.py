@@ -14,7 +14,7 @@ import re
 from importlib import resources
 from typing import Any, Literal
 
-from posttrain.environments.base import Sample, Score, user_prompt
+from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, OnInvalid, load_rows, require, validate_rows
 
 Format = Literal["auto", "humaneval", "mbpp"]
@@ -113,10 +113,12 @@ class CodeEnv:
         problem = sample.answer
         program = extract_program(completion)
         if not program.strip():
-            return Score(0.0, error="no_program")
+            return Score.failed(ScoreKind.INVALID, "no ```python block or function in the answer")
         function = {"entry_point": problem["entry_point"], "test": problem["test"], "helpers": problem.get("helpers", "")}
         result = await run_code(CodeJob(program, function=function))
         metrics = {"exec_seconds": result.seconds}
         if result.reward is None:
-            return Score(0.0, metrics, error=f"infra:{result.detail[:200]}")
-        return Score(result.reward, metrics, None if result.passed or result.kind == "wrong_answer" else result.kind)
+            return Score.failed(ScoreKind.INFRA, result.detail[:200], metrics)
+        if result.passed or result.kind == "wrong_answer":
+            return Score(result.reward, metrics)
+        return Score(result.reward, metrics, result.kind, ScoreKind.INVALID)  # syntax error, timeout, crash, ...

@@ -14,7 +14,7 @@ import asyncio
 import random
 from typing import Any
 
-from posttrain.environments.base import Sample, Score, user_prompt
+from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, DataSpec, OnInvalid, require
 
 TOPICS = {
@@ -118,6 +118,6 @@ class InstructionEnv:
         from posttrain.verifiers.instructions import check_instructions
 
         if not completion.strip():
-            return Score(0.0, {"followed": 0.0}, error="empty")
+            return Score.failed(ScoreKind.INVALID, "empty answer", {"followed": 0.0})
         result = await asyncio.to_thread(check_instructions, completion, sample.answer["ids"], sample.answer["kwargs"])
         return Score(result.reward, {"followed": sum(result.followed) / len(result.followed)})

@@ -13,7 +13,7 @@ import json
 import random
 from typing import Any
 
-from posttrain.environments.base import Sample, Score, user_prompt
+from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, DataSpec, OnInvalid
 
 _FIELDS: dict[str, tuple[dict[str, Any], Any]] = {  # name -> (schema, example value factory)
@@ -101,4 +101,6 @@ class JsonSchemaEnv:
         from posttrain.verifiers.instructions import check_json
 
         result = await asyncio.to_thread(check_json, completion, sample.answer)
-        return Score(result.reward, error=None if result.valid or result.kind == "schema_violation" else result.kind)
+        if result.valid or result.kind == "schema_violation":
+            return Score(result.reward)
+        return Score(result.reward, error=result.kind, kind=ScoreKind.INVALID)  # no JSON object in the answer

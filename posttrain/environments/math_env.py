@@ -15,7 +15,7 @@ import threading
 from fractions import Fraction
 from typing import Any, Literal
 
-from posttrain.environments.base import Sample, Score, user_prompt
+from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, DataSpec, OnInvalid, require
 
 INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -120,11 +120,12 @@ class MathEnv:
 
     async def score(self, sample: Sample, completion: str) -> Score:
         result = await asyncio.to_thread(self._check, completion, str(sample.answer))
-        reward = result.reward
-        error = None if result.kind in ("correct", "wrong_answer") else result.kind
-        if reward is None:
-            error = f"infra:{result.detail}"
-        return Score(reward or 0.0, metrics={"check_seconds": result.seconds}, error=error)
+        metrics = {"check_seconds": result.seconds}
+        if result.reward is None:  # the checker could not judge (worker failed, gold does not parse)
+            return Score.failed(ScoreKind.INFRA, result.detail, metrics)
+        if result.kind in ("correct", "wrong_answer"):
+            return Score(result.reward, metrics)
+        return Score(result.reward, metrics, result.kind, ScoreKind.INVALID)  # no answer, unsimplified, ...
 
     def _check(self, completion: str, gold: str) -> Any:
         """Blocking check on one of ``workers`` killable math-verify processes."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.environments.base import Sample, Score, restore_rng, rng_state
+from posttrain.environments.base import Sample, Score, ScoreKind, restore_rng, rng_state
 
 
 def allocate(weights: Mapping[str, float], n: int, rng: random.Random) -> dict[str, int]:
@@ -63,7 +63,7 @@ def pass_rates_from_scores(ids: Sequence[str], scores: Sequence[Score], threshol
     """Per-prompt pass rate from a flat list of (id, score) pairs (k per prompt)."""
     hits: dict[str, list[int]] = {}
     for sid, score in zip(ids, scores, strict=True):
-        hits.setdefault(sid, []).append(int(score.error is None and score.reward >= threshold))
+        hits.setdefault(sid, []).append(int(score.kind is ScoreKind.OK and score.reward >= threshold))
     return {sid: sum(h) / len(h) for sid, h in hits.items()}
 
 
@@ -168,18 +168,19 @@ class MixedSampler:
 
 
 def env_metrics(name: str, scores: Sequence[Score], pass_threshold: float = 1.0) -> dict[str, float]:
-    """Per-environment metrics of one step: reward, pass rate, error rate, errors by kind."""
+    """Per-environment metrics of one step: reward, pass rate, error rate, errors by kind
+    (``env/<name>/errors/invalid``, ``.../env_error``, ``.../infra``)."""
     if not scores:
         return {}
     n = len(scores)
     out = {
         f"env/{name}/reward": sum(s.reward for s in scores) / n,
-        f"env/{name}/pass_rate": sum(s.error is None and s.reward >= pass_threshold for s in scores) / n,
-        f"env/{name}/error_rate": sum(s.error is not None for s in scores) / n,
+        f"env/{name}/pass_rate": sum(s.kind is ScoreKind.OK and s.reward >= pass_threshold for s in scores) / n,
+        f"env/{name}/error_rate": sum(s.kind is not ScoreKind.OK for s in scores) / n,
     }
     for s in scores:
-        if s.error is not None:
-            key = f"env/{name}/errors/{s.error.split(':')[0]}"
+        if s.kind is not ScoreKind.OK:
+            key = f"env/{name}/errors/{s.kind}"
             out[key] = out.get(key, 0.0) + 1
     for key in {k for s in scores for k in s.metrics}:
         values = [s.metrics[key] for s in scores if key in s.metrics]

@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import Field
 
 from posttrain.config import Config, ModelConfig, RolloutConfig
-from posttrain.environments.base import Completion, Sample, Score, restore_rng, rng_state
+from posttrain.environments.base import Completion, Sample, Score, ScoreKind, restore_rng, rng_state
 from posttrain.genrm.backends import (
     JudgeBackend,
     JudgeCall,
@@ -211,13 +211,16 @@ class GenRMEnv:
 
     def _reference_score(self, plan: VersusReference, verdicts: Verdicts) -> Score:
         if not plan.shown:
-            return Score(0.0, dict(verdicts.step), error="no_reference")
+            return Score.failed(ScoreKind.ENV_ERROR, "the sample has no reference response", verdicts.step)
         mine, ref = aggregate(2, plan.shown, verdicts.judgements, self.opts.rule)
         win = 1.0 if mine > ref else 0.5 if mine == ref else 0.0
-        failed = next((j.error for j in verdicts.judgements if not j.parsed), None)
-        error = verdicts.outage(plan.shown).get(0) or (None if failed is None else f"judge:{failed}")
-        return Score(win, {**verdicts.step, "raw_reward": mine, "reference_reward": ref,
-                           "reference_margin": mine - ref}, error)
+        metrics = {**verdicts.step, "raw_reward": mine, "reference_reward": ref, "reference_margin": mine - ref}
+        if (outage := verdicts.outage(plan.shown)).get(0):
+            return Score(win, metrics, outage[0], ScoreKind.INFRA)
+        unread = next((j.error for j in verdicts.judgements if not j.parsed), None)
+        if unread is not None:  # the judge answered but not readably: no verdict on the rollout
+            return Score(win, metrics, f"judge output unreadable: {unread}", ScoreKind.ENV_ERROR)
+        return Score(win, metrics)
 
     def _group_scores(self, plan: WithinGroup, group: Sequence[Completion], verdicts: Verdicts) -> list[Score]:
         raw = aggregate(len(group), plan.shown, verdicts.judgements, self.opts.rule)
@@ -229,7 +232,8 @@ class GenRMEnv:
         # length terms can push a raw reward out of the range: clamped, and counted (env/genrm/reward_clamped)
         return [Score(min(1.0, max(0.0, (r - lo) / (hi - lo))),
                       {**verdicts.step, "raw_reward": r, "judge_reward": j, "group_parse_failures": failed,
-                       "reward_clamped": float(not lo <= r <= hi)}, outage.get(i))
+                       "reward_clamped": float(not lo <= r <= hi)},
+                      outage.get(i), ScoreKind.INFRA if i in outage else ScoreKind.OK)
                 for i, (r, j) in enumerate(zip(adjusted, raw))]
 
 
@@ -260,12 +264,12 @@ class Verdicts:
     step: dict[str, float]
 
     def outage(self, shown: Sequence[tuple[int, int]]) -> dict[int, str]:
-        """An infra error per answer that a failed call compared (its reward is not a verdict)."""
+        """The detail of an infra error per answer that a failed call compared (its reward is no verdict)."""
         out: dict[int, str] = {}
         for pair, call in zip(shown, self.calls):
             if not call.ok:
                 for i in pair:
-                    out.setdefault(i, f"infra:judge call failed ({call.error})")
+                    out.setdefault(i, f"judge call failed ({call.error}): {call.detail[:200]}")
         return out
 
 

@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from posttrain.environments.base import Sample, Score
+from posttrain.environments.base import Sample, Score, ScoreKind
 from posttrain.environments.data import OnInvalid
 from posttrain.genrm.circular import Rule, aggregate
 from posttrain.genrm.judge_format import (
@@ -148,8 +148,9 @@ class PreferenceEnv:
         metrics.update({f"abs_error_{k}": v for k, v in graded.errors.items()})
         if graded.pairwise_correct is not None:
             metrics["pairwise_correct"] = graded.pairwise_correct
-        error = None if judgement.parsed else f"format:{judgement.error}"
-        return Score(graded.reward, metrics, error)
+        if not judgement.parsed:
+            return Score(graded.reward, metrics, f"format: {judgement.error}", ScoreKind.INVALID)
+        return Score(graded.reward, metrics)
 
 
 def order_averaged_accuracy(pairs: Sequence[PreferencePair], judgements: Sequence[Judgement],

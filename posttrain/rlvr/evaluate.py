@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.config import JUDGE_S, GenerationConfig
-from posttrain.environments.base import Environment
+from posttrain.environments.base import Environment, ScoreKind
 from posttrain.rlvr.scoring import score_rollouts
 
 
 def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,
              concurrency: int = 8, timeout: float = 60.0, group_timeout: float = JUDGE_S) -> dict[str, float]:
-    """``eval/<env>/accuracy`` (reward 1.0, no error) and ``eval/<env>/reward`` per environment, plus
+    """``eval/<env>/accuracy`` (reward 1.0, kind ok) and ``eval/<env>/reward`` per environment, plus
     the mean of every score metric an environment names in its ``eval_metrics`` (over the samples
     that report it), e.g. ``eval/genrm_preference/pairwise_correct``.
 
@@ -28,7 +28,7 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
         scores = score_rollouts({key: env}, [(key, s) for s in samples], groups, concurrency, timeout,
                                 group_timeout)
         name = getattr(env, "name", key)
-        out[f"eval/{name}/accuracy"] = sum(s.error is None and s.reward >= 1.0 for s in scores) / len(scores)
+        out[f"eval/{name}/accuracy"] = sum(s.kind is ScoreKind.OK and s.reward >= 1.0 for s in scores) / len(scores)
         out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
         out[f"eval/{name}/prompts"] = float(len(scores))
         for metric in getattr(env, "eval_metrics", ()):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from posttrain.config import write_resolved
-from posttrain.environments.base import Environment, Sample, Score
+from posttrain.environments.base import Environment, Sample, Score, ScoreKind
 from posttrain.environments.mixing import (
     CurriculumConfig,
     EnvSampler,
@@ -132,7 +132,7 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     keep = adv.keep.clone()
     if cfg.algorithm.overlong_filter:
         keep &= overlong_mask([r.finish_reason for r in rollouts]).bool()
-    keep &= torch.tensor([not (s.error or "").startswith("infra") for s in scores])  # not scored: not trained
+    keep &= torch.tensor([s.kind.is_verdict for s in scores])  # no verdict (infra, env error): not trained
     # Only rollouts that carry gradient go to the trainer: a dropped one would still cost a
     # forward and backward pass (most groups are all-0 or all-1 early and late in training).
     kept = [i for i in range(len(rollouts)) if keep[i]]
@@ -168,7 +168,7 @@ def _step_metrics(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sampl
     out["rollout/completion_tokens_mean"] = sum(len(r.token_ids) for r in rollouts) / len(rollouts)
     out["rollout/reasoning_tokens_mean"] = sum(r.reasoning_tokens for r in rollouts) / len(rollouts)
     out["rollout/truncated_fraction"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
-    out["verifier/errors"] = float(sum(s.error is not None for s in scores))
+    out["verifier/errors"] = float(sum(s.kind is not ScoreKind.OK for s in scores))
     return out
 
 

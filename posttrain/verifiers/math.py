@@ -183,6 +183,10 @@ def extract_answer(text: str, methods: Sequence[str] = EXTRACTORS, max_text_char
     return None
 
 
+class BadGold(ValueError):
+    """The gold answer does not parse: the dataset row is broken, not the model's answer."""
+
+
 def _verify(gold: str, answer: str, parse_timeout_s: int) -> bool:
     """Inside the worker: parse both with the LaTeX grammar only (no sympify of model text)."""
     from math_verify import LatexExtractionConfig, parse, verify
@@ -191,7 +195,7 @@ def _verify(gold: str, answer: str, parse_timeout_s: int) -> bool:
     gold_parsed = parse(f"${gold}$", extraction_config=config, parsing_timeout=parse_timeout_s)
     answer_parsed = parse(f"${answer}$", extraction_config=config, parsing_timeout=parse_timeout_s)
     if not gold_parsed:
-        raise ValueError(f"gold answer {gold[:80]!r} does not parse as LaTeX: fix the dataset row")
+        raise BadGold(f"gold answer {gold[:80]!r} does not parse as LaTeX: fix the dataset row")
     return bool(answer_parsed) and verify(gold_parsed, answer_parsed, timeout_seconds=parse_timeout_s)
 
 
@@ -212,6 +216,9 @@ def _die_with_parent() -> None:
 def serve() -> None:
     """The checker process: JSON lines ``[gold, answer, timeout]`` in, ``[status, value]`` out.
 
+    ``status``: ``ok`` (value: the verdict), ``bad_gold`` (the gold does not parse) or ``error``
+    (checking the answer raised); the caller decides on the status, never on the message.
+
     Started as ``python -c`` (not multiprocessing: spawn re-imports ``__main__``, which breaks
     under stdin scripts and some launchers; fork is unsafe in threaded Ray actors).
     """
@@ -226,6 +233,8 @@ def serve() -> None:
         gold, answer, parse_timeout_s = json.loads(line)
         try:
             reply = ["ok", _verify(gold, answer, parse_timeout_s)]
+        except BadGold as exc:
+            reply = ["bad_gold", str(exc)[:300]]
         except Exception as exc:  # noqa: BLE001 - reported to the caller as an error kind
             reply = ["error", f"{type(exc).__name__}: {exc}"[:300]]
         out.write(json.dumps(reply) + "\n")
@@ -300,9 +309,10 @@ class MathChecker:
             self.close()
             return result(False, "timeout", f"no verdict within {self.config.timeout_s}s; worker restarted")
         status, value = reply
-        if status == "error":
-            kind = "infra" if "gold answer" in str(value) else "wrong_answer"
-            return result(False, kind, str(value))
+        if status == "bad_gold":
+            return result(False, "infra", str(value))
+        if status == "error":  # the answer made math-verify raise: not a match
+            return result(False, "wrong_answer", str(value))
         return result(bool(value), "correct" if value else "wrong_answer")
 
     def close(self) -> None:

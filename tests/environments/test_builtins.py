@@ -155,3 +155,32 @@ def test_json_schema_loads_json_mode_rows(tmp_path):
 def test_reasoning_gym_rejects_unknown_tasks():
     with pytest.raises(Exception, match="unknown reasoning-gym task"):
         load_environment("reasoning_gym", tasks=["not_a_task"])
+
+
+@pytest.mark.parametrize(("name", "completion", "kind"), [
+    ("math", "I cannot say.", "invalid"),  # no final answer
+    ("math", "\\boxed{-1}", "ok"),  # a wrong answer is still a verdict
+    ("code", "no code block at all", "invalid"),
+    ("instruction_following", "  ", "invalid"),
+    ("json_schema", "not json", "invalid"),
+    ("genrm_preference", "no verdict", "invalid"),
+])
+def test_builtins_say_what_kind_of_score_they_give(name, completion, kind):
+    env = load_environment(name, **BUILTIN_OPTIONS[name])
+    try:
+        score = asyncio.run(score_safely(env, env.samples("train", 0)[0], completion))
+    finally:
+        getattr(env, "close", lambda: None)()
+    assert score.kind == kind, score
+
+
+def test_a_broken_gold_answer_is_infra_not_a_wrong_answer():
+    from posttrain.environments.base import Sample
+
+    env = load_environment("math", size=1)
+    try:
+        score = asyncio.run(score_safely(env, Sample("bad", [{"role": "user", "content": "q"}], answer="\\"),
+                                         "\\boxed{3}"))
+    finally:
+        env.close()
+    assert score.kind == "infra" and not score.kind.is_verdict

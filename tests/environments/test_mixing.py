@@ -106,5 +106,16 @@ def test_env_metrics():
     assert m["env/math/reward"] == pytest.approx(0.5)
     assert m["env/math/pass_rate"] == pytest.approx(1 / 3)
     assert m["env/math/error_rate"] == pytest.approx(1 / 3)
-    assert m["env/math/errors/timeout"] == 1
+    assert m["env/math/errors/invalid"] == 1  # an error without a kind is the answer's
     assert m["env/math/t"] == pytest.approx(2.0)
+
+
+def test_errors_are_counted_by_kind_not_by_their_text():
+    from posttrain.environments.base import ScoreKind
+
+    scores = [Score(0.0, error="infra: looked like one, is an answer problem"),  # a plug-in's detail text
+              Score(0.0, error="sandbox gone", kind=ScoreKind.INFRA), Score(1.0)]
+    m = env_metrics("code", scores)
+    assert (m["env/code/errors/invalid"], m["env/code/errors/infra"]) == (1, 1)
+    assert m["env/code/error_rate"] == pytest.approx(2 / 3)
+    assert pass_rates_from_scores(["a"] * 3, scores) == {"a": pytest.approx(1 / 3)}

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from posttrain.environments.base import Sample, Score, score_batch, score_safely
+from posttrain.environments.base import Sample, Score, ScoreKind, score_batch, score_safely
 
 SAMPLE = Sample(id="s", messages=[{"role": "user", "content": "q"}], answer="a")
 
@@ -40,30 +40,30 @@ def returns(value):
 
 
 @pytest.mark.parametrize(
-    ("behaviour", "error_prefix"),
+    ("behaviour", "detail"),
     [
-        (crash, "crash:KeyError"),
-        (returns(0.7), "bad_score_type:float"),
-        (returns(Score(math.nan)), "bad_reward"),
-        (returns(Score(math.inf)), "bad_reward"),
-        (returns(Score("1")), "bad_reward"),  # type: ignore[arg-type]
-        (returns(Score(True)), "bad_reward"),  # type: ignore[arg-type]
+        (crash, "crash: KeyError"),
+        (returns(0.7), "score() returned a float"),
+        (returns(Score(math.nan)), "bad reward"),
+        (returns(Score(math.inf)), "bad reward"),
+        (returns(Score("1")), "bad reward"),  # type: ignore[arg-type]
+        (returns(Score(True)), "bad reward"),  # type: ignore[arg-type]
     ],
 )
-def test_failures_become_zero_with_an_error(behaviour, error_prefix):
+def test_failures_become_zero_with_an_error(behaviour, detail):
     score = asyncio.run(score_safely(Env(behaviour), SAMPLE, "x"))
-    assert score.reward == 0.0 and score.error.startswith(error_prefix)
+    assert score.reward == 0.0 and score.kind == ScoreKind.ENV_ERROR and score.error.startswith(detail)
 
 
 def test_timeout_is_bounded():
     score = asyncio.run(score_safely(Env(hang), SAMPLE, "x", timeout=0.2))
-    assert (score.reward, score.error) == (0.0, "timeout")
+    assert (score.reward, score.kind) == (0.0, ScoreKind.ENV_ERROR) and score.error.startswith("timeout")
 
 
 @pytest.mark.parametrize("completion", [None, 3, b"bytes", ["list"]])
 def test_non_string_completion(completion):
     score = asyncio.run(score_safely(Env(returns(Score(1.0))), SAMPLE, completion))
-    assert score.reward == 0.0 and score.error.startswith("bad_completion")
+    assert score.reward == 0.0 and score.kind == ScoreKind.INFRA
 
 
 def test_reward_clipped_to_unit_interval():
@@ -90,3 +90,24 @@ def test_batch_keeps_order_and_bounds_concurrency():
 def test_batch_length_mismatch():
     with pytest.raises(ValueError, match="2 samples but 1 completions"):
         asyncio.run(score_batch(Env(crash), [SAMPLE, SAMPLE], ["x"]))
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "completion", "kind"),
+    [
+        (crash, "x", "env_error"),
+        (hang, "x", "env_error"),
+        (returns(0.7), "x", "env_error"),
+        (returns(Score(math.nan)), "x", "env_error"),
+        (returns(Score(1.0)), None, "infra"),  # the loop handed over no text: nothing was judged
+        (returns(Score(0.0, error="no final answer")), "x", "invalid"),  # a plug-in's error without a kind
+        (returns(Score(0.0, error="sandbox down", kind=ScoreKind.INFRA)), "x", "infra"),
+        (returns(Score(0.4)), "x", "ok"),
+    ],
+)
+def test_every_score_has_a_typed_kind(behaviour, completion, kind):
+    """What went wrong is a kind (ok | invalid | env_error | infra), decided where the score is made;
+    the error text is only the detail."""
+    score = asyncio.run(score_safely(Env(behaviour), SAMPLE, completion, timeout=0.2))
+    assert score.kind == kind and isinstance(score.kind, ScoreKind)
+    assert score.kind.is_verdict is (kind in ("ok", "invalid"))

@@ -133,9 +133,9 @@ def test_environment_gold_scores_one_and_garbage_zero():
     assert report.ok, "\n".join(report.lines())
     sample = env.samples("test", 0)[0]
     gold = run_score(env, sample, "Both are fine, but...\n" + env.gold_answer(sample))
-    assert gold.reward == 1.0 and gold.error is None and gold.metrics["raw_reward"] == 0.0
+    assert gold.reward == 1.0 and gold.kind == "ok" and gold.metrics["raw_reward"] == 0.0
     garbage = run_score(env, sample, "I think response 1 is better.")
-    assert garbage.reward == 0.0 and garbage.error == "format:no_json"
+    assert garbage.reward == 0.0 and garbage.kind == "invalid" and garbage.error == "format: no_json"
     assert garbage.metrics["raw_reward"] == -23.0 and garbage.metrics["format_error"] == 1.0
 
 

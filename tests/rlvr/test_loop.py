@@ -120,7 +120,7 @@ class OneRolloutPerSample:
 
 def test_the_judge_deadline_is_timeouts_judge_s(tmp_path):
     """A group environment gets timeouts.judge_s for a step (not rollout.call_timeout_s): past it,
-    the step's rollouts get reward 0 and error 'timeout', and nothing is trained."""
+    the step's rollouts get reward 0 and kind env_error, and nothing is trained."""
     from posttrain.rlvr.loop import _make_sampler, rl_step
 
     cfg = config(tmp_path, 1).model_copy(update={"environments": [EnvConfig(name="slow_judge")]})
@@ -128,5 +128,55 @@ def test_the_judge_deadline_is_timeouts_judge_s(tmp_path):
     assert cfg.rollout.call_timeout_s > 5
     envs = {"slow_judge": SlowJudgeEnv()}
     metrics = rl_step(cfg, 0, _make_sampler(cfg, envs), envs, OneRolloutPerSample(), trainer=None)
-    assert metrics["env/slow_judge/errors/timeout"] == cfg.run.prompts_per_step * cfg.rollout.samples_per_prompt
+    assert metrics["env/slow_judge/errors/env_error"] == cfg.run.prompts_per_step * cfg.rollout.samples_per_prompt
     assert metrics["reward/mean"] == 0.0 and metrics["train/skipped_updates"] == 1.0
+
+
+
+class KindEnv:
+    """Scores in turn: a right answer; an answer problem whose detail text starts with 'infra'
+    (a plug-in's wording, kind invalid); an infra failure (kind infra)."""
+
+    name = "kinds"
+
+    def __init__(self):
+        self.calls = 0
+
+    def samples(self, split, seed):
+        return [Sample(f"{split}/0", [{"role": "user", "content": "hi"}])]
+
+    async def score(self, sample, completion):
+        from posttrain.environments.base import ScoreKind
+
+        self.calls += 1
+        return [Score(1.0), Score(0.0, error="infra-red answer: no number in it"),
+                Score(0.0, error="checker down", kind=ScoreKind.INFRA)][(self.calls - 1) % 3]
+
+
+class RecordingTrainer:
+    def __init__(self):
+        self.trained = 0
+
+    def train_step(self, batch, temperature):
+        self.trained += len(batch.advantages)
+        return {"tokens/trained": 1.0}
+
+
+class SyncingRollouts(OneRolloutPerSample):
+    def sync(self, probe=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(max_abs_logprob_diff=0.0, seconds=0.0)
+
+
+def test_what_is_trained_is_decided_by_the_kind(tmp_path):
+    """Infra scores are not trained, whatever their text; an answer problem is, whatever its text."""
+    from posttrain.rlvr.loop import _make_sampler, rl_step
+
+    cfg = config(tmp_path, 1).model_copy(update={"environments": [EnvConfig(name="kinds")]})
+    envs, trainer = {"kinds": KindEnv()}, RecordingTrainer()
+    metrics = rl_step(cfg, 0, _make_sampler(cfg, envs), envs, SyncingRollouts(), trainer)
+    n = cfg.run.prompts_per_step * cfg.rollout.samples_per_prompt  # 8: kinds ok, invalid, infra, ok, ...
+    infra = len(range(2, n, 3))
+    assert metrics["env/kinds/errors/infra"] == infra and metrics["env/kinds/errors/invalid"] == n - infra - (n + 2) // 3
+    assert trainer.trained == n - infra and metrics["rollout/kept_fraction"] == (n - infra) / n

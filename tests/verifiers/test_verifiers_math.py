@@ -188,3 +188,28 @@ def test_config_rejects_bad_timeout():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout_s must be a positive"):
             MathConfig(timeout_s=bad)
+
+
+def test_the_worker_says_which_side_failed_and_the_checker_decides_on_that():
+    """A gold that does not parse is the dataset's fault (kind infra: not scored), reported by the
+    worker as its own status; any other worker error is the answer's (wrong_answer), whatever it says."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "from posttrain.verifiers.math import serve; serve()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline()) == ["ready", None]
+        proc.stdin.write(json.dumps(["\\", "3", 2]) + "\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())[0] == "bad_gold"
+    finally:
+        proc.kill()
+        proc.wait()
+    checker = MathChecker()
+    checker._ensure_worker = lambda: type("P", (), {"stdin": open("/dev/null", "wb")})()
+    checker._readline = lambda timeout_s: ["error", "ValueError: the answer mentions the gold answer"]
+    assert checker.check("\\boxed{y}", "x^2+1").kind == "wrong_answer"
+    checker._readline = lambda timeout_s: ["bad_gold", "gold answer '\\\\frac{' does not parse"]
+    result = checker.check("\\boxed{y}", "\\frac{")
+    assert result.kind == "infra" and result.reward is None
