@@ -1,8 +1,10 @@
 """Score a candidate program against unit tests without trusting anything it says.
 
-Only test *inputs* enter the sandbox; the candidate's return values come back as tagged JSON
-of plain types (no subclasses, no objects with a custom ``__eq__``) and are compared with the
-expected values here, on the trusted side. HumanEval-style ``check(candidate)`` code runs
+Only test *inputs* enter the sandbox; the candidate's return values come back as tagged JSON,
+are rebuilt here as values of standard types only, with bounded work whatever the reply holds
+(:mod:`posttrain.verifiers.values`: a subclass arrives as its base's value, so no ``__eq__`` of
+the candidate's ever runs), and are compared with the expected values on the trusted side by
+Python's ``==``, as in the reference harness. HumanEval-style ``check(candidate)`` code runs
 here too, with ``candidate`` a proxy whose every call is a round trip into the sandbox. So
 ``os._exit(0)``, ``atexit``, ``sys.excepthook``, patched ``unittest``/``assert``, fake success
 markers or an always-true ``__eq__`` cannot turn a wrong program into a pass.
@@ -10,6 +12,7 @@ markers or an always-true ``__eq__`` cannot turn a wrong program into a pass.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import re
@@ -17,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.verifiers import _runner
+from posttrain.verifiers import _runner, values
 from posttrain.verifiers.sandbox import Isolation, Limits, Sandbox, SandboxError
 
 # Error kinds carried by results (for metrics): why a sample failed, or "passed".
@@ -60,11 +63,27 @@ _FAILURE_KINDS = {"timeout": TIMEOUT, "memory": MEMORY, "crash": CRASH, "output_
 
 
 def decode_value(obj: Any) -> Any:
-    """Tagged JSON from the sandbox to fresh plain Python values; anything odd is ValueError."""
+    """Tagged JSON from the sandbox to fresh values of standard types; anything odd is ValueError."""
+    return values.decode(obj)
+
+
+def candidate_raised(reply: dict[str, Any]) -> CandidateRaised:
+    """The candidate's exception as the trusted side raises it: a CandidateRaised that is also
+    the nearest built-in exception class, so a test's ``except ValueError:`` behaves as in the
+    reference harness. Only built-in classes: nothing the candidate defined is ever raised here."""
+    message = f"{reply.get('type')}: {reply.get('message')}"
+    base = getattr(builtins, str(reply.get("builtin")), None)
+    if not (isinstance(base, type) and issubclass(base, Exception)) or issubclass(base, CandidateRaised):
+        return CandidateRaised(message)
     try:
-        return _runner.decode(obj)
-    except (ValueError, TypeError, RecursionError, AttributeError) as exc:
-        raise ValueError(f"malformed value from the sandbox: {exc}") from None
+        if base not in _RAISED_AS:
+            _RAISED_AS[base] = type(f"CandidateRaised{base.__name__}", (CandidateRaised, base), {})
+        return _RAISED_AS[base](message)
+    except TypeError:  # a built-in whose constructor wants more arguments (UnicodeDecodeError...)
+        return CandidateRaised(message)
+
+
+_RAISED_AS: dict[type, type[CandidateRaised]] = {}
 
 
 class CandidateProxy:
@@ -88,7 +107,7 @@ class CandidateProxy:
             except ValueError as exc:
                 raise SandboxAbort(WRONG, str(exc)) from None
         if status == "raised":
-            raise CandidateRaised(f"{reply.get('type')}: {reply.get('message')}")
+            raise candidate_raised(reply)
         if status == "unserializable":
             raise SandboxAbort(WRONG, f"candidate returned a non-plain value ({reply.get('message')})")
         raise SandboxAbort(_FAILURE_KINDS.get(str(status), CRASH), str(reply.get("message", status)))

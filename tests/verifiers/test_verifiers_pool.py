@@ -87,3 +87,30 @@ def test_code_env_scores_on_the_bound_pool_with_bounded_concurrency(ray_local):
     finally:
         pool.shutdown()
     assert asyncio.run(env.score(sample, gold)).reward == 1.0  # no pool bound: scored in this process
+
+
+def test_job_cancelled_from_outside_does_not_leave_its_worker_busy(ray_local):
+    """The RL loop's score timeout cancels ``arun``; the next, innocent job on that worker must
+    still be scored (not queued behind the abandoned one and reported as infra): in the same
+    event loop, and in the next one (the loop runs one per step)."""
+    import asyncio
+
+    pool = VerifierPool(num_workers=1, limits=Limits(wall_s=2), call_timeout_s=5)
+    stuck = CodeJob("    return a + b\n", dict(PROBLEM, test="import time\ntime.sleep(60)\n"))
+    innocent = CodeJob("    return a + b\n", PROBLEM)
+
+    async def cancel_then(next_job: CodeJob | None):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.arun(stuck), 1.0)
+        return None if next_job is None else await pool.arun(next_job)
+
+    try:
+        result = asyncio.run(cancel_then(innocent))
+        assert result.passed and result.kind == "passed", result
+        asyncio.run(cancel_then(None))
+        result = asyncio.run(pool.arun(innocent))  # a fresh event loop, its worker still settling
+        assert result.passed and result.kind == "passed", result
+        assert pool.restarts == 2
+        assert pool.map([innocent])[0].passed
+    finally:
+        pool.shutdown()
