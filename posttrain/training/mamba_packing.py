@@ -1,0 +1,296 @@
+"""Exact packing for NemotronH's Mamba2 layers: conv and SSM state restart at every document.
+
+Packed rows (``sft/packing.py``) mark documents by restarting ``position_ids`` at 0. Attention
+layers turn that into a block-diagonal mask, but transformers' Mamba2 mixer runs its causal
+conv1d and its chunked SSD scan straight along the row, so state leaks from one document into
+the next (logits off by ~0.5 on tiny-nemotron-h). Here each row gets ``seq_idx: [B, T]`` (the
+document number of every token) and the mixer honours it:
+
+- conv1d: output ``t`` sums taps ``x[t - s]`` only where ``seq_idx[t - s] == seq_idx[t]``;
+- SSD scan: every decay that crosses a document start is 0 (``exp(-inf)``): in the intra-chunk
+  ``L`` matrix, in the chunk-final states, in the inter-chunk carry and in the carry's read-out.
+
+So one packed row computes exactly what its documents compute alone (within float rounding).
+On CUDA with ``mamba_ssm`` and ``causal_conv1d`` installed, ``seq_idx`` goes to their fused
+kernels instead, which implement the same reset.
+
+Install with :func:`enable_exact_packing` (``sft.packing.resolve_packing`` does it when it packs):
+a pre-hook on the NemotronH trunk derives ``seq_idx`` from ``position_ids``; each Mamba2 mixer's
+``forward`` becomes :func:`mixer_forward`, which defers to transformers' own forward whenever no
+``seq_idx`` is given (generation, one document per row).
+
+The scan and conv also take an initial state and return the final one: a context-parallel rank
+can start its slice of a row from the previous rank's state (see :func:`chunk_scan`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_MARK = "_posttrain_exact_packing"
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """``position_ids: [B, T]`` -> ``seq_idx: [B, T]`` int32, +1 wherever positions do not go on by one.
+
+    ``[[0, 1, 2, 0, 1]] -> [[0, 0, 0, 1, 1]]``. A row starting at ``p > 0`` (a cached prefix) is
+    one document.
+    """
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [B, T] (got shape {tuple(position_ids.shape)})")
+    starts = torch.zeros_like(position_ids, dtype=torch.int32)
+    starts[:, 1:] = (position_ids[:, 1:] != position_ids[:, :-1] + 1).to(torch.int32)
+    return starts.cumsum(-1, dtype=torch.int32)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Flash-attention's ``cu_seqlens: [D + 1]`` (``[0, n0, n0 + n1, ...]``) -> ``seq_idx: [1, T]`` int32."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    total = int(cu_seqlens[-1]) if total is None else total
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device, dtype=torch.int32), lengths)
+    if ids.numel() != total:
+        raise ValueError(f"cu_seqlens covers {ids.numel()} tokens but the row has {total}")
+    return ids[None]
+
+
+# --------------------------------------------------------------------------- pure-torch ops
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None, seq_idx: torch.Tensor | None = None,
+                  initial_states: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv ``x: [B, C, T]``, ``weight: [C, K]`` -> ``[B, C, T]``, per document.
+
+    ``initial_states: [B, C, K-1]`` are the inputs before ``x`` (zeros when None); they belong to
+    the row's first document. Tap ``j`` reads ``x[t - (K-1-j)]``, as ``F.conv1d`` with ``K-1``
+    left padding does, and is dropped where that token lies in another document.
+    """
+    b, c, t = x.shape
+    k = weight.shape[-1]
+    x = x.to(weight.dtype)
+    prefix = x.new_zeros(b, c, k - 1) if initial_states is None else initial_states.to(x.dtype)
+    xp = torch.cat([prefix, x], dim=-1)  # [B, C, K-1+T]
+    if seq_idx is None:
+        out = F.conv1d(xp, weight[:, None], bias, groups=c)
+    else:
+        sp = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=-1)  # [B, K-1+T]
+        out = sum(weight[:, j, None] * xp[..., j : j + t] * (sp[:, None, j : j + t] == seq_idx[:, None])
+                  for j in range(k))
+        if bias is not None:
+            out = out + bias[:, None]
+    if activation is not None:
+        out = {"silu": F.silu, "swish": F.silu}[activation](out)
+    return out
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """``x: [..., L]`` -> ``[..., L, L]``: ``out[i, j] = x[j+1] + ... + x[i]`` for ``j <= i``, -inf above."""
+    n = x.size(-1)
+    x = x[..., None].expand(*x.shape, n)
+    x = x.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool, device=x.device), diagonal=-1), 0)
+    out = torch.cumsum(x, dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool, device=x.device), diagonal=0), -math.inf)
+
+
+def _chunks(x: torch.Tensor, pad: int, size: int) -> torch.Tensor:
+    """``[B, T, ...]`` -> zero-padded ``[B, T/size, size, ...]``."""
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return x.reshape(x.shape[0], -1, size, *x.shape[2:])
+
+
+def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               chunk_size: int, D: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+               dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
+               seq_idx: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+               return_final_states: bool = False, **_: Any) -> Any:
+    """Mamba2's chunked SSD scan with document resets; ``mamba_chunk_scan_combined``'s signature.
+
+    ``x: [b, T, h, p]``, ``dt: [b, T, h]``, ``A: [h]``, ``B, C: [b, T, g, n]``, ``seq_idx: [b, T]``
+    (non-decreasing), ``initial_states: [b, h, p, n]`` (the state before ``x``, continued by the
+    row's first document). Returns ``y: [b, T, h, p]`` (and the final state ``[b, h, p, n]``).
+    Letters below: c = chunk, l/s = positions in a chunk, z = source chunk.
+    """
+    b, t, h, p = x.shape
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).float()
+    x = x.float()
+    B = B.float().repeat_interleave(h // B.shape[2], dim=2)
+    C = C.float().repeat_interleave(h // C.shape[2], dim=2)
+    pad = (chunk_size - t % chunk_size) % chunk_size
+    seq = torch.zeros(b, t, dtype=torch.int32, device=x.device) if seq_idx is None else seq_idx
+    seq = torch.cat([seq, seq[:, -1:].expand(b, pad)], dim=1).view(b, -1, chunk_size)  # [b, c, l]
+    y_skip = None if D is None else D[:, None].float() * x  # [b, T, h, p]
+
+    x, dA, B, C = (_chunks(v, pad, chunk_size) for v in (x * dt[..., None], A.float() * dt, B, C))
+    dA = dA.permute(0, 3, 1, 2)  # [b, h, c, l]
+    dA_cum = torch.cumsum(dA, dim=-1)
+
+    # 1. within a chunk: attention-like L[l, s] = exp(dA[s+1..l]), 0 across documents
+    same = seq[:, :, :, None] == seq[:, :, None, :]  # [b, c, l, s]
+    L = torch.exp(_segsum(dA).masked_fill(~same[:, None], -math.inf))  # [b, h, c, l, s]
+    scores = torch.einsum("bclhn,bcshn->bclsh", C, B) * L.permute(0, 2, 3, 4, 1)
+    y = torch.einsum("bclsh,bcshp->bclhp", scores, x)
+
+    # 2. each chunk's final state, from the tokens of the chunk's last document only
+    last_doc = seq[:, :, -1:] == seq  # [b, c, l]
+    decay = torch.where(last_doc[:, None], torch.exp(dA_cum[..., -1:] - dA_cum), 0.0)  # [b, h, c, l]
+    states = torch.einsum("bclhn,bclhp->bchpn", B * decay.permute(0, 2, 3, 1)[..., None], x)
+
+    # 3. carry between chunks: the state at the end of chunk z reaches the end of chunk c-1 only
+    #    if no document starts in between (same document at both ends; seq is non-decreasing)
+    start = states.new_zeros(b, 1, h, p, states.shape[-1]) if initial_states is None else \
+        initial_states[:, None].to(states)
+    states = torch.cat([start, states], dim=1)  # [b, 1 + c, h, p, n]
+    end_doc = torch.cat([seq[:, :1, 0], seq[:, :, -1]], dim=1)  # [b, 1 + c]: doc at each state
+    same_end = end_doc[:, :, None] == end_doc[:, None, :]  # [b, c', z]
+    carry = torch.exp(_segsum(F.pad(dA_cum[..., -1], (1, 0))).masked_fill(~same_end[:, None], -math.inf))
+    states = torch.einsum("bzch,bzhpn->bchpn", carry.transpose(1, 3), states)
+    states, final = states[:, :-1], states[:, -1]
+
+    # 4. read the carried state out, for the tokens of the document it belongs to
+    carried = seq == end_doc[:, :-1, None]  # [b, c, l]
+    decay_out = torch.where(carried[:, None], torch.exp(dA_cum), 0.0)  # [b, h, c, l]
+    y = y + torch.einsum("bclhn,bchpn->bclhp", C, states) * decay_out.permute(0, 2, 3, 1)[..., None]
+
+    y = y.reshape(b, -1, h, p)[:, :t]
+    if y_skip is not None:
+        y = y + y_skip
+    return (y, final) if return_final_states else y
+
+
+# --------------------------------------------------------------------------- fused kernels (GPU)
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """``causal_conv1d`` and ``mamba_ssm`` entry points; each takes ``seq_idx`` (int32 ``[B, T]``)."""
+
+    causal_conv1d_fn: Callable[..., torch.Tensor]
+    mamba_chunk_scan_combined: Callable[..., Any]
+    mamba_split_conv1d_scan_combined: Callable[..., torch.Tensor]
+
+
+@functools.cache
+def _import_kernels() -> FusedKernels | None:
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return FusedKernels(causal_conv1d_fn, mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined)
+
+
+def fused_kernels(device: torch.device) -> FusedKernels | None:
+    """The fused kernels when ``device`` is CUDA and both packages import; None: the pure-torch ops here."""
+    return _import_kernels() if device.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------- the mixer
+
+
+def mixer_forward(mixer: Any, hidden_states: torch.Tensor, cache_params: Any = None,
+                  attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                  **kwargs: Any) -> torch.Tensor:
+    """``NemotronHMamba2Mixer.forward`` with ``seq_idx: [B, T]``; without it, transformers' own forward.
+
+    The same four steps as transformers (in_proj -> conv -> SSD scan -> gated norm, out_proj),
+    with the conv and scan from :func:`fused_kernels` or the pure-torch ops above.
+    """
+    if seq_idx is None:
+        return type(mixer).forward(mixer, hidden_states, cache_params=cache_params,
+                                   attention_mask=attention_mask, **kwargs)
+    if cache_params is not None:
+        raise ValueError("packed rows (seq_idx) cannot fill a generation cache: call the model with use_cache=False")
+    b, t, _ = hidden_states.shape
+    h, p, g, n = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    seq_idx = seq_idx.to(device=hidden_states.device, dtype=torch.int32).contiguous()
+    dtype = hidden_states.dtype
+    if attention_mask is not None:
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(dtype)
+    zxbcdt = mixer.in_proj(hidden_states)  # [B, T, inner + conv_dim + h]
+    A = -torch.exp(mixer.A_log.float())
+    kernels = fused_kernels(hidden_states.device)
+    if kernels is not None and mixer.training and attention_mask is None:
+        return kernels.mamba_split_conv1d_scan_combined(
+            zxbcdt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.dt_bias, A, D=mixer.D,
+            chunk_size=mixer.chunk_size, seq_idx=seq_idx, dt_limit=mixer.time_step_limit,
+            activation=mixer.activation, rmsnorm_weight=mixer.norm.weight, rmsnorm_eps=mixer.norm.variance_epsilon,
+            outproj_weight=mixer.out_proj.weight, outproj_bias=mixer.out_proj.bias, headdim=p, ngroups=g,
+            norm_before_gate=False)
+
+    gate, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, h], dim=-1)
+    conv = kernels.causal_conv1d_fn if kernels is not None else causal_conv1d
+    xBC = conv(xBC.transpose(1, 2), mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+               activation=mixer.activation, seq_idx=seq_idx).transpose(1, 2)  # [B, T, conv_dim]
+    if attention_mask is not None:
+        xBC = (xBC * attention_mask[:, :, None]).to(xBC.dtype)
+    x, B, C = xBC.split([mixer.intermediate_size, g * n, g * n], dim=-1)
+    scan = kernels.mamba_chunk_scan_combined if kernels is not None else chunk_scan
+    y = scan(x.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n),
+             chunk_size=mixer.chunk_size, D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+             dt_limit=mixer.time_step_limit, seq_idx=seq_idx)
+    y = mixer.norm(y.reshape(b, t, -1), gate)
+    return mixer.out_proj(y.to(dtype))
+
+
+def _add_seq_idx(trunk: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Trunk pre-hook: packed rows (position ids restart inside a row) get ``seq_idx`` for the mixers."""
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("seq_idx") is not None or position_ids is None or position_ids.dim() != 2:
+        return None
+    if kwargs.get("past_key_values") is not None or kwargs.get("attention_mask") is not None:
+        return None  # generation (left padding also restarts positions): not a packed row
+    seq_idx = seq_idx_from_position_ids(position_ids)
+    if not bool((seq_idx[:, -1] > 0).any()):
+        return None  # one document per row: transformers' path is already exact
+    if kwargs.get("use_cache"):
+        raise ValueError("a packed row (position_ids restart inside it) cannot fill a generation cache: "
+                         "call the model with use_cache=False")
+    return args, {**kwargs, "seq_idx": seq_idx, "use_cache": False}
+
+
+def supports(module: Any) -> bool:
+    """True for the Mamba layers this module makes exact under packing."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    return isinstance(module, NemotronHMamba2Mixer)
+
+
+def enable_exact_packing(model: Any) -> int:
+    """Make packed rows exact for every NemotronH Mamba2 layer of ``model``; returns how many (idempotent).
+
+    Patches instances only (no class or transformers module is touched, so other models in the
+    process are unaffected); works under peft and FSDP wrappers, which keep these modules.
+    """
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHModel
+
+    mixers = [m for m in model.modules() if supports(m)]
+    if getattr(model, _MARK, False) or not mixers:
+        return len(mixers) if getattr(model, _MARK, False) else 0
+    for mixer in mixers:
+        mixer.forward = types.MethodType(mixer_forward, mixer)
+    for trunk in (m for m in model.modules() if isinstance(m, NemotronHModel)):
+        trunk.register_forward_pre_hook(_add_seq_idx, with_kwargs=True)
+    setattr(model, _MARK, True)
+    log.info("exact packing on: %d Mamba2 layers reset conv/SSM state at document starts", len(mixers))
+    return len(mixers)
+
+
+def exact_packing_enabled(model: Any) -> bool:
+    return bool(getattr(model, _MARK, False))
