@@ -1,0 +1,292 @@
+"""Context parallelism: one long (packed) sequence split over the ranks of a cp process group.
+
+How a batch ``[B, T]`` becomes ``N`` shards (Llama 3 style, all-gather of K/V):
+
+1. Labels are shifted to next-token targets on the *whole* row first, so the last token of a
+   rank's chunk still predicts the first token of the next chunk, wherever that lives.
+2. The row is padded to a multiple of ``2N`` and cut into ``2N`` chunks; rank ``r`` keeps chunks
+   ``r`` and ``2N-1-r``. Causal attention costs more late in the row, so pairing an early chunk
+   with a late one gives every rank the same work.
+3. Each token keeps its *global* RoPE position (restarting per packed document, as the packer
+   wrote it) and its global document id.
+4. In every attention layer the ``posttrain_cp`` implementation all-gathers K/V over the group
+   (backward: reduce-scatter of their gradients, written with ``all_to_all_single`` since gloo
+   has no ``reduce_scatter``) and runs SDPA for the local queries against all keys, masked to
+   "same document and not later in the row" from the global indices: exact causal attention.
+5. Each rank sums the NLL of its own targets; the token count is all-reduced over the group, so
+   ``nll / count`` summed over ranks is the CP=1 token mean and the parameter gradients, summed
+   over the group (or reduce-scattered by FSDP over ``dp_shard x cp``), equal the CP=1 ones.
+
+Only attention mixes tokens in a Llama/Qwen2 block, so nothing else needs to know. Layers that
+carry a state along the row (Mamba2 in NemotronH) would need the previous rank's final state;
+that is not built yet, so :func:`check_supported` refuses such models by name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from posttrain.errors import ConfigError
+from posttrain.training.loss import IGNORE_INDEX, chunked_nll_sum, shifted_targets, trunk_and_head
+
+CP_ATTENTION = "posttrain_cp"  # config._attn_implementation of a model running under CP
+PAD_DOC = -1  # document id of padding (attention_mask 0, or the tail added to fill 2N chunks)
+# Layer kinds that carry a recurrent state or a causal convolution along the row: a rank would
+# need the previous rank's final state, which is not passed yet.
+STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def group_size_rank(group: Any) -> tuple[int, int]:
+    """(size, rank) of this process in the cp ``group``; (1, 0) for None (one process)."""
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def padded_length(length: int, size: int) -> int:
+    """The row length after padding to a multiple of ``2 * size`` chunks."""
+    return -(-length // (2 * size)) * (2 * size)
+
+
+def load_balanced_indices(length: int, size: int, rank: int) -> torch.Tensor:
+    """Global token indices ``[length // size]`` of ``rank``: chunks ``rank`` and ``2*size-1-rank`` of ``2*size``."""
+    if length % (2 * size):
+        raise ValueError(f"length {length} is not a multiple of 2 x cp size ({2 * size}); pad it first")
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} outside the cp group of {size}")
+    chunk = length // (2 * size)
+    first, second = rank * chunk, (2 * size - 1 - rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+
+
+def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` document id of every token: a new document wherever the position does not step by 1.
+
+    The same rule transformers uses to find packed documents (``find_packed_sequence_indices``);
+    tokens with ``attention_mask == 0`` get :data:`PAD_DOC`.
+    """
+    step = position_ids[:, 1:] - position_ids[:, :-1]  # [B, T-1]
+    starts = torch.cat([torch.ones_like(position_ids[:, :1], dtype=torch.bool), step != 1], dim=1)
+    docs = starts.long().cumsum(dim=1) - 1  # [B, T], 0-based per row
+    if attention_mask is not None:
+        docs = docs.masked_fill(attention_mask == 0, PAD_DOC)
+    return docs
+
+
+@dataclass(frozen=True)
+class CPShard:
+    """What the ``posttrain_cp`` attention needs to know about this rank's share of the batch.
+
+    ``q_index: [t]`` global positions in the row of the local tokens (queries);
+    ``k_index: [N*t]`` global positions of the keys in the order the all-gather returns them;
+    ``q_doc: [B, t]`` / ``k_doc: [B, N*t]`` their document ids. ``query_block`` bounds the
+    mask and score memory of one SDPA call to ``[B, H, query_block, N*t]``.
+    """
+
+    group: Any
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    q_doc: torch.Tensor
+    k_doc: torch.Tensor
+    query_block: int = 4096
+
+    def mask(self, start: int, stop: int) -> torch.Tensor:
+        """``[B, 1, stop-start, N*t]`` bool: query may attend key (same document, not later)."""
+        same_doc = self.q_doc[:, start:stop, None] == self.k_doc[:, None, :]  # [B, q, K]
+        causal = self.k_index[None, :] <= self.q_index[start:stop, None]  # [q, K]
+        return (same_doc & causal[None])[:, None]
+
+
+def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id: int = 0,
+                group: Any = None, query_block: int = 4096) -> tuple[dict[str, torch.Tensor], CPShard]:
+    """This rank's share of ``batch`` (``input_ids``/``labels`` and ``position_ids`` or ``attention_mask``, ``[B, T]``).
+
+    Returns ``input_ids``, ``position_ids`` (global, restarting per document) and ``targets``
+    (already shifted: do not shift again), each ``[B, T_pad / size]``, and the :class:`CPShard`.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    positions = batch.get("position_ids")
+    if positions is None:  # one document per row; left padding keeps positions from 0
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0) if mask is not None else \
+            torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    docs = document_ids(positions, mask)  # [B, T]
+    targets = shifted_targets(labels)  # [B, T], before the split
+    if mask is not None:
+        targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+    length = ids.shape[1]
+    extra = padded_length(length, size) - length
+    if extra:  # the tail: its own document, no targets; causal order keeps real queries off it
+        ids = F.pad(ids, (0, extra), value=pad_id)
+        targets = F.pad(targets, (0, extra), value=IGNORE_INDEX)
+        positions = torch.cat([positions, torch.arange(extra, device=ids.device).expand(ids.shape[0], -1)], 1)
+        docs = F.pad(docs, (0, extra), value=PAD_DOC)
+    index = load_balanced_indices(ids.shape[1], size, rank).to(ids.device)  # [t]
+    k_index = torch.cat([load_balanced_indices(ids.shape[1], size, r) for r in range(size)]).to(ids.device)
+    local = {"input_ids": ids[:, index], "position_ids": positions[:, index], "targets": targets[:, index]}
+    shard = CPShard(group=group, q_index=index, k_index=k_index, q_doc=docs[:, index], k_doc=docs[:, k_index],
+                    query_block=query_block)
+    return local, shard
+
+
+def gather_sequence(local: torch.Tensor, shard: CPShard, length: int) -> torch.Tensor:
+    """``[B, t, ...]`` per-rank values (e.g. token logprobs) -> ``[B, length, ...]`` in row order, on every rank.
+
+    No gradient flows back; for logprob passes and metrics. ``length`` is the unpadded row length.
+    """
+    full = _gather_seq_dim(local.detach().contiguous(), 1, shard.group)  # [B, N*t, ...] gather order
+    out = torch.empty_like(full)
+    out[:, shard.k_index] = full
+    return out[:, :length]
+
+
+# --------------------------------------------------------------------------- the K/V exchange
+
+
+def _gather_seq_dim(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    size, _ = group_size_rank(group)
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _AllGatherSeq(torch.autograd.Function):
+    """All-gather along ``dim`` (rank order); backward = reduce-scatter of the gradient.
+
+    Every rank's queries read every rank's keys, so the gradient of this rank's K/V slice is the
+    sum of the slices from all ranks: an ``all_to_all_single`` hands slice ``j`` to rank ``j``,
+    which adds what it receives (the traffic of a reduce-scatter; gloo has no reduce_scatter).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _gather_seq_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        size, _ = group_size_rank(ctx.group)
+        if size == 1:
+            return grad, None, None
+        send = grad.movedim(ctx.dim, 0).contiguous()  # [N*t, ...]: slice j goes to rank j
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=ctx.group)
+        summed = recv.view(size, send.shape[0] // size, *send.shape[1:]).sum(0)  # [t, ...]
+        return summed.movedim(0, ctx.dim), None, None
+
+
+def all_gather_kv(key: torch.Tensor, value: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, Hkv, t, D]`` local K and V -> ``[B, Hkv, N*t, D]`` each, one collective for both."""
+    both = _AllGatherSeq.apply(torch.cat([key, value], dim=-1), 2, group)
+    return both.split([key.shape[-1], value.shape[-1]], dim=-1)
+
+
+def cp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 cp_shard: CPShard | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The ``posttrain_cp`` attention: local ``query: [B, H, t, D]`` against K/V gathered over the cp group.
+
+    Returns ``[B, t, H, D]`` like transformers' SDPA path. The mask comes from ``cp_shard``
+    (global indices and documents), not from ``attention_mask`` (transformers builds none for
+    an implementation it does not know).
+    """
+    if cp_shard is None:  # not a CP pass (evaluation, generation): exactly transformers' SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, K, D]
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # GQA: each KV head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    outs = []
+    for start in range(0, query.shape[2], cp_shard.query_block):
+        stop = min(start + cp_shard.query_block, query.shape[2])
+        outs.append(F.scaled_dot_product_attention(query[:, :, start:stop], key, value,
+                                                   attn_mask=cp_shard.mask(start, stop),
+                                                   dropout_p=dropout, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CP_ATTENTION, cp_attention)
+    AttentionMaskInterface.register(CP_ATTENTION, sdpa_mask)  # the mask of non-CP passes
+
+
+_register()
+
+
+# --------------------------------------------------------------------------- model and loss
+
+
+def check_supported(model: Any) -> None:
+    """Raise ConfigError when ``model`` has layers CP cannot split exactly yet (Mamba2 & co.)."""
+    stateful = sorted({type(m).__name__ for m in model.modules() if STATEFUL.search(type(m).__name__)})
+    if stateful:
+        raise ConfigError(
+            f"train.context_parallel > 1 is not supported for {type(model).__name__} yet: its "
+            f"{', '.join(stateful)} layers carry a state along the sequence, and each rank would have to "
+            "start from the previous rank's final conv/SSM state (and send its gradient back), which is "
+            "not built. Use train.context_parallel=1 for this model.")
+
+
+def enable_context_parallel(model: Any) -> Any:
+    """Switch ``model``'s attention to ``posttrain_cp`` (once, at set-up, like FSDP wrapping); returns it.
+
+    The switch stays: gradient checkpointing re-runs layers during backward, after any ``with``
+    block would have ended. Without a ``cp_shard`` the implementation is plain SDPA with the mask
+    transformers builds, so evaluation and generation on the same model are unchanged.
+    """
+    check_supported(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != CP_ATTENTION:
+        base.set_attn_implementation(CP_ATTENTION)
+    return model
+
+
+def cp_forward(model: Any, batch: dict[str, torch.Tensor], group: Any, *, pad_id: int = 0,
+               query_block: int = 4096) -> tuple[torch.Tensor, dict[str, torch.Tensor], CPShard]:
+    """Decoder trunk on this rank's share of ``batch``: (hidden ``[B, t, H]``, local batch, shard)."""
+    enable_context_parallel(model)
+    size, rank = group_size_rank(group)
+    local, shard = shard_batch(batch, size, rank, pad_id=pad_id, group=group, query_block=query_block)
+    trunk, _ = trunk_and_head(model)
+    # The 4D stand-in mask stops transformers from building a dense [t, t] mask for the local rows;
+    # cp_attention builds its own, a query block at a time, from the shard's global indices.
+    stand_in = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=local["input_ids"].device)
+    hidden = trunk(input_ids=local["input_ids"], position_ids=local["position_ids"], attention_mask=stand_in,
+                   use_cache=False, cp_shard=shard).last_hidden_state
+    return hidden, local, shard
+
+
+def cp_nll_sum(model: Any, batch: dict[str, torch.Tensor], group: Any, chunk_size: int = 2048,
+               pad_id: int = 0) -> tuple[torch.Tensor, int]:
+    """(NLL sum over *this rank's* labelled tokens, labelled tokens of the *whole* batch).
+
+    The CP counterpart of ``training.loss.causal_lm_nll_sum``, called by every rank of the cp
+    group with the same ``batch``. Backward ``nll / global_tokens`` on each rank, then sum the
+    parameter gradients over the group (with the data-parallel sum, or FSDP's reduce-scatter over
+    ``dp_shard x cp``): loss and gradients equal one process running the whole batch.
+    """
+    _, head = trunk_and_head(model)
+    hidden, local, _ = cp_forward(model, batch, group, pad_id=pad_id)
+    targets = local["targets"]  # [B, t], shifted before the split
+    keep = targets != IGNORE_INDEX
+    count = keep.sum().reshape(1)
+    if group is not None:
+        dist.all_reduce(count, group=group)
+    nll = chunked_nll_sum(hidden[keep], head.weight, targets[keep], head.bias, chunk_size)
+    return nll, int(count)
