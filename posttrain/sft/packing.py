@@ -5,10 +5,14 @@ document, which transformers turns into a block-diagonal causal mask (SDPA/eager
 attention (flash-attention), so no token attends across documents. Each document's first token
 gets no label, so the previous document never learns to predict it.
 
-``pad``: one document per row, right-padded; exact for every architecture, including Mamba
-layers whose transformers implementation ignores ``seq_idx`` and would carry state across packed
-documents. The plan is a pure function of (lengths, seed, epoch): every data-parallel process
-builds the same plan and takes its share, and resume skips to a step without any data state.
+NemotronH's Mamba2 layers would carry conv/SSM state across documents in transformers' code;
+when packing, ``resolve_packing`` installs ``training.mamba_packing``, which resets that state
+at each document start (``seq_idx`` from the restarting position ids), so they pack exactly too.
+
+``pad``: one document per row, right-padded; exact for every architecture, including recurrent
+layers with no ``seq_idx`` support here (they make ``auto`` pad). The plan is a pure function of
+(lengths, seed, epoch): every data-parallel process builds the same plan and takes its share,
+and resume skips to a step without any data state.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from posttrain.errors import ConfigError, DataError
+from posttrain.training import mamba_packing
 from posttrain.training.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -110,17 +115,19 @@ def collate(docs: Sequence[tuple[list[int], list[int]]], mode: Mode, pad_id: int
 # --------------------------------------------------------------------------- exactness
 
 # Layer kinds whose transformers implementation runs a recurrent state or a causal convolution
-# along the row: position ids do not reset them, so packed documents would leak into each other.
+# along the row: position ids do not reset them, so packed documents would leak into each other,
+# unless ``mamba_packing`` can reset them per document (NemotronH's Mamba2 mixer).
 STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def packing_blocker(model: Any) -> str | None:
-    """Why packing would not be exact for ``model`` (None when it is)."""
-    stateful = sorted({type(m).__name__ for m in model.modules() if STATEFUL.search(type(m).__name__)})
+    """Why packing would not be exact for ``model`` (None when it is, with ``mamba_packing`` installed)."""
+    stateful = sorted({type(m).__name__ for m in model.modules()
+                       if STATEFUL.search(type(m).__name__) and not mamba_packing.supports(m)})
     if stateful:
         return (f"{', '.join(stateful)} carry state along the row and ignore document boundaries "
-                "(transformers passes no seq_idx)")
+                "(no seq_idx support for them here)")
     attn = getattr(model.config, "_attn_implementation", None)
     if attn not in PACKING_ATTENTION:
         return f"attention implementation {attn!r} does not isolate packed documents"
@@ -128,11 +135,15 @@ def packing_blocker(model: Any) -> str | None:
 
 
 def resolve_packing(requested: str, model: Any) -> Mode:
-    """``auto`` -> pack when exact else pad; ``pack`` on a model where it is not exact is an error."""
+    """``auto`` -> pack when exact else pad; ``pack`` on a model where it is not exact is an error.
+
+    Packing a model with Mamba2 layers installs :func:`mamba_packing.enable_exact_packing` on it.
+    """
     blocker = packing_blocker(model)
     if requested == "pad":
         return "pad"
     if blocker is None:
+        mamba_packing.enable_exact_packing(model)
         return "pack"
     if requested == "pack":
         raise ConfigError(f"train.packing=pack is not exact for {type(model).__name__}: {blocker}. "

@@ -128,16 +128,17 @@ def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
         dt = dt + dt_bias.to(dt.dtype)
     if dt_softplus:
         dt = F.softplus(dt)
-    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).float()
-    x = x.float()
-    B = B.float().repeat_interleave(h // B.shape[2], dim=2)
-    C = C.float().repeat_interleave(h // C.shape[2], dim=2)
+    f = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp32 inputs, as transformers; fp64 stays
+    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).to(f)
+    x = x.to(f)
+    B = B.to(f).repeat_interleave(h // B.shape[2], dim=2)
+    C = C.to(f).repeat_interleave(h // C.shape[2], dim=2)
     pad = (chunk_size - t % chunk_size) % chunk_size
     seq = torch.zeros(b, t, dtype=torch.int32, device=x.device) if seq_idx is None else seq_idx
     seq = torch.cat([seq, seq[:, -1:].expand(b, pad)], dim=1).view(b, -1, chunk_size)  # [b, c, l]
-    y_skip = None if D is None else D[:, None].float() * x  # [b, T, h, p]
+    y_skip = None if D is None else D[:, None].to(f) * x  # [b, T, h, p]
 
-    x, dA, B, C = (_chunks(v, pad, chunk_size) for v in (x * dt[..., None], A.float() * dt, B, C))
+    x, dA, B, C = (_chunks(v, pad, chunk_size) for v in (x * dt[..., None], A.to(f) * dt, B, C))
     dA = dA.permute(0, 3, 1, 2)  # [b, h, c, l]
     dA_cum = torch.cumsum(dA, dim=-1)
 

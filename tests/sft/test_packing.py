@@ -77,18 +77,37 @@ def test_llama_packs_exactly(tiny_llama_dir, tokenizer) -> None:
     torch.testing.assert_close(pad_nll / pad_n, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_nemotron_h_falls_back_to_exact_padding(tiny_nemotron_dir, tokenizer) -> None:
+def test_nemotron_h_packs_exactly(tiny_nemotron_dir, tokenizer) -> None:
+    """auto packs NemotronH: its Mamba2 layers reset state per document (training.mamba_packing)."""
+    from posttrain.training.mamba_packing import exact_packing_enabled
+
     model, docs = _load(tiny_nemotron_dir), _docs(tokenizer)
-    assert "Mamba" in (packing_blocker(model) or "")
+    assert packing_blocker(model) is None and not exact_packing_enabled(model)
+    with torch.no_grad():
+        packed = collate(docs[:2], "pack", 0)
+        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        assert resolve_packing("auto", model) == "pack" and exact_packing_enabled(model)
+        assert resolve_packing("pack", model) == "pack"
+        exact = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        alone = model(input_ids=torch.tensor([docs[1][0]]), use_cache=False).logits  # [1, T1, V]
+        ref = _one_by_one(model, docs)
+        nll, n = causal_lm_nll_sum(model, collate(docs, "pack", 0), chunk_size=64)
+        pad_nll, pad_n = causal_lm_nll_sum(model, collate(docs, "pad", tokenizer.pad_token_id))
+    first = len(docs[0][0])
+    assert (leaky[0, first:] - alone[0]).abs().max() > 1e-3  # transformers alone leaks Mamba state
+    torch.testing.assert_close(exact[0, first:], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(nll / n, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pad_nll / pad_n, ref, rtol=1e-5, atol=1e-6)
+
+
+class GatedDeltaNet(torch.nn.Module):  # a recurrent layer kind with no seq_idx support here
+    pass
+
+
+def test_unsupported_recurrent_layers_fall_back_to_padding() -> None:
+    model = torch.nn.Sequential(GatedDeltaNet())
+    model.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    assert "GatedDeltaNet" in (packing_blocker(model) or "")
     assert resolve_packing("auto", model) == "pad"
     with pytest.raises(ValueError, match="train.packing=pack is not exact"):
         resolve_packing("pack", model)
-    with torch.no_grad():
-        ref = _one_by_one(model, docs)
-        nll, n = causal_lm_nll_sum(model, collate(docs, "pad", tokenizer.pad_token_id))
-        packed = collate(docs[:2], "pack", 0)
-        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
-        alone = model(input_ids=torch.tensor([docs[1][0]]), use_cache=False).logits  # [1, T1, V]
-    torch.testing.assert_close(nll / n, ref, rtol=1e-5, atol=1e-6)
-    # the trap the fallback avoids: packing leaks Mamba state into the second document
-    assert (leaky[0, len(docs[0][0]):] - alone[0]).abs().max() > 1e-3
