@@ -132,7 +132,7 @@ def real_judge_step(model: str, n: int, prompts: int) -> None:
     """Wall time of one step's judging on a real engine: circular (N calls per group) vs all pairs."""
     import asyncio
 
-    from posttrain.environments.base import Completion
+    from posttrain.environments.base import Completion, StageResources
     from posttrain.genrm.environment import GenRMEnv
 
     judge = {"model": model, "max_tokens": 32, "temperature": 1.0, "enable_thinking": False}
@@ -143,7 +143,7 @@ def real_judge_step(model: str, n: int, prompts: int) -> None:
         samples = env.samples("train", 0)[:prompts]
         groups = [[Completion(f"Answer {i}: the result is {i * 7 % 23}.") for i in range(n)] for _ in samples]
         try:
-            env.start()
+            env.start(StageResources())
             start = time.perf_counter()
             scores = asyncio.run(env.score_groups(samples, groups))
             seconds = time.perf_counter() - start

@@ -38,12 +38,13 @@ def in_loop(cfg: RLVRConfig) -> list[dict[str, float]]:
 
 def standalone(cfg: RLVRConfig, repeats: int) -> tuple[int, float]:
     """(tokens, seconds) of the fastest generate call of one step's size on a fresh pool."""
-    from posttrain.environments.registry import load_environment
+    from posttrain.environments.registry import opened
     from posttrain.rollout.pool import RolloutPool
 
     prompts = []
-    for env_cfg in cfg.environments:
-        prompts += [s.messages for s in load_environment(env_cfg).samples("train", cfg.run.seed)]
+    with opened(cfg.environments) as envs:
+        for env in envs.values():
+            prompts += [s.messages for s in env.samples("train", cfg.run.seed)]
     prompts = prompts[: cfg.run.prompts_per_step]
     pool = RolloutPool(cfg.model, cfg.rollout)
     try:

@@ -133,15 +133,15 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _local_cpus(cfg: PipelineConfig) -> int:
     """CPUs of a local cluster: enough for the hungriest RL stage's placement group."""
-    from posttrain.environments.registry import load_environment
+    from posttrain.environments.registry import opened
     from posttrain.rlvr.actors import local_cpus, stage_roles
 
     need, style = 1, trained_prompt_style(cfg)
     for name in cfg.stages:
         if name != "sft":
             section = getattr(cfg, name)
-            envs = {e.name: load_environment(_with_judge(e, {"genrm": "planned"}, style)) for e in section.environments}
-            need = max(need, local_cpus(stage_roles(section, envs)))
+            with opened([_with_judge(e, {"genrm": "planned"}, style) for e in section.environments]) as envs:
+                need = max(need, local_cpus(stage_roles(section, envs)))
     return need
 
 
@@ -191,19 +191,28 @@ class _SFTWorker:
 
 
 def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
-    """Greedy held-out accuracy of ``model`` on the RLVR environments, logged into the stage's metrics."""
-    from posttrain.environments.registry import load_environment
+    """Greedy held-out accuracy of ``model`` on the RLVR environments, logged into the stage's metrics.
+
+    No sandbox actors run here: programs are scored from this process, under the RLVR stage's
+    sandbox limits, so the numbers compare with the RLVR stage's own evaluation."""
+    from posttrain.environments.base import StageResources
+    from posttrain.environments.registry import opened
     from posttrain.metrics import MetricsLogger
     from posttrain.rlvr.evaluate import evaluate
     from posttrain.rollout.pool import RolloutPool
+    from posttrain.verifiers.sandbox import Limits
+    from posttrain.verifiers.service import LocalRunner
 
-    envs = {e.name: load_environment(e) for e in cfg.rlvr.environments}
-    pool = RolloutPool(cfg.model.model_copy(update={"name": model}), cfg.rlvr.rollout, name_prefix="eval")
-    try:
-        result = evaluate(pool, envs, cfg.rlvr.generation, cfg.sft_eval_prompts, cfg.rlvr.run.seed,
-                          cfg.rlvr.run.score_concurrency, cfg.rlvr.run.score_timeout_s, cfg.rlvr.timeouts.judge_s)
-    finally:
-        pool.shutdown()
+    rl = cfg.rlvr
+    with opened(rl.environments) as envs:
+        for env in envs.values():
+            env.start(StageResources(code_runner=LocalRunner(Limits(wall_s=rl.sandbox.wall_s))))
+        pool = RolloutPool(cfg.model.model_copy(update={"name": model}), rl.rollout, name_prefix="eval")
+        try:
+            result = evaluate(pool, envs, rl.generation, cfg.sft_eval_prompts, rl.run.seed,
+                              rl.run.score_concurrency, rl.run.score_timeout_s, rl.timeouts.judge_s)
+        finally:
+            pool.shutdown()
     logger = MetricsLogger(run_dir, stage="sft")
     logger.log(step, result)
     logger.close()

@@ -38,3 +38,29 @@ def tiny_nemotron_dir(smollm2_dir):
     from posttrain import models
 
     return models.prepare("tiny-nemotron-h")
+
+
+@pytest.fixture
+def math_checkers():
+    """A function listing the math-verify worker processes this test process started and has not
+    reaped: live ones, and killed ones left as zombies (their command line is gone, their name stays)."""
+
+    def left() -> list[int]:
+        me, found = os.getpid(), []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    name, rest = fh.read().split(" (", 1)[1].rsplit(")", 1)
+                state, ppid = rest.split()[:2]
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read()
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            serving = b"posttrain.verifiers.math import serve" in cmdline
+            if int(ppid) == me and (serving or state == "Z" and name.startswith("python")):
+                found.append(int(entry))
+        return found
+
+    return left

@@ -138,3 +138,42 @@ def test_killed_sandbox_actor_is_recovered_inside_the_run(tmp_path, tiny_llama_d
     last = loop.main(rlvr_config(tmp_path, 2, '[{name: code, options: {limit: 8}}]'))
     assert killed == [1] and steps_logged(tmp_path) == [1, 2]
     assert last.get("env/code/errors/infra", 0) == 0  # the dead actor cost no reward
+
+
+def test_sft_eval_closes_its_environments_and_scores_code_with_the_rlvr_limits(tmp_path, monkeypatch, math_checkers):
+    """The held-out eval around SFT opens the RLVR environments: their math checker processes end
+    with it, and code is scored with the RLVR stage's sandbox.wall_s (no sandbox actors run here)."""
+    import posttrain.rollout.pool as rollout_pool
+    from posttrain import pipeline
+    from posttrain.environments.code_env import CodeEnv
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, gen, n):
+            from posttrain.rollout.types import Rollout
+
+            text = "```python\ndef f():\n    return 1\n```\n\\boxed{3}"
+            return [[Rollout(p, 0, [1], [2], [0.0], text, "stop", None, text, True, 0)] for p in range(len(prompts))]
+
+        def shutdown(self):
+            pass
+
+    limits = []
+    real_score = CodeEnv.score
+
+    async def spying_score(self, sample, completion):
+        limits.append(self._runner.limits.wall_s)
+        return await real_score(self, sample, completion)
+
+    monkeypatch.setattr(rollout_pool, "RolloutPool", Pool)
+    monkeypatch.setattr(CodeEnv, "score", spying_score)
+    cfg = load_config(pipeline.PipelineConfig, TINY, [
+        f"run_dir={tmp_path}", "sft_eval_prompts=2", "rlvr.sandbox.wall_s=4.5",
+        "rlvr.environments=[{name: math, options: {size: 4, test_size: 2}}, {name: code, options: {limit: 8}}]"])
+    pipeline._log_eval(cfg, str(tmp_path / "sft"), "tiny-llama", step=0)
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/math/accuracy" in rows[0] and "eval/code/accuracy" in rows[0]
+    assert math_checkers() == []
+    assert limits == [4.5, 4.5]

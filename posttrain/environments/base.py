@@ -1,8 +1,9 @@
 """The environment protocol: samples in, a reward out.
 
 An environment yields :class:`Sample` records (prompt messages + gold answer + metadata) and
-scores a model's answer into a :class:`Score`. That is all a plug-in has to provide; see the
-README's worked example. The completion an environment scores is the **answer part** (the
+scores a model's answer into a :class:`Score`. That is all a plug-in has to provide (see the
+README's worked example); the optional hooks of :class:`Environment` -- start, close, roles,
+state -- have defaults (:class:`DefaultHooks`). The completion an environment scores is the **answer part** (the
 text after ``</think>``; the whole text when thinking was off): reasoning never earns reward.
 
 Scoring runs on hostile text. :func:`score_safely` is the one place the loop calls: whatever
@@ -72,11 +73,24 @@ class Score:
         return cls(0.0, dict(metrics or {}), error, kind)
 
 
+@dataclass(frozen=True)
+class StageResources:
+    """What a stage lends the environments it starts."""
+
+    placement: Any = None  # the stage's placement group, with bundles for the roles an environment asked for
+    code_runner: Any = None  # where untrusted programs run (posttrain.verifiers.service.CodeRunner): the
+    #                          stage's sandbox-N actors with its sandbox limits; None = this process, default limits
+
+
 @runtime_checkable
 class Environment(Protocol):
-    """Optional: ``eval_metrics`` (names of score metrics whose means held-out evaluation also reports)."""
+    """An environment: ``name``, ``samples`` and ``score`` are the plug-in's to write; the rest are
+    hooks with defaults (:class:`DefaultHooks`), which ``load_environment`` gives any environment
+    that leaves them out."""
 
     name: str
+    sandboxed: bool  # runs untrusted programs: the stage starts its sandbox-N actors (default False)
+    eval_metrics: tuple[str, ...]  # score metrics whose means held-out evaluation also reports (default ())
 
     def samples(self, split: str, seed: int) -> Sequence[Sample]:
         """The prompts of ``split`` ("train" or "test"); deterministic for a seed."""
@@ -85,6 +99,60 @@ class Environment(Protocol):
     async def score(self, sample: Sample, completion: str) -> Score:
         """Reward of ``completion`` (the answer part) for ``sample``."""
         ...
+
+    def gold_answer(self, sample: Sample) -> str | None:
+        """A completion that must score 1.0 (``env check``, the GenRM warm-up); None: the data has none."""
+        ...
+
+    def roles(self) -> dict[str, list[dict[str, float]]]:
+        """Ray bundles of the actors the environment starts itself (a GenRM's engines), by role."""
+        ...
+
+    def start(self, resources: StageResources) -> None:
+        """Called by a stage before it scores: start own actors in ``resources.placement``, keep
+        ``resources.code_runner`` for programs. Unstarted, an environment scores in this process."""
+        ...
+
+    def close(self) -> None:
+        """Release what the environment started (processes, actors); safe to call more than once.
+        Whoever loads environments closes them (``posttrain.environments.registry.opened``)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON data a resumed run needs to score as an uninterrupted one (RNGs, counters); saved
+        in every RL checkpoint and given back through :meth:`load_state_dict` on resume."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DefaultHooks:
+    """The hooks' defaults: nothing to start, release or restore; the gold answer is ``sample.answer``.
+    Built-ins inherit them; a plug-in may too (or write its own, or leave them to ``load_environment``)."""
+
+    sandboxed: bool = False
+    eval_metrics: tuple[str, ...] = ()
+
+    def gold_answer(self, sample: Sample) -> str | None:
+        return None if sample.answer is None else str(sample.answer)
+
+    def roles(self) -> dict[str, list[dict[str, float]]]:
+        return {}
+
+    def start(self, resources: StageResources) -> None:
+        """Nothing to start."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+HOOKS = ("sandboxed", "eval_metrics", "gold_answer", "roles", "start", "close", "state_dict", "load_state_dict")
 
 
 async def score_safely(env: Environment, sample: Sample, completion: Any, timeout: float = 60.0) -> Score:

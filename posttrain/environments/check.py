@@ -1,8 +1,8 @@
 """`posttrain env check`: prove an environment's rewards mean what they say.
 
 Gold answers must score 1.0; empty, garbage and adversarial completions must score 0. An
-environment gives its gold completion through an optional ``gold_answer(sample)`` method
-(default: ``str(sample.answer)``).
+environment gives its gold completion through its ``gold_answer(sample)`` hook (default:
+``str(sample.answer)``, none when the sample has no answer).
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ GARBAGE: dict[str, str] = {
     "deep_nesting": "(" * 5000 + "1" + ")" * 5000,
     "think_only": "<think>the answer is surely right</think>",
 }
-
-
-def gold_answer(env: Environment, sample: Sample) -> str | None:
-    """The environment's gold completion; None when its data carries none (e.g. IFEval rows)."""
-    fn = getattr(env, "gold_answer", None)
-    return fn(sample) if callable(fn) else str(sample.answer)
 
 
 @dataclass
@@ -71,7 +65,7 @@ def check_environment(env: Environment, n: int = 10, seed: int = 0, concurrency:
     if not samples:
         raise DataError(f"environment {env.name!r} yielded no samples")
     report = CheckReport(env.name, len(samples))
-    golds = [(s, gold_answer(env, s)) for s in samples]
+    golds = [(s, env.gold_answer(s)) for s in samples]
     pairs: list[tuple[Sample, str, str]] = [(s, "gold", g) for s, g in golds if g is not None]
     report.n_gold = len(pairs)
     pairs += [(s, case, text) for s in samples for case, text in GARBAGE.items()]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from posttrain.config import parse_overrides
 from posttrain.errors import ConfigError
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from posttrain.environments.registry import EnvConfig, load_environment
+@contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[Any]:
+    """The environment the command names, closed when the command is done."""
+    from posttrain.environments.registry import EnvConfig, opened
 
     options = parse_overrides(args.option) if args.option else {}
     if args.options_json:
@@ -22,7 +26,8 @@ def _load(args: argparse.Namespace) -> Any:
         if not isinstance(extra, dict):
             raise ConfigError(f"--options-json must be a JSON object of options (got {type(extra).__name__})")
         options.update(extra)
-    return load_environment(EnvConfig(name=args.name, options=options))
+    with opened([EnvConfig(name=args.name, options=options)]) as envs:
+        yield envs[args.name]
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -37,8 +42,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    env = _load(args)
-    samples = list(env.samples(args.split, args.seed))
+    with _opened(args) as env:
+        samples = list(env.samples(args.split, args.seed))
     print(f"{env.name}: {len(samples)} {args.split} samples (seed {args.seed})")
     for s in samples[: args.n]:
         print(f"--- {s.id}  info={json.dumps(s.info, default=str)[:200]}")
@@ -51,16 +56,13 @@ def _show(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from posttrain.environments.check import check_environment, reward_histogram, sample_with_model
 
-    env = _load(args)
-    report = check_environment(env, n=args.n, seed=args.seed)
-    print("\n".join(report.lines()))
-    if args.model:
-        _, scores = sample_with_model(env, args.model, args.n, seed=args.seed)
-        print(f"reward distribution of {len(scores)} completions sampled from {args.model}:")
-        print("\n".join(reward_histogram(scores)))
-    close = getattr(env, "close", None)
-    if callable(close):
-        close()
+    with _opened(args) as env:
+        report = check_environment(env, n=args.n, seed=args.seed)
+        print("\n".join(report.lines()))
+        if args.model:
+            _, scores = sample_with_model(env, args.model, args.n, seed=args.seed)
+            print(f"reward distribution of {len(scores)} completions sampled from {args.model}:")
+            print("\n".join(reward_histogram(scores)))
     return 0 if report.ok else 1
 
 

@@ -14,7 +14,7 @@ import re
 from importlib import resources
 from typing import Any, Literal
 
-from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
+from posttrain.environments.base import DefaultHooks, Sample, Score, ScoreKind, StageResources, user_prompt
 from posttrain.environments.data import DataError, OnInvalid, load_rows, require, validate_rows
 
 Format = Literal["auto", "humaneval", "mbpp"]
@@ -65,11 +65,15 @@ def shipped_problems() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-class CodeEnv:
-    """Options: ``source`` (None = shipped set), ``format``, ``split``, ``limit``, ``on_invalid``."""
+class CodeEnv(DefaultHooks):
+    """Options: ``source`` (None = shipped set), ``format``, ``split``, ``limit``, ``on_invalid``.
+
+    Programs run on the code runner the stage starts it with (its sandbox-N actors, under its
+    sandbox limits: training and held-out evaluation alike); unstarted, from this process.
+    """
 
     name = "code"
-    sandboxed = True  # programs run on the stage's sandbox-N actors (posttrain.verifiers.service)
+    sandboxed = True  # the stage starts sandbox-N actors and hands them over in start()
 
     def __init__(self, source: str | None = None, format: Format = "auto", limit: int | None = None,
                  on_invalid: OnInvalid = "skip", system: str | None = None, test_fraction: float = 0.25) -> None:
@@ -79,6 +83,13 @@ class CodeEnv:
             raise ValueError(f"test_fraction must be in [0, 1) (got {test_fraction})")
         self.source, self.format, self.limit = source, format, limit
         self.on_invalid, self.system, self.test_fraction = on_invalid, system, test_fraction
+        self._runner: Any = None  # a posttrain.verifiers.service.CodeRunner; None = LocalRunner()
+
+    def start(self, resources: StageResources) -> None:
+        self._runner = resources.code_runner
+
+    def close(self) -> None:
+        self._runner = None  # the runner is the stage's: it shuts it down
 
     def samples(self, split: str, seed: int) -> list[Sample]:
         if split not in ("train", "test"):
@@ -108,14 +119,16 @@ class CodeEnv:
 
     async def score(self, sample: Sample, completion: str) -> Score:
         from posttrain.verifiers.pool import CodeJob
-        from posttrain.verifiers.service import run_code
+        from posttrain.verifiers.service import LocalRunner
 
         problem = sample.answer
         program = extract_program(completion)
         if not program.strip():
             return Score.failed(ScoreKind.INVALID, "no ```python block or function in the answer")
         function = {"entry_point": problem["entry_point"], "test": problem["test"], "helpers": problem.get("helpers", "")}
-        result = await run_code(CodeJob(program, function=function))
+        if self._runner is None:
+            self._runner = LocalRunner()
+        result = await self._runner.arun(CodeJob(program, function=function))
         metrics = {"exec_seconds": result.seconds}
         if result.reward is None:
             return Score.failed(ScoreKind.INFRA, result.detail[:200], metrics)

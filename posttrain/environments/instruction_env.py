@@ -14,7 +14,7 @@ import asyncio
 import random
 from typing import Any
 
-from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
+from posttrain.environments.base import DefaultHooks, Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, DataSpec, OnInvalid, require
 
 TOPICS = {
@@ -86,7 +86,7 @@ def task_from_row(row: Any) -> tuple[str, list[str], list[dict[str, Any] | None]
     return row["prompt"], list(ids), [k if isinstance(k, dict) else None for k in kwargs]
 
 
-class InstructionEnv:
+class InstructionEnv(DefaultHooks):
     """Options: ``source`` (None = generator), ``size``, ``test_size``, ``limit``, ``on_invalid``."""
 
     name = "instruction_following"

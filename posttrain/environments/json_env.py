@@ -13,7 +13,7 @@ import json
 import random
 from typing import Any
 
-from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
+from posttrain.environments.base import DefaultHooks, Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, DataSpec, OnInvalid
 
 _FIELDS: dict[str, tuple[dict[str, Any], Any]] = {  # name -> (schema, example value factory)
@@ -68,7 +68,7 @@ def task_from_row(row: Any) -> tuple[Any, dict[str, Any], str | None]:
     return prompt, schema, gold if isinstance(gold, str) else None
 
 
-class JsonSchemaEnv:
+class JsonSchemaEnv(DefaultHooks):
     """Options: ``source`` (None = generator), ``size``, ``test_size``, ``limit``, ``on_invalid``."""
 
     name = "json_schema"

@@ -8,14 +8,11 @@ GSM8K (``question`` / ``answer`` ending in ``#### 42``), MATH (``problem`` / ``s
 
 from __future__ import annotations
 
-import asyncio
-import queue
 import random
-import threading
 from fractions import Fraction
 from typing import Any, Literal
 
-from posttrain.environments.base import Sample, Score, ScoreKind, user_prompt
+from posttrain.environments.base import DefaultHooks, Sample, Score, ScoreKind, user_prompt
 from posttrain.environments.data import DataError, DataSpec, OnInvalid, require
 
 INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -76,8 +73,9 @@ def _raise_on(problems: list[str]) -> None:
         raise DataError("; ".join(problems))
 
 
-class MathEnv:
-    """Options: ``source`` (None = generator), ``format``, ``levels``, sizes, ``on_invalid``."""
+class MathEnv(DefaultHooks):
+    """Options: ``source`` (None = generator), ``format``, ``levels``, sizes, ``on_invalid``, ``workers``
+    (math-verify processes checking at once; started on the first check, ended by :meth:`close`)."""
 
     name = "math"
 
@@ -92,9 +90,9 @@ class MathEnv:
             raise ValueError(f"levels must be a non-empty subset of 1..5 (got {list(levels)})")
         self.data = DataSpec(source, size, test_size, limit, on_invalid, test_source)
         self.format, self.levels, self.system = format, tuple(levels), system
-        self._workers = max(1, workers)
-        self._checkers: queue.Queue[Any] | None = None  # thread-safe: usable from any event loop
-        self._lock = threading.Lock()
+        from posttrain.verifiers.math import MathCheckerPool
+
+        self._checkers = MathCheckerPool(size=workers)
 
     def samples(self, split: str, seed: int) -> list[Sample]:
         self.data.check_split(split)
@@ -119,7 +117,7 @@ class MathEnv:
         return f"The answer is \\boxed{{{sample.answer}}}."
 
     async def score(self, sample: Sample, completion: str) -> Score:
-        result = await asyncio.to_thread(self._check, completion, str(sample.answer))
+        result = await self._checkers.acheck(completion, str(sample.answer))
         metrics = {"check_seconds": result.seconds}
         if result.reward is None:  # the checker could not judge (worker failed, gold does not parse)
             return Score.failed(ScoreKind.INFRA, result.detail, metrics)
@@ -127,21 +125,5 @@ class MathEnv:
             return Score(result.reward, metrics)
         return Score(result.reward, metrics, result.kind, ScoreKind.INVALID)  # no answer, unsimplified, ...
 
-    def _check(self, completion: str, gold: str) -> Any:
-        """Blocking check on one of ``workers`` killable math-verify processes."""
-        from posttrain.verifiers.math import MathChecker
-
-        with self._lock:
-            if self._checkers is None:
-                self._checkers = queue.Queue()
-                for _ in range(self._workers):
-                    self._checkers.put(MathChecker())
-        checker = self._checkers.get()
-        try:
-            return checker.check(completion, gold)
-        finally:
-            self._checkers.put(checker)
-
     def close(self) -> None:
-        while self._checkers is not None and not self._checkers.empty():
-            self._checkers.get_nowait().close()
+        self._checkers.close()

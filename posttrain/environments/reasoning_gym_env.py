@@ -11,12 +11,12 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from posttrain.environments.base import Sample, Score, user_prompt
+from posttrain.environments.base import DefaultHooks, Sample, Score, user_prompt
 
 INSTRUCTION = "Reason step by step if needed, then give only the final answer, with no extra words."
 
 
-class ReasoningGymEnv:
+class ReasoningGymEnv(DefaultHooks):
     """Options: ``tasks`` (names, or name -> task config dict), ``size`` per task and split."""
 
     name = "reasoning_gym"

@@ -7,23 +7,30 @@ A separate pip package ships an environment by declaring, in its pyproject.toml:
 
 Every environment is built the same way: ``cls(**options)``, where ``options`` is the
 ``environments[i].options`` mapping of the run config. Unknown or bad options are the
-environment's own ``TypeError``/``ValueError``, reported with the environment's name.
+environment's own ``TypeError``/``ValueError``, reported with the environment's name. An
+environment that leaves out optional hooks of the protocol gets their defaults here, so the
+stages call every hook directly. :func:`opened` is how a stage holds environments: it closes
+them on the way out, also on error.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Callable
+import logging
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import Field
 
 from posttrain.config import Config
-from posttrain.environments.base import Environment
+from posttrain.environments.base import HOOKS, DefaultHooks, Environment
 from posttrain.errors import EnvironmentLoadError
 
 ENTRY_POINT_GROUP = "posttrain.environments"
+log = logging.getLogger(__name__)
 
 _BUILTINS: dict[str, str] = {
     "math": "posttrain.environments.math_env:MathEnv",
@@ -87,4 +94,36 @@ def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
     if missing:
         raise EnvironmentLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} "
                                    "(see posttrain.environments.base)")
+    return with_default_hooks(env, cfg.name)
+
+
+def with_default_hooks(env: Any, name: str = "") -> Environment:
+    """``env`` with every hook of the protocol: those it does not define get :class:`DefaultHooks`' defaults."""
+    for hook in HOOKS:
+        if hasattr(env, hook):
+            continue
+        default = getattr(DefaultHooks, hook)
+        try:
+            setattr(env, hook, types.MethodType(default, env) if callable(default) else default)
+        except AttributeError:  # __slots__ and the like
+            raise EnvironmentLoadError(f"environment {name!r} lacks {hook} and cannot take the default: define it, "
+                                       "or inherit posttrain.environments.base.DefaultHooks") from None
     return env
+
+
+@contextmanager
+def opened(cfgs: Sequence[EnvConfig | str]) -> Iterator[dict[str, Environment]]:
+    """The environments of ``cfgs`` by config name, closed on the way out -- also on error, and also
+    those loaded before a later one failed to load -- so no checker process outlives its stage."""
+    envs: dict[str, Environment] = {}
+    try:
+        for cfg in cfgs:
+            cfg = EnvConfig(name=cfg) if isinstance(cfg, str) else cfg
+            envs[cfg.name] = load_environment(cfg)
+        yield envs
+    finally:
+        for name, env in envs.items():
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - close the others; the stage's own error matters more
+                log.exception("closing environment %r failed", name)

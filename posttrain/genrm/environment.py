@@ -36,7 +36,16 @@ from typing import Any
 from pydantic import Field
 
 from posttrain.config import Config, ModelConfig, RolloutConfig
-from posttrain.environments.base import Completion, Sample, Score, ScoreKind, restore_rng, rng_state
+from posttrain.environments.base import (
+    Completion,
+    DefaultHooks,
+    Sample,
+    Score,
+    ScoreKind,
+    StageResources,
+    restore_rng,
+    rng_state,
+)
 from posttrain.genrm.backends import (
     JudgeBackend,
     JudgeCall,
@@ -85,7 +94,7 @@ class GenRMOptions(Config):
     seed: int = 0
 
 
-class GenRMEnv:
+class GenRMEnv(DefaultHooks):
     name = "genrm"
     eval_metrics = ("reference_margin",)  # held-out: mean GenRM reward minus the reference's (finer than wins)
 
@@ -127,10 +136,10 @@ class GenRMEnv:
         r = self.opts.judge_rollout
         return {"genrm": [{"CPU": r.cpus_per_engine}] * r.num_engines}
 
-    def start(self, placement: Any = None) -> None:
+    def start(self, resources: StageResources) -> None:
         """Start the judge (local: GenRM engines ``genrm-0..`` in the stage's placement group)."""
         if self._backend is None:
-            self._backend = self._start_backend(placement)
+            self._backend = self._start_backend(resources.placement)
         self._apply_judge_state()
 
     def _start_backend(self, placement: Any) -> JudgeBackend:
@@ -173,7 +182,8 @@ class GenRMEnv:
     async def score_groups(self, samples: Sequence[Sample], groups: Sequence[Sequence[Completion]]) -> list[list[Score]]:
         plans = [self._plan(s, g) for s, g in zip(samples, groups)]
         batch = [conv for plan in plans for conv in plan.convs]
-        self.start()
+        if self._backend is None:  # scored outside a stage (tests, env check): a judge of its own
+            self.start(StageResources())
         calls = await asyncio.to_thread(self._backend.complete, batch) if batch else []  # type: ignore[union-attr]
         _warn_if_all_failed(calls)
         judgements, expected_rate = judge_verdicts(calls, self.opts.judge.scoring)

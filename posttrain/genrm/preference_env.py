@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from posttrain.environments.base import Sample, Score, ScoreKind
+from posttrain.environments.base import DefaultHooks, Sample, Score, ScoreKind
 from posttrain.environments.data import OnInvalid
 from posttrain.genrm.circular import Rule, aggregate
 from posttrain.genrm.judge_format import (
@@ -88,7 +88,7 @@ def gold_json(gold: dict[str, float]) -> str:
     return json.dumps({k: int(v) if float(v).is_integer() else v for k, v in ((k, gold[k]) for k in FIELDS)})
 
 
-class PreferenceEnv:
+class PreferenceEnv(DefaultHooks):
     """Options: ``source`` (default: the shipped synthetic set), ``test_source``, ``subset`` (hub config),
     ``size`` / ``test_size`` (first N pairs; None = all), ``on_invalid``, ``ties`` (skip | midpoint),
     ``both_orders`` (add every pair swapped, against position bias), ``system`` (judge system prompt),

@@ -17,8 +17,7 @@ from typing import Any
 
 from posttrain.atomic import atomic_write_text
 from posttrain.config import MAX_TOP_LOGPROBS
-from posttrain.environments.check import gold_answer
-from posttrain.environments.registry import load_environment
+from posttrain.environments.registry import opened
 from posttrain.errors import DataError
 from posttrain.genrm.backends import call_of
 from posttrain.genrm.config import GenRMEvalConfig, GenRMTrainConfig
@@ -48,12 +47,12 @@ def warmup(cfg: GenRMTrainConfig) -> str:
         log.info("warm-up already done: %s", folder / "model")
         return str(folder / "model")
     rows = []
-    for env_cfg in cfg.environments:
-        env = load_environment(env_cfg)
-        for sample in list(env.samples("train", cfg.run.seed))[: cfg.warmup.limit]:
-            answer = gold_answer(env, sample)
-            if answer:
-                rows.append({"messages": [*sample.messages, {"role": "assistant", "content": answer}]})
+    with opened(cfg.environments) as envs:
+        for env in envs.values():
+            for sample in list(env.samples("train", cfg.run.seed))[: cfg.warmup.limit]:
+                answer = env.gold_answer(sample)
+                if answer:
+                    rows.append({"messages": [*sample.messages, {"role": "assistant", "content": answer}]})
     if not rows:
         raise DataError("warmup.enabled but no environment sample has a gold answer to learn from")
     data_file = folder / "data.jsonl"

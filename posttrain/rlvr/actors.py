@@ -2,8 +2,9 @@
 
 ``StageActors`` reserves a placement group with a bundle per actor (trainer workers, rollout
 engines, sandbox actors, and whatever an environment brings, e.g. a GenRM's ``genrm-N``
-engines), starts them in it, and on exit stops them all and frees the reservation -- also when
-start-up fails half-way. :class:`Engines` restarts dead rollout engines.
+engines), starts them in it, starts the environments with the stage's resources (the placement
+group, and the sandbox actors as their code runner), and on exit stops them all and frees the
+reservation -- also when start-up fails half-way. :class:`Engines` restarts dead rollout engines.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import os
 from typing import Any
 
 from posttrain.config import ModelConfig
-from posttrain.environments.base import Environment
+from posttrain.environments.base import Environment, StageResources
 from posttrain.orchestration.placement import StagePlacement
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.pool import LogprobCheck, RolloutPool
 from posttrain.rollout.types import EngineCrashedError, Rollout
-from posttrain.verifiers import service
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,17 @@ class StageActors:
         self.trainer = TrainerGroup(cfg, placement=self.placement)
         if "sandbox" in self.roles:
             self.sandbox = _sandbox_pool(cfg, self.placement)
-        for env in self.envs.values():  # environments with actors of their own (a GenRM's engines)
-            getattr(env, "start", lambda placement: None)(self.placement)
+        resources = StageResources(placement=self.placement, code_runner=self.sandbox)
+        for env in self.envs.values():  # a GenRM starts its engines; code is scored on the sandbox actors
+            env.start(resources)
         self.engines = Engines(cfg.start_model(), cfg, self.trainer, self.placement)
 
     def close(self) -> None:
         for part in (self.engines, self.trainer, self.sandbox):
             if part is not None:
                 part.shutdown()
-        for env in self.envs.values():
-            getattr(env, "close", lambda: None)()
+        for env in self.envs.values():  # what they started lives in the placement group: stop it first
+            env.close()
         if self.placement is not None:
             self.placement.remove()
         self.engines = self.trainer = self.sandbox = self.placement = None
@@ -72,10 +73,10 @@ def stage_roles(cfg: RLVRConfig, envs: dict[str, Environment]) -> dict[str, list
     """The Ray resources each role of the stage reserves: one bundle per actor."""
     roles = {"trainer": [{"CPU": cfg.train.num_cpus}] * cfg.train.workers,
              "rollout": [{"CPU": cfg.rollout.cpus_per_engine}] * cfg.rollout.num_engines}
-    if service.needs_sandbox(envs.values()):
+    if any(env.sandboxed for env in envs.values()):
         roles["sandbox"] = [{"CPU": cfg.sandbox.num_cpus}] * cfg.sandbox.workers
     for env in envs.values():  # e.g. a GenRM's judge engines (genrm-0..)
-        for role, bundles in getattr(env, "roles", dict)().items():
+        for role, bundles in env.roles().items():
             roles[role] = roles.get(role, []) + list(bundles)
     return roles
 

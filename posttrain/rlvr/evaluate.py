@@ -27,11 +27,11 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
         groups = engines.generate([s.messages for s in samples], greedy, 1)
         scores = score_rollouts({key: env}, [(key, s) for s in samples], groups, concurrency, timeout,
                                 group_timeout)
-        name = getattr(env, "name", key)
+        name = env.name
         out[f"eval/{name}/accuracy"] = sum(s.kind is ScoreKind.OK and s.reward >= 1.0 for s in scores) / len(scores)
         out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
         out[f"eval/{name}/prompts"] = float(len(scores))
-        for metric in getattr(env, "eval_metrics", ()):
+        for metric in env.eval_metrics:
             values = [s.metrics[metric] for s in scores if metric in s.metrics]
             if values:
                 out[f"eval/{name}/{metric}"] = sum(values) / len(values)

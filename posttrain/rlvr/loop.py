@@ -36,7 +36,7 @@ from posttrain.environments.mixing import (
     env_metrics,
     pass_rates_from_scores,
 )
-from posttrain.environments.registry import load_environment
+from posttrain.environments.registry import opened
 from posttrain.errors import ConfigError
 from posttrain.metrics import MetricsLogger, PhaseTimer
 from posttrain.orchestration import cluster
@@ -50,7 +50,6 @@ from posttrain.rlvr.scoring import score_rollouts
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
 from posttrain.training.checkpoint import latest_checkpoint
-from posttrain.verifiers import service
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,11 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
                           "that run, or choose another run_dir")
     write_resolved(cfg, cfg.run_dir)
     log.info(_describe_algorithm(cfg))
-    envs = {e.name: load_environment(e) for e in cfg.environments}
+    with opened(cfg.environments) as envs:  # closed when the stage ends, also on error
+        return _run(cfg, envs, resume, stage)
+
+
+def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str) -> dict[str, float]:
     sampler = _make_sampler(cfg, envs)  # validates every dataset before any actor starts
     actors = StageActors(cfg, envs, stage)
     cluster.init_ray(metrics_export_port=cfg.run.metrics_port, num_cpus=local_cpus(actors.roles))
@@ -80,8 +83,7 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
             metrics_log.log(0, _evaluate(cfg, engines, envs))
         started = time.monotonic()
         for step in range(start_step, cfg.run.steps):
-            with service.using(actors.sandbox):
-                last = rl_step(cfg, step, sampler, envs, engines, trainer)
+            last = rl_step(cfg, step, sampler, envs, engines, trainer)
             out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
             done = step + 1 == cfg.run.steps or out_of_time
             if cfg.run.eval_every and ((step + 1) % cfg.run.eval_every == 0 or done):
@@ -161,7 +163,7 @@ def _step_metrics(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sampl
     out: dict[str, float] = {}
     for name in envs:
         env_scores = [scores[i * n + j] for i, (env, _) in enumerate(drawn) if env == name for j in range(n)]
-        out.update(env_metrics(getattr(envs[name], "name", name), env_scores))
+        out.update(env_metrics(envs[name].name, env_scores))
     out["reward/mean"] = sum(s.reward for s in scores) / len(scores)
     out["rollout/zero_variance_groups"] = float(adv.zero_variance_groups)
     out["rollout/kept_fraction"] = float(keep.float().mean())
@@ -198,7 +200,7 @@ def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -
 
 def _save(trainer: TrainerGroup, cfg: RLVRConfig, step: int, sampler: MixedSampler,
           envs: dict[str, Environment]) -> None:
-    env_states = {name: env.state_dict() for name, env in envs.items() if hasattr(env, "state_dict")}
+    env_states = {name: env.state_dict() for name, env in envs.items()}
     path = trainer.save(cfg.run_dir, step, {"sampler": sampler.state_dict(), "envs": env_states}, cfg.run.keep_last)
     log.info("checkpoint %s", path)
 

@@ -8,10 +8,13 @@ wrapped in ``$…$`` (189/193 right vs 142/193 raw, measured), and answers are l
 When the gold is a plain number, only a plain number literal can be right (``plain_number``):
 ``\\frac{40}{2}`` or ``\\sqrt{400}`` for 20 is arithmetic handed to the verifier, kind "unsimplified".
 A verdict is always a bool or an error kind — never an exception turned silently into 0.
+:class:`MathCheckerPool` runs checks on a few such workers, each owned by one of the pool's
+threads (a worker dies with the thread that started it), until ``close()`` kills them all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -20,8 +23,10 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from math import gcd
 from typing import Any
 
@@ -327,6 +332,55 @@ class MathChecker:
                 if stream is not None:
                     stream.close()
             self._proc = None
+
+
+class MathCheckerPool:
+    """Checks on up to ``size`` worker processes at once, from any thread or event loop.
+
+    Each worker belongs to one long-lived thread of the pool: ``_die_with_parent`` ties a worker
+    to the *thread* that started it, so checks run on borrowed threads (``asyncio.to_thread`` in
+    a loop that lives one step) would restart their workers every step. ``close()`` ends the
+    threads and kills every worker, busy ones included; a later check starts afresh.
+    """
+
+    def __init__(self, size: int = 2, config: MathConfig | None = None) -> None:
+        self.size, self.config = max(1, size), config or MathConfig()
+        self._lock = threading.Lock()
+        self._threads: ThreadPoolExecutor | None = None
+        self._checkers: list[MathChecker] = []
+        self._mine = threading.local()  # the checker of the pool thread running a check
+
+    def submit(self, prediction: str, gold: str) -> Future[MathResult]:
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="math-check")
+            return self._threads.submit(self._check, prediction, gold)
+
+    def check(self, prediction: str, gold: str) -> MathResult:
+        return self.submit(prediction, gold).result()
+
+    async def acheck(self, prediction: str, gold: str) -> MathResult:
+        return await asyncio.wrap_future(self.submit(prediction, gold))
+
+    def _check(self, prediction: str, gold: str) -> MathResult:
+        checker: MathChecker | None = getattr(self._mine, "checker", None)
+        if checker is None:
+            checker = self._mine.checker = MathChecker(self.config)
+            with self._lock:
+                self._checkers.append(checker)
+        return checker.check(prediction, gold)
+
+    def close(self) -> None:
+        """Kill every worker and end the pool's threads (running checks end at their deadline)."""
+        with self._lock:
+            threads, self._threads = self._threads, None
+            checkers, self._checkers = self._checkers, []
+        for checker in checkers:  # a busy check fails fast ("infra"), so the threads end at once
+            checker.close()
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
+        for checker in checkers:  # reap any worker a check restarted meanwhile
+            checker.close()
 
 
 def check_pairs(pairs: Sequence[tuple[str, str]], config: MathConfig | None = None) -> list[MathResult]:

@@ -1,6 +1,6 @@
-"""A pool of named Ray actors (``sandbox-0``, ``sandbox-1``…) that run verifiers.
+"""A pool of named Ray actors (``sandbox-0``, ``sandbox-1``…) that run untrusted programs.
 
-Each actor runs one job at a time (its sandbox and math worker are single-use resources), so
+Each actor runs one job at a time (its sandbox is a single-use resource), so
 concurrency is bounded by the pool size; extra jobs wait in the pool's queue. A call that
 exceeds ``call_timeout_s`` (the sandbox enforces its own, shorter wall limit, so this means
 a stuck worker) or whose actor died is reported as an ``infra`` result and the actor is
@@ -28,7 +28,6 @@ from typing import Any
 import ray
 
 from posttrain.verifiers.code import INFRA, CodeResult, check_function, check_humaneval, check_io
-from posttrain.verifiers.math import MathChecker, MathConfig, MathResult
 from posttrain.verifiers.sandbox import Limits, detect_isolation
 
 log = logging.getLogger(__name__)
@@ -45,11 +44,8 @@ class CodeJob:
     function: dict[str, str] | None = None
 
 
-def run_job(job: CodeJob | MathJob, limits: Limits | None = None, isolation: Any = None,
-            math: MathChecker | None = None) -> CodeResult | MathResult:
+def run_job(job: CodeJob, limits: Limits | None = None, isolation: Any = None) -> CodeResult:
     """Score one job in this process (the sandbox still isolates the program)."""
-    if isinstance(job, MathJob):
-        return (math or MathChecker(MathConfig())).check(job.prediction, job.answer)
     if job.function is not None:
         return check_function(job.completion, limits=limits, isolation=isolation, **job.function)
     if job.problem is not None:
@@ -57,34 +53,26 @@ def run_job(job: CodeJob | MathJob, limits: Limits | None = None, isolation: Any
     return check_io(job.completion, job.cases, limits=limits, isolation=isolation)
 
 
-@dataclasses.dataclass(frozen=True)
-class MathJob:
-    prediction: str
-    answer: str
-
-
 class VerifierWorker:
-    """Body of one ``sandbox-N`` actor: runs code and math jobs, one at a time."""
+    """Body of one ``sandbox-N`` actor: runs code jobs, one at a time. (Math answers need no
+    sandbox: they are checked in the environment's own killable workers, ``MathCheckerPool``.)"""
 
-    def __init__(self, limits: Limits, math_config: MathConfig) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.isolation = detect_isolation()
-        self.math = MathChecker(math_config)
 
     def describe(self) -> str:
         return self.isolation.describe()
 
-    def run(self, job: CodeJob | MathJob) -> CodeResult | MathResult:
-        return run_job(job, self.limits, self.isolation, self.math)
+    def run(self, job: CodeJob) -> CodeResult:
+        return run_job(job, self.limits, self.isolation)
 
 
 _DONE: Future[None] = Future()
 _DONE.set_result(None)
 
 
-def _infra(job: CodeJob | MathJob, seconds: float, detail: str) -> CodeResult | MathResult:
-    if isinstance(job, MathJob):
-        return MathResult(False, "infra", seconds, None, detail)
+def _infra(seconds: float, detail: str) -> CodeResult:
     return CodeResult(False, INFRA, seconds, detail)
 
 
@@ -95,7 +83,7 @@ class VerifierPool:
     ``call_timeout_s`` is not (it would likely hang again) and comes back as ``infra``.
     """
 
-    def __init__(self, num_workers: int = 2, limits: Limits | None = None, math_config: MathConfig | None = None,
+    def __init__(self, num_workers: int = 2, limits: Limits | None = None,
                  call_timeout_s: float = 60.0, num_cpus_per_worker: float = 1.0, retries: int = 1,
                  name_prefix: str = "sandbox", placement: Any = None) -> None:
         if num_workers < 1:
@@ -113,7 +101,7 @@ class VerifierPool:
         self.workers = [
             actor_cls.options(name=name, **({} if placement is None else {
                 "scheduling_strategy": placement.slot("sandbox", i).scheduling_strategy()}))
-            .remote(self.limits, math_config or MathConfig())
+            .remote(self.limits)
             for i, name in enumerate(self.names)]
         self.restarts = 0
         self._idle: weakref.WeakKeyDictionary[Any, asyncio.Queue[int]] = weakref.WeakKeyDictionary()
@@ -124,7 +112,7 @@ class VerifierPool:
     def describe(self) -> str:
         return ray.get(self.workers[0].describe.remote(), timeout=self.call_timeout_s)
 
-    def map(self, jobs: list[CodeJob | MathJob]) -> list[CodeResult | MathResult]:
+    def map(self, jobs: list[CodeJob]) -> list[CodeResult]:
         """Run every job; a failure of the infrastructure becomes an ``infra`` result, never a 0."""
         results: list[Any] = [None] * len(jobs)
         queue = deque(range(len(jobs)))
@@ -149,7 +137,7 @@ class VerifierPool:
                             queue.appendleft(i)
                         else:
                             detail = f"{self.names[w]} failed: {exc}"[:500]
-                            results[i] = _infra(jobs[i], time.monotonic() - start, detail)
+                            results[i] = _infra(time.monotonic() - start, detail)
                     idle.append(w)
                 now = time.monotonic()
                 for ref, (i, w, start) in list(running.items()):
@@ -157,14 +145,14 @@ class VerifierPool:
                         del running[ref]
                         self._restart(w)
                         detail = f"{self.names[w]} gave no result in {self.call_timeout_s}s; worker restarted"
-                        results[i] = _infra(jobs[i], now - start, detail)
+                        results[i] = _infra(now - start, detail)
                         idle.append(w)
         finally:  # interrupted (KeyboardInterrupt...): these workers may still be busy
             for ref, (_, w, start) in running.items():
                 self._settle_later(w, ref, start + self.call_timeout_s)
         return results
 
-    async def arun(self, job: CodeJob | MathJob) -> CodeResult | MathResult:
+    async def arun(self, job: CodeJob) -> CodeResult:
         """One job from async code (an environment's ``score``): waits for an idle actor.
 
         Same rules as :meth:`map`: a dead actor's job is re-sent ``retries`` times, a stuck one
@@ -185,12 +173,12 @@ class VerifierPool:
                     return result
                 except asyncio.TimeoutError:
                     busy = (ref, 0.0)  # stuck: restart it now, in the background
-                    return _infra(job, time.monotonic() - start,
+                    return _infra(time.monotonic() - start,
                                   f"{self.names[w]} gave no result in {self.call_timeout_s}s; worker restarted")
                 except ray.exceptions.RayError as exc:
                     busy = None
                     if attempt == self.retries:
-                        return _infra(job, time.monotonic() - start, f"{self.names[w]} failed: {exc}"[:500])
+                        return _infra(time.monotonic() - start, f"{self.names[w]} failed: {exc}"[:500])
                     self._settle_later(w, ref, 0.0)  # it failed: wait until the actor answers again
                     await self._until_settled(w)
             raise AssertionError("unreachable")

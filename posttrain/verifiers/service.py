@@ -1,44 +1,39 @@
-"""Where environments run untrusted programs: the stage's ``sandbox-N`` actors when a pool is
-bound, else this process (the sandbox isolates the program either way).
+"""Where environments run untrusted programs: a :class:`CodeRunner`, handed to them by the stage.
 
-The RLVR loop binds its :class:`~posttrain.verifiers.pool.VerifierPool` with :func:`using`
-for the length of a run, so scoring shows up on the dashboard as the ``sandbox-N`` actors'
-work and a crashed worker is restarted by Ray; ``posttrain env check`` and unit tests score
-locally with no Ray at all. Environments declare ``sandboxed = True`` to ask for a pool.
+An RL stage starts its ``sandbox-N`` actors (:class:`~posttrain.verifiers.pool.VerifierPool`,
+built with the stage's ``sandbox`` limits) and passes that pool to every environment it starts
+(``Environment.start(StageResources(code_runner=...))``), so training and held-out evaluation
+score programs on the same actors, under the same limits. Nothing that scores without a stage
+(``posttrain env check``, unit tests) has actors: it gets a :class:`LocalRunner`, which runs the
+program from this process (the sandbox isolates it either way). No module state decides where
+code runs: whoever holds the runner passes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from posttrain.verifiers.code import CodeResult
-from posttrain.verifiers.pool import CodeJob, run_job
+from posttrain.verifiers.sandbox import Limits
 
-_pool: Any = None
-
-
-@contextmanager
-def using(pool: Any) -> Iterator[None]:
-    """Route :func:`run_code` through ``pool`` (a VerifierPool, or None = locally) inside the block."""
-    global _pool
-    previous, _pool = _pool, pool
-    try:
-        yield
-    finally:
-        _pool = previous
+if TYPE_CHECKING:
+    from posttrain.verifiers.code import CodeResult
+    from posttrain.verifiers.pool import CodeJob
 
 
-async def run_code(job: CodeJob) -> CodeResult:
-    """Score ``job``: on an idle ``sandbox-N`` actor of the bound pool, else in a local thread."""
-    pool = _pool
-    if pool is None:
-        return await asyncio.to_thread(run_job, job)
-    return await pool.arun(job)
+class CodeRunner(Protocol):
+    """Runs one program job and returns its verdict (``kind == "infra"`` when it could not)."""
+
+    async def arun(self, job: CodeJob) -> CodeResult: ...
 
 
-def needs_sandbox(envs: Any) -> bool:
-    """True when any environment runs programs (declares ``sandboxed = True``)."""
-    return any(getattr(env, "sandboxed", False) for env in envs)
+class LocalRunner:
+    """Programs run from this process, in a thread, under ``limits`` (default: ``Limits()``)."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+
+    async def arun(self, job: CodeJob) -> CodeResult:
+        from posttrain.verifiers.pool import run_job
+
+        return await asyncio.to_thread(run_job, job, self.limits)

@@ -28,7 +28,7 @@ def test_builtin_passes_env_check(name):
     report = check_environment(env, n=8)
     assert report.ok, "\n".join(report.lines())
     assert report.n_gold == 8
-    getattr(env, "close", lambda: None)()
+    env.close()
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_OPTIONS))
@@ -170,7 +170,7 @@ def test_builtins_say_what_kind_of_score_they_give(name, completion, kind):
     try:
         score = asyncio.run(score_safely(env, env.samples("train", 0)[0], completion))
     finally:
-        getattr(env, "close", lambda: None)()
+        env.close()
     assert score.kind == kind, score
 
 
