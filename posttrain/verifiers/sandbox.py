@@ -14,7 +14,7 @@ Isolation, strongest first:
   network namespace it refuses to run while a Ray cluster is up in this process: the host's
   loopback reaches Ray's dashboard/job API, which runs shell commands.
 
-Both: the rlimits are set by ``prlimit`` *before* ``exec bwrap`` (so every process of the run,
+Both: the rlimits are set by ``prlimit`` *before* ``exec bwrap`` (see ``launch``) (so every process of the run,
 bwrap's included, inherits them), and as root a per-run cgroup caps total memory, processes
 and CPU (``Limits.cpus``: a spinning run cannot starve its neighbours). Each run leases a uid
 from a rotating pool (see ``uids``); afterwards every process of that uid is SIGKILLed, so
@@ -26,30 +26,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
-import resource
 import select
 import shutil
 import signal
-import stat
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from posttrain.verifiers import cgroups, seccomp
+from posttrain.verifiers import cgroups, launch, seccomp
 from posttrain.verifiers.uids import UID_BASE, UID_COUNT, UidError, UidLease, drop_to, kill_uid, remove_files_of
 
 log = logging.getLogger(__name__)
 
-RUNNER_SOURCE = (Path(__file__).with_name("_runner.py")).read_text()
-_PRLIMIT_FLAGS = {"RLIMIT_AS": "--as", "RLIMIT_CPU": "--cpu", "RLIMIT_NPROC": "--nproc", "RLIMIT_FSIZE": "--fsize",
-                  "RLIMIT_NOFILE": "--nofile", "RLIMIT_CORE": "--core"}
 
 
 class SandboxError(RuntimeError):
@@ -127,40 +119,6 @@ def _sandbox_python() -> str:
     raise SandboxError("no python3 for the sandbox: install python3 under /usr/bin or set POSTTRAIN_SANDBOX_PYTHON")
 
 
-def ray_cluster_up() -> bool:
-    """Is this process attached to a Ray cluster (a driver after ``ray.init``, or a Ray actor)?
-
-    Only our own cluster is seen (Ray loaded here, never imported for the check); a cluster some
-    other process started on this host is not, which is why the fallback always takes a network
-    namespace when it can get one.
-    """
-    ray = sys.modules.get("ray")
-    is_initialized = getattr(ray, "is_initialized", None)
-    return bool(is_initialized and is_initialized())
-
-
-@functools.cache
-def network_namespace() -> tuple[str, ...]:
-    """argv prefix running a command in a new, empty network namespace; () when none works here.
-
-    As root ``unshare --net`` (before the uid is dropped); otherwise a user namespace around it.
-    """
-    unshare = shutil.which("unshare")
-    if not unshare:
-        return ()
-    tries = [[unshare, "--user", "--map-current-user", "--net", "--"]]
-    if os.geteuid() == 0:
-        tries.insert(0, [unshare, "--net", "--"])
-    for prefix in tries:
-        try:
-            subprocess.run([*prefix, "true"], check=True, timeout=10, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            return tuple(prefix)
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return ()
-
-
 @functools.cache
 def detect_isolation(mode: str | None = None) -> Isolation:
     """Probe once per process. ``mode`` (or $POSTTRAIN_SANDBOX) forces "bwrap" or "rlimits"."""
@@ -199,7 +157,7 @@ def detect_isolation(mode: str | None = None) -> Isolation:
         log.warning("bubblewrap is installed but does not work here (%s)", error)
     elif mode == "bwrap":
         raise SandboxError("bwrap not found: apt-get install bubblewrap (scripts/install.sh does it as root)")
-    network = network_namespace()
+    network = launch.network_namespace()
     missing += ["seccomp syscall filter", "landlock", "filesystem view (host files readable, world-writable folders "
                 "writable)", "pid namespace", "fixed-size tmpfs (only per-file size cap)"]
     if not network:
@@ -207,52 +165,6 @@ def detect_isolation(mode: str | None = None) -> Isolation:
     iso = Isolation("rlimits", python, root, tuple(missing), cgroup, cpu_cap, 0, network)
     log.warning("SANDBOX IS WEAK: %s. Install bubblewrap for namespaces.", iso.describe())
     return iso
-
-
-@functools.cache
-def runner_bytecode(python: str) -> str | None:
-    """RUNNER_SOURCE compiled by the sandbox's interpreter; runs then skip a ~4 ms compile.
-
-    One .pyc per (runner source, interpreter build), shared by our processes in a folder only
-    we can write and the run's uid can read (a Ray actor killed without atexit leaves nothing
-    new behind). None if it cannot be made: runs then pass the source with ``-c``.
-    """
-    folder = Path(tempfile.gettempdir()) / f"posttrain-runner-{os.geteuid()}"
-    try:
-        real = os.path.realpath(python)
-        key = f"{RUNNER_SOURCE}\0{real}\0{os.stat(real).st_mtime_ns}".encode()
-        pyc = folder / f"{hashlib.sha256(key).hexdigest()[:24]}.pyc"
-        folder.mkdir(mode=0o755, exist_ok=True)
-        info = os.lstat(folder)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
-            raise OSError(f"{folder} is not a folder only we can write")
-        if not pyc.exists():
-            source = folder / f"{pyc.stem}.{os.getpid()}.py"
-            partial = folder / f"{pyc.stem}.{os.getpid()}.tmp"
-            source.write_text(RUNNER_SOURCE)
-            compile_it = "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], doraise=True)"
-            try:
-                subprocess.run([python, "-I", "-S", "-c", compile_it, str(source), str(partial)], check=True,
-                               timeout=60, stdin=subprocess.DEVNULL, capture_output=True)
-            finally:
-                source.unlink(missing_ok=True)
-            partial.chmod(0o644)
-            os.replace(partial, pyc)  # atomic: other processes see the whole file or none
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("could not precompile the sandbox runner with %s (%s); passing its source instead", python, exc)
-        return None
-    return str(pyc)
-
-
-@functools.cache
-def _prlimit() -> str | None:
-    return shutil.which("prlimit")
-
-
-def _set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
-    """preexec_fn fallback when util-linux ``prlimit`` is missing (slower: no vfork)."""
-    for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), value)
 
 
 class Sandbox:
@@ -283,30 +195,8 @@ class Sandbox:
 
     def _command(self, req_fd: int, rep_fd: int, filter_fd: int | None) -> list[str]:
         """prlimit (so bwrap and everything under it inherit the limits), bwrap, the runner."""
-        rlimits = self.limits.rlimits()
-        pyc = runner_bytecode(self.isolation.python)
-        if pyc and not os.path.exists(pyc):  # a /tmp cleaner took it: compile again
-            runner_bytecode.cache_clear()
-            pyc = runner_bytecode(self.isolation.python)
-        code = ["-c", RUNNER_SOURCE] if pyc is None else ["/runner.pyc" if self.isolation.kind == "bwrap" else pyc]
-        runner = [self.isolation.python, "-I", "-S", *code, str(req_fd), str(rep_fd), json.dumps(rlimits)]
-        prlimit = _prlimit()
-        limited = [prlimit, *[f"{_PRLIMIT_FLAGS[n]}={s}:{h}" for n, (s, h) in rlimits.items()], "--"] if prlimit else []
-        if self.isolation.kind != "bwrap":
-            return [*limited, *runner]
-        tmp_bytes, shm_bytes = self.limits.tmpfs_bytes()
-        return [*limited, "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-                "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
-                "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-                "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
-                *(["--ro-bind", pyc, "/runner.pyc"] if pyc else []),
-                # bwrap's pid 1 is unfiltered and as old as the sandbox: hide its mem, fds, environ...
-                "--size", "4096", "--tmpfs", "/proc/1", "--remount-ro", "/proc/1",
-                "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--size", str(shm_bytes), "--tmpfs", "/dev/shm",
-                "--remount-ro", "/dev", "--remount-ro", "/",  # the only writable storage: the two sized tmpfs
-                *(["--seccomp", str(filter_fd)] if filter_fd is not None else []),
-                "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-                "--setenv", "LANG", "C.UTF-8", "--", *runner]
+        return launch.argv(self.isolation.kind, self.isolation.python, self.limits.rlimits(),
+                           self.limits.tmpfs_bytes(), (req_fd, rep_fd), filter_fd)
 
     def _identity(self) -> tuple[list[str], dict[str, Any], str]:
         """Lease a uid (and a cgroup slot) when we are root; returns argv prefix, Popen kwargs, cwd.
@@ -316,8 +206,8 @@ class Sandbox:
         join: list[str] = []
         drop: list[str] = []
         kwargs: dict[str, Any] = {}
-        if not _prlimit():
-            kwargs["preexec_fn"] = functools.partial(_set_rlimits, self.limits.rlimits())
+        if not launch.prlimit():
+            kwargs["preexec_fn"] = functools.partial(launch.set_rlimits, self.limits.rlimits())
         if self.isolation.drop_uid:
             try:
                 self._lease = UidLease()
@@ -343,7 +233,7 @@ class Sandbox:
 
     def start(self, source: str, entry_point: str | None) -> dict[str, Any]:
         """Start the runner, load ``source``; returns its setup reply (``status`` "ready" or why not)."""
-        if self.isolation.kind != "bwrap" and not self.isolation.network and ray_cluster_up():
+        if self.isolation.kind != "bwrap" and not self.isolation.network and launch.ray_cluster_up():
             raise SandboxError(
                 "refusing to run untrusted code: the rlimits fallback has no network isolation (`unshare --net` "
                 "failed here) and a Ray cluster is up in this process, whose dashboard/job API on 127.0.0.1 runs "

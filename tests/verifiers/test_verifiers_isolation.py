@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from posttrain.verifiers import _runner, seccomp
-from posttrain.verifiers import sandbox as sandbox_mod
+from posttrain.verifiers import _runner, launch, seccomp
 from posttrain.verifiers.code import INFRA, check_function, decode_value
 from posttrain.verifiers.sandbox import Limits, Sandbox, SandboxError, detect_isolation
 
@@ -365,7 +364,7 @@ def test_fallback_cannot_reach_host_loopback(listener):
 
 
 def test_fallback_refuses_while_ray_is_up_without_network_isolation(monkeypatch, listener):
-    monkeypatch.setattr(sandbox_mod, "ray_cluster_up", lambda: True)
+    monkeypatch.setattr(launch, "ray_cluster_up", lambda: True)
     isolation = dataclasses.replace(detect_isolation("rlimits"), network=())
     with pytest.raises(SandboxError, match="network isolation"):
         probe(CONNECT, listener.getsockname()[1], isolation=isolation)
@@ -374,20 +373,20 @@ def test_fallback_refuses_while_ray_is_up_without_network_isolation(monkeypatch,
 
 
 def test_fallback_without_ray_and_without_netns_still_runs(monkeypatch):
-    monkeypatch.setattr(sandbox_mod, "ray_cluster_up", lambda: False)
+    monkeypatch.setattr(launch, "ray_cluster_up", lambda: False)
     isolation = dataclasses.replace(detect_isolation("rlimits"), network=())
     assert check_function(GOOD, "add", TEST, limits=LIMITS, isolation=isolation).passed
 
 
 def test_ray_cluster_up_means_ray_imported_and_initialized(monkeypatch):
     monkeypatch.delitem(sys.modules, "ray", raising=False)
-    assert not sandbox_mod.ray_cluster_up()
+    assert not launch.ray_cluster_up()
     fake = types.ModuleType("ray")
     fake.is_initialized = lambda: True  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ray", fake)
-    assert sandbox_mod.ray_cluster_up()
+    assert launch.ray_cluster_up()
     fake.is_initialized = lambda: False  # type: ignore[attr-defined]
-    assert not sandbox_mod.ray_cluster_up()
+    assert not launch.ray_cluster_up()
 
 
 def test_private_ray_cluster_uses_a_token_kept_in_memory(monkeypatch, tmp_path):
