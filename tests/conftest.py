@@ -42,11 +42,11 @@ def tiny_nemotron_dir(smollm2_dir):
 
 @pytest.fixture
 def math_checkers():
-    """A function listing the math-verify worker processes this test process started and has not
-    reaped: live ones, and killed ones left as zombies (their command line is gone, their name stays)."""
+    """A function listing the math-verify worker processes started during this test and not reaped:
+    live ones, and killed ones left as zombies (their command line is gone, their name stays)."""
 
-    def left() -> list[int]:
-        me, found = os.getpid(), []
+    def left() -> set[int]:
+        me, found = os.getpid(), set()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -60,7 +60,8 @@ def math_checkers():
                 continue  # gone meanwhile
             serving = b"posttrain.verifiers.math import serve" in cmdline
             if int(ppid) == me and (serving or state == "Z" and name.startswith("python")):
-                found.append(int(entry))
+                found.add(int(entry))
         return found
 
-    return left
+    before = left()  # earlier tests' leftovers are theirs
+    return lambda: sorted(left() - before)

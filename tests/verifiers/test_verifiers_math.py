@@ -105,7 +105,8 @@ def test_numeric_golds_need_a_computed_answer(checker, prediction, gold, kind):
     result = checker.check(prediction, gold)
     assert result.kind == kind and result.reward == float(kind == "correct"), result
     if kind == "unsimplified":
-        assert MathChecker(MathConfig(require_simplified=False)).check(prediction, gold).correct  # math-verify alone
+        with MathChecker(MathConfig(require_simplified=False)) as unguarded:
+            assert unguarded.check(prediction, gold).correct  # math-verify alone
 
 
 @pytest.fixture(scope="module")
