@@ -71,12 +71,14 @@ def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   activation: str | None = None, seq_idx: torch.Tensor | None = None,
-                  initial_states: torch.Tensor | None = None) -> torch.Tensor:
+                  initial_states: torch.Tensor | None = None,
+                  initial_seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv ``x: [B, C, T]``, ``weight: [C, K]`` -> ``[B, C, T]``, per document.
 
     ``initial_states: [B, C, K-1]`` are the inputs before ``x`` (zeros when None); they belong to
-    the row's first document. Tap ``j`` reads ``x[t - (K-1-j)]``, as ``F.conv1d`` with ``K-1``
-    left padding does, and is dropped where that token lies in another document.
+    the row's first document, or to ``initial_seq_idx: [B, K-1]``. Tap ``j`` reads
+    ``x[t - (K-1-j)]``, as ``F.conv1d`` with ``K-1`` left padding does, and is dropped where that
+    token lies in another document.
     """
     b, c, t = x.shape
     k = weight.shape[-1]
@@ -86,7 +88,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if seq_idx is None:
         out = F.conv1d(xp, weight[:, None], bias, groups=c)
     else:
-        sp = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=-1)  # [B, K-1+T]
+        before = seq_idx[:, :1].expand(b, k - 1) if initial_seq_idx is None else initial_seq_idx.to(seq_idx)
+        sp = torch.cat([before, seq_idx], dim=-1)  # [B, K-1+T]
         out = sum(weight[:, j, None] * xp[..., j : j + t] * (sp[:, None, j : j + t] == seq_idx[:, None])
                   for j in range(k))
         if bias is not None:
@@ -111,6 +114,15 @@ def _chunks(x: torch.Tensor, pad: int, size: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, size, *x.shape[2:])
 
 
+def _time_steps(dt: torch.Tensor, dt_bias: torch.Tensor | None, softplus: bool,
+                limit: tuple[float, float]) -> torch.Tensor:
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if softplus:
+        dt = F.softplus(dt)
+    return torch.clamp(dt, min=limit[0], max=limit[1])
+
+
 def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                chunk_size: int, D: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
                dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
@@ -124,12 +136,8 @@ def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     Letters below: c = chunk, l/s = positions in a chunk, z = source chunk.
     """
     b, t, h, p = x.shape
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
     f = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp32 inputs, as transformers; fp64 stays
-    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).to(f)
+    dt = _time_steps(dt, dt_bias, dt_softplus, dt_limit).to(f)
     x = x.to(f)
     B = B.to(f).repeat_interleave(h // B.shape[2], dim=2)
     C = C.to(f).repeat_interleave(h // C.shape[2], dim=2)
@@ -213,6 +221,10 @@ def mixer_forward(mixer: Any, hidden_states: torch.Tensor, cache_params: Any = N
     The same four steps as transformers (in_proj -> conv -> SSD scan -> gated norm, out_proj),
     with the conv and scan from :func:`fused_kernels` or the pure-torch ops above.
     """
+    if kwargs.get("cp_shard") is not None:  # a context-parallel pass (training.context_parallel)
+        shard = kwargs["cp_shard"]
+        return cp_mixer_forward(mixer, hidden_states, index=shard.index, gather_index=shard.gather_index,
+                                doc=shard.doc, group=shard.group)
     if seq_idx is None:
         return type(mixer).forward(mixer, hidden_states, cache_params=cache_params,
                                    attention_mask=attention_mask, **kwargs)
@@ -248,6 +260,144 @@ def mixer_forward(mixer: Any, hidden_states: torch.Tensor, cache_params: Any = N
              dt_limit=mixer.time_step_limit, seq_idx=seq_idx)
     y = mixer.norm(y.reshape(b, t, -1), gate)
     return mixer.out_proj(y.to(dtype))
+
+
+# --------------------------------------------------------------------------- context parallelism
+#
+# Under CP a rank holds a few contiguous runs of the row (load-balanced: chunks r and 2N-1-r of
+# 2N). The scan is linear in its entering state, so each run is scanned from a zero state, giving
+# its outputs y0, its final state F and how an entering state passes through it (``through``:
+# exp(sum dA) if the run is one document continuing from the token before, else 0). The tiny
+# per-run (F, through) are all-gathered, every rank runs the recurrence h_in[j+1] =
+# through[j] * h_in[j] + F[j] over the runs in row order, and adds the carried state's read-out
+# C_l . h_in * exp(cumsum dA)_l to the tokens of the run's first document, as chunk_scan's
+# inter-chunk step does. The conv reads the last K-1 conv inputs of the run before. The
+# all-gather's backward returns each rank its runs' state gradients summed over the group.
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of consecutive values in ``index: [t]`` (global positions)."""
+    breaks = ((index[1:] != index[:-1] + 1).nonzero().flatten() + 1).tolist()
+    bounds = [0, *breaks, len(index)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _GatherStates(torch.autograd.Function):
+    """All-gather ``x`` over the group -> ``[N, *x.shape]``; backward: all-reduce, keep this rank's slice.
+
+    The gathered tensors are tiny (a state per chunk), so an all-reduce of the whole gradient is
+    simpler than a reduce-scatter (which gloo lacks) and costs nothing that matters.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def _all_gather(parts: list[torch.Tensor], most: int, group: Any) -> torch.Tensor:
+    """Every rank's ``parts`` (one per run, zero-padded to ``most`` runs): ``[N, most, ...]`` in rank order."""
+    import torch.distributed as dist
+
+    x = torch.stack(parts)
+    x = torch.cat([x, x.new_zeros(most - len(parts), *x.shape[1:])]) if most > len(parts) else x
+    if group is None or dist.get_world_size(group) == 1:
+        return x[None]
+    return _GatherStates.apply(x, group)
+
+
+def cp_mixer_forward(mixer: Any, hidden_states: torch.Tensor, *, index: torch.Tensor, gather_index: torch.Tensor,
+                     doc: torch.Tensor, group: Any) -> torch.Tensor:
+    """The Mamba2 mixer on this rank's share ``hidden_states: [B, t, H]`` of a context-parallel row.
+
+    ``index: [t]`` global positions of the local tokens, ``gather_index: [N*t]`` every rank's in
+    rank order, ``doc: [B, L]`` the document id of every token of the row, ``group`` the cp group
+    (``training.context_parallel.CPShard`` carries them). Equal to the mixer on the whole row,
+    document by document; padding is a document of its own, so needs no mask.
+    """
+    b, t, _ = hidden_states.shape
+    h, p, g, n, k = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size, mixer.conv_kernel_size
+    size = len(gather_index) // t
+    change = torch.ones_like(doc, dtype=torch.int32)
+    change[:, 1:] = (doc[:, 1:] != doc[:, :-1]).to(torch.int32)
+    row_seq = change.cumsum(1, dtype=torch.int32) - 1  # [B, L] non-decreasing document numbers
+    runs = _runs(index)
+    starts = [int(index[s]) for s, _ in runs]
+    order = {}  # global start of every rank's run -> (rank, run); gathered tensors come in that order
+    ends = {}  # global last position of every run -> (rank, run)
+    most = 0
+    for r in range(size):
+        block = gather_index[r * t : (r + 1) * t]
+        for j, (s, e) in enumerate(_runs(block)):
+            if e - s < k - 1:
+                raise ValueError(f"a context-parallel chunk of {e - s} tokens is shorter than the Mamba conv "
+                                 f"window ({k - 1}); use longer rows or a smaller train.context_parallel")
+            order[int(block[s])], ends[int(block[e - 1])] = (r, j), (r, j)
+            most = max(most, j + 1)
+
+    zxbcdt = mixer.in_proj(hidden_states)
+    gate, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, h], dim=-1)
+    A = -torch.exp(mixer.A_log.float())
+    weight = mixer.conv1d.weight.squeeze(1)
+
+    # 1. conv: each run continues from the last K-1 conv inputs of the run before it in the row
+    tails = _all_gather([xBC[:, e - (k - 1) : e] for _, e in runs], most, group)  # [N, R, B, K-1, C]
+    conv_out = []
+    for (s, e), g0 in zip(runs, starts):
+        seq = row_seq[:, index[s:e]]
+        prev, prev_seq = None, None
+        if g0 > 0:
+            r, j = ends[g0 - 1]
+            prev = tails[r][j].transpose(1, 2)  # [B, C, K-1]
+            prev_seq = row_seq[:, g0 - (k - 1) : g0]
+        conv_out.append(causal_conv1d(xBC[:, s:e].transpose(1, 2), weight, mixer.conv1d.bias, mixer.activation,
+                                      seq_idx=seq, initial_states=prev, initial_seq_idx=prev_seq).transpose(1, 2))
+    x, B, C = torch.cat(conv_out, dim=1).split([mixer.intermediate_size, g * n, g * n], dim=-1)
+
+    # 2. scan each run from a zero state; what a state entering it would add is linear in that state
+    local, finals, through = [], [], []
+    for (s, e), g0 in zip(runs, starts):
+        seq = row_seq[:, index[s:e]]
+        y0, final = chunk_scan(x[:, s:e].reshape(b, e - s, h, p), dt[:, s:e], A, B[:, s:e].reshape(b, e - s, g, n),
+                               C[:, s:e].reshape(b, e - s, g, n), chunk_size=mixer.chunk_size, D=mixer.D,
+                               dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=mixer.time_step_limit,
+                               seq_idx=seq, return_final_states=True)
+        cum = torch.cumsum(A * _time_steps(dt[:, s:e], mixer.dt_bias, True, mixer.time_step_limit).float(), 1)
+        cont = (row_seq[:, g0 - 1] == row_seq[:, g0]) if g0 > 0 else torch.zeros(b, dtype=torch.bool,
+                                                                                  device=seq.device)
+        first_doc = (seq == seq[:, :1]) & cont[:, None]  # [B, T_run]: tokens an entering state reaches
+        local.append((y0, cum, first_doc))
+        finals.append(final)  # [B, h, p, n]
+        through.append(torch.exp(cum[:, -1]) * first_doc[:, -1:])  # [B, h]
+    all_finals = _all_gather(finals, most, group)  # [N, R, B, h, p, n]
+    all_through = _all_gather(through, most, group)  # [N, R, B, h]
+
+    # 3. the state entering every run, in row order (a few [B, h, p, n] steps, same on every rank)
+    entering, state = {}, torch.zeros_like(finals[0])
+    for g0 in sorted(order):
+        r, j = order[g0]
+        entering[g0] = state
+        state = all_through[r][j][..., None, None] * state + all_finals[r][j]
+
+    ys = []
+    for (s, e), g0, (y0, cum, first_doc) in zip(runs, starts, local):
+        c = C[:, s:e].reshape(b, e - s, g, n).float().repeat_interleave(h // g, dim=2)  # [B, T_run, h, n]
+        carried = torch.einsum("bthn,bhpn->bthp", c, entering[g0]) * (torch.exp(cum) * first_doc[..., None])[..., None]
+        ys.append(y0 + carried)
+    y = mixer.norm(torch.cat(ys, dim=1).reshape(b, t, -1), gate)
+    return mixer.out_proj(y.to(hidden_states.dtype))
 
 
 def _add_seq_idx(trunk: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:

@@ -39,6 +39,16 @@ def _fresh(tiny_nemotron_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_nemotron_dir, dtype=torch.float32).eval()
 
 
+def _make_stateful(model) -> None:
+    """Slow decay and larger B, C, x: at random init the SSM state is ~1e-8 of the output, which
+    would let a missing state carry pass a 1e-5 check; here it moves outputs by ~1e-3."""
+    with torch.no_grad():
+        for mixer in (m for m in model.modules() if mp.supports(m)):
+            mixer.A_log.fill_(-4.6)  # A = -0.01
+            mixer.dt_bias.fill_(0.5)  # dt ~ 0.97
+            mixer.in_proj.weight.mul_(8)
+
+
 # --------------------------------------------------------------------------- documents
 
 
@@ -130,9 +140,12 @@ def test_packed_logits_equal_one_by_one(nemotron) -> None:
         model(**_packed(docs), use_cache=True)
 
 
-def test_packed_loss_and_gradients_equal_one_by_one(tiny_nemotron_dir) -> None:
+@pytest.mark.parametrize("stateful", [False, True])
+def test_packed_loss_and_gradients_equal_one_by_one(tiny_nemotron_dir, stateful: bool) -> None:
     """The training loss (token mean, as ``sft.train`` takes it) and every gradient, in training mode."""
     model, docs = _fresh(tiny_nemotron_dir), _docs(seed=1)
+    if stateful:
+        _make_stateful(model)
     mp.enable_exact_packing(model)
     model.train()  # the training path (dropout is 0 in this config)
     n_ref = sum(len(d) - 1 for d in docs)
