@@ -31,10 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from posttrain.errors import ConfigError
-from posttrain.training.loss import IGNORE_INDEX, chunked_nll_sum, shifted_targets, trunk_and_head
+from posttrain.training.loss import IGNORE_INDEX, shifted_targets, token_logprobs, trunk_and_head
 
 CP_ATTENTION = "posttrain_cp"  # config._attn_implementation of a model running under CP
 PAD_DOC = -1  # document id of padding (attention_mask 0, or the tail added to fill 2N chunks)
@@ -69,15 +70,19 @@ def load_balanced_indices(length: int, size: int, rank: int) -> torch.Tensor:
     return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
 
 
+def _document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: a document starts here (the position does not step by 1 from its left neighbour)."""
+    step = position_ids[:, 1:] - position_ids[:, :-1]  # [B, T-1]
+    return torch.cat([torch.ones_like(position_ids[:, :1], dtype=torch.bool), step != 1], dim=1)
+
+
 def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, T]`` document id of every token: a new document wherever the position does not step by 1.
 
     The same rule transformers uses to find packed documents (``find_packed_sequence_indices``);
     tokens with ``attention_mask == 0`` get :data:`PAD_DOC`.
     """
-    step = position_ids[:, 1:] - position_ids[:, :-1]  # [B, T-1]
-    starts = torch.cat([torch.ones_like(position_ids[:, :1], dtype=torch.bool), step != 1], dim=1)
-    docs = starts.long().cumsum(dim=1) - 1  # [B, T], 0-based per row
+    docs = _document_starts(position_ids).long().cumsum(dim=1) - 1  # [B, T], 0-based per row
     if attention_mask is not None:
         docs = docs.masked_fill(attention_mask == 0, PAD_DOC)
     return docs
@@ -87,24 +92,53 @@ def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None
 class CPShard:
     """What the ``posttrain_cp`` attention needs to know about this rank's share of the batch.
 
-    ``q_index: [t]`` global positions in the row of the local tokens (queries);
-    ``k_index: [N*t]`` global positions of the keys in the order the all-gather returns them;
-    ``q_doc: [B, t]`` / ``k_doc: [B, N*t]`` their document ids. ``query_block`` bounds the
-    mask and score memory of one SDPA call to ``[B, H, query_block, N*t]``.
+    ``index: [t]`` global positions (in the padded row) of the local tokens: two runs of
+    ``chunk`` consecutive positions; ``gather_index: [N*t]`` global positions of the keys in the
+    order the all-gather returns them; ``doc: [B, T]`` document id and ``doc_start: [B, T]``
+    first position of the document of every token of the row. The queries go to SDPA in blocks
+    of at most ``query_block`` consecutive positions, each against only the keys from its
+    documents' start to its last query, so mask and scores stay ``[B, H, block, <= T]``.
     """
 
     group: Any
-    q_index: torch.Tensor
-    k_index: torch.Tensor
-    q_doc: torch.Tensor
-    k_doc: torch.Tensor
+    index: torch.Tensor
+    gather_index: torch.Tensor
+    doc: torch.Tensor
+    doc_start: torch.Tensor
+    to_global: torch.Tensor  # [N*t] permutation putting gathered keys in row order
+    chunk: int
     query_block: int = 4096
 
-    def mask(self, start: int, stop: int) -> torch.Tensor:
-        """``[B, 1, stop-start, N*t]`` bool: query may attend key (same document, not later)."""
-        same_doc = self.q_doc[:, start:stop, None] == self.k_doc[:, None, :]  # [B, q, K]
-        causal = self.k_index[None, :] <= self.q_index[start:stop, None]  # [q, K]
-        return (same_doc & causal[None])[:, None]
+    def take(self, x: torch.Tensor, fill: float = 0, shifted: bool = False) -> torch.Tensor:
+        """This rank's part ``[B, t, ...]`` of a row-coordinate tensor ``x: [B, T, ...]`` (padded with ``fill``).
+
+        ``shifted=True`` for values aligned to the token they score (advantages, rollout
+        logprobs): local position ``j`` then gets ``x[:, index[j] + 1]``, like the targets.
+        """
+        if shifted:
+            x = torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], dim=1)
+        extra = self.doc.shape[1] - x.shape[1]
+        if extra:
+            x = torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)], 1)
+        return x[:, self.index.to(x.device)]
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """``(local start, local stop, first key, key stop)`` per query block; keys in global row order."""
+        out = []
+        for first in (0, self.chunk):
+            for start in range(first, first + self.chunk, self.query_block):
+                stop = min(start + self.query_block, first + self.chunk)
+                g0 = int(self.index[start])
+                out.append((start, stop, int(self.doc_start[:, g0].min()), g0 + stop - start))
+        return out
+
+    def mask(self, start: int, stop: int, k0: int, k1: int) -> torch.Tensor:
+        """``[B, 1, q, k]`` bool for local queries ``start:stop`` and global keys ``k0:k1``: same document, not later."""
+        g0 = int(self.index[start])
+        q_pos = torch.arange(g0, g0 + stop - start, device=self.doc.device)
+        k_pos = torch.arange(k0, k1, device=self.doc.device)
+        same_doc = self.doc[:, g0 : g0 + stop - start, None] == self.doc[:, None, k0:k1]  # [B, q, k]
+        return (same_doc & (k_pos[None, :] <= q_pos[:, None])[None])[:, None]
 
 
 def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id: int = 0,
@@ -114,28 +148,32 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id:
     Returns ``input_ids``, ``position_ids`` (global, restarting per document) and ``targets``
     (already shifted: do not shift again), each ``[B, T_pad / size]``, and the :class:`CPShard`.
     """
+    if query_block < 1:
+        raise ValueError(f"query_block must be >= 1 (got {query_block})")
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
     positions = batch.get("position_ids")
     if positions is None:  # one document per row; left padding keeps positions from 0
         positions = (mask.long().cumsum(1) - 1).clamp(min=0) if mask is not None else \
             torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    docs = document_ids(positions, mask)  # [B, T]
-    targets = shifted_targets(labels)  # [B, T], before the split
-    if mask is not None:
-        targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+    if mask is None:
+        mask = torch.ones_like(ids)
+    targets = shifted_targets(labels).masked_fill(mask == 0, IGNORE_INDEX)  # [B, T], before the split
     length = ids.shape[1]
     extra = padded_length(length, size) - length
-    if extra:  # the tail: its own document, no targets; causal order keeps real queries off it
+    if extra:  # the tail: padding, no targets; causal order keeps real queries off it
         ids = F.pad(ids, (0, extra), value=pad_id)
         targets = F.pad(targets, (0, extra), value=IGNORE_INDEX)
         positions = torch.cat([positions, torch.arange(extra, device=ids.device).expand(ids.shape[0], -1)], 1)
-        docs = F.pad(docs, (0, extra), value=PAD_DOC)
+        mask = F.pad(mask, (0, extra), value=0)
+    docs = document_ids(positions, mask)  # [B, T_pad]
+    where = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    doc_start = torch.where(_document_starts(positions), where, 0).cummax(dim=1).values  # [B, T_pad]
     index = load_balanced_indices(ids.shape[1], size, rank).to(ids.device)  # [t]
-    k_index = torch.cat([load_balanced_indices(ids.shape[1], size, r) for r in range(size)]).to(ids.device)
+    gather_index = torch.cat([load_balanced_indices(ids.shape[1], size, r) for r in range(size)]).to(ids.device)
     local = {"input_ids": ids[:, index], "position_ids": positions[:, index], "targets": targets[:, index]}
-    shard = CPShard(group=group, q_index=index, k_index=k_index, q_doc=docs[:, index], k_doc=docs[:, k_index],
-                    query_block=query_block)
+    shard = CPShard(group=group, index=index, gather_index=gather_index, doc=docs, doc_start=doc_start,
+                    to_global=torch.argsort(gather_index), chunk=ids.shape[1] // (2 * size), query_block=query_block)
     return local, shard
 
 
@@ -144,10 +182,11 @@ def gather_sequence(local: torch.Tensor, shard: CPShard, length: int) -> torch.T
 
     No gradient flows back; for logprob passes and metrics. ``length`` is the unpadded row length.
     """
-    full = _gather_seq_dim(local.detach().contiguous(), 1, shard.group)  # [B, N*t, ...] gather order
+    wire = local.detach().to(torch.uint8) if local.dtype == torch.bool else local.detach()  # gloo: no bool
+    full = _gather_seq_dim(wire.contiguous(), 1, shard.group)  # [B, N*t, ...] in gather order
     out = torch.empty_like(full)
-    out[:, shard.k_index] = full
-    return out[:, :length]
+    out[:, shard.gather_index.to(out.device)] = full
+    return out[:, :length].to(local.dtype)
 
 
 # --------------------------------------------------------------------------- the K/V exchange
@@ -193,28 +232,41 @@ def all_gather_kv(key: torch.Tensor, value: torch.Tensor, group: Any) -> tuple[t
     return both.split([key.shape[-1], value.shape[-1]], dim=-1)
 
 
+def _attend_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shard: CPShard,
+                  block: tuple[int, int, int, int], dropout: float, scaling: float | None) -> torch.Tensor:
+    start, stop, k0, k1 = block
+    return F.scaled_dot_product_attention(query[:, :, start:stop], key[:, :, k0:k1], value[:, :, k0:k1],
+                                          attn_mask=shard.mask(start, stop, k0, k1), dropout_p=dropout,
+                                          scale=scaling)  # [B, H, q, D]
+
+
 def cp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  cp_shard: CPShard | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The ``posttrain_cp`` attention: local ``query: [B, H, t, D]`` against K/V gathered over the cp group.
 
-    Returns ``[B, t, H, D]`` like transformers' SDPA path. The mask comes from ``cp_shard``
-    (global indices and documents), not from ``attention_mask`` (transformers builds none for
-    an implementation it does not know).
+    Returns ``[B, t, H, D]`` like transformers' SDPA path. With a ``cp_shard`` the mask comes from
+    the shard's global positions and documents (``attention_mask`` is a stand-in); each query
+    block is recomputed in backward, so its ``[block, keys]`` mask is never kept. Without one it
+    is transformers' SDPA, unchanged.
     """
     if cp_shard is None:  # not a CP pass (evaluation, generation): exactly transformers' SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, K, D]
+    key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, T, D] in gather order
+    order = cp_shard.to_global
+    key, value = key[:, :, order], value[:, :, order]  # row order: a block's keys are one slice
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # GQA: each KV head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
-    for start in range(0, query.shape[2], cp_shard.query_block):
-        stop = min(start + cp_shard.query_block, query.shape[2])
-        outs.append(F.scaled_dot_product_attention(query[:, :, start:stop], key, value,
-                                                   attn_mask=cp_shard.mask(start, stop),
-                                                   dropout_p=dropout, scale=scaling))
+    for block in cp_shard.blocks():
+        if grad:
+            outs.append(checkpoint(_attend_block, query, key, value, cp_shard, block, dropout, scaling,
+                                   use_reentrant=False))
+        else:
+            outs.append(_attend_block(query, key, value, cp_shard, block, dropout, scaling))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -272,8 +324,28 @@ def cp_forward(model: Any, batch: dict[str, torch.Tensor], group: Any, *, pad_id
     return hidden, local, shard
 
 
+def cp_token_logprobs(model: Any, batch: dict[str, torch.Tensor], group: Any, *, temperature: float = 1.0,
+                      chunk_size: int = 2048, pad_id: int = 0,
+                      query_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, CPShard]:
+    """(``[B, t]`` log p(target) of this rank's targets (0 where none), ``[B, t]`` bool: has a target, shard).
+
+    Local position ``j`` predicts the row token at ``shard.index[j] + 1``. For the RL trainer's
+    passes: per-token tensors in row coordinates (advantages, old and rollout logprobs, aligned to
+    the token they score) come to this rank with ``shard.take(x, shifted=True)``; full rows come
+    back with :func:`gather_sequence`.
+    """
+    _, head = trunk_and_head(model)
+    hidden, local, shard = cp_forward(model, batch, group, pad_id=pad_id, query_block=query_block)
+    targets = local["targets"]  # [B, t], shifted before the split
+    keep = targets != IGNORE_INDEX  # [B, t]
+    values = token_logprobs(hidden[keep], head.weight, targets[keep], head.bias, temperature, chunk_size)
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device)
+    out[keep] = values
+    return out, keep, shard
+
+
 def cp_nll_sum(model: Any, batch: dict[str, torch.Tensor], group: Any, chunk_size: int = 2048,
-               pad_id: int = 0) -> tuple[torch.Tensor, int]:
+               pad_id: int = 0, query_block: int = 4096) -> tuple[torch.Tensor, int]:
     """(NLL sum over *this rank's* labelled tokens, labelled tokens of the *whole* batch).
 
     The CP counterpart of ``training.loss.causal_lm_nll_sum``, called by every rank of the cp
@@ -281,12 +353,9 @@ def cp_nll_sum(model: Any, batch: dict[str, torch.Tensor], group: Any, chunk_siz
     parameter gradients over the group (with the data-parallel sum, or FSDP's reduce-scatter over
     ``dp_shard x cp``): loss and gradients equal one process running the whole batch.
     """
-    _, head = trunk_and_head(model)
-    hidden, local, _ = cp_forward(model, batch, group, pad_id=pad_id)
-    targets = local["targets"]  # [B, t], shifted before the split
-    keep = targets != IGNORE_INDEX
+    logprobs, keep, _ = cp_token_logprobs(model, batch, group, chunk_size=chunk_size, pad_id=pad_id,
+                                          query_block=query_block)
     count = keep.sum().reshape(1)
     if group is not None:
         dist.all_reduce(count, group=group)
-    nll = chunked_nll_sum(hidden[keep], head.weight, targets[keep], head.bias, chunk_size)
-    return nll, int(count)
+    return -logprobs.sum(), int(count)

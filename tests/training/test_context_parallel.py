@@ -16,7 +16,7 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.sft.packing import collate_packed, collate_padded
 from posttrain.training import context_parallel as cp
-from posttrain.training.loss import IGNORE_INDEX, causal_lm_nll_sum, shifted_targets
+from posttrain.training.loss import IGNORE_INDEX, causal_lm_nll_sum, shifted_targets, token_logprobs
 
 TOL = 1e-5
 
@@ -63,7 +63,7 @@ def test_shards_keep_global_positions_and_globally_shifted_labels() -> None:
     for rank in range(2):
         local, shard = cp.shard_batch(batch, 2, rank)
         assert local["input_ids"].shape == (1, 12)
-        for j, g in enumerate(shard.q_index.tolist()):
+        for j, g in enumerate(shard.index.tolist()):
             seen[g] = local["targets"][0, j].item()
             if g < 21:
                 assert local["position_ids"][0, j] == batch["position_ids"][0, g]
@@ -74,14 +74,22 @@ def test_shards_keep_global_positions_and_globally_shifted_labels() -> None:
     assert all(seen[g] == IGNORE_INDEX for g in range(21, 24))  # the padded tail carries no loss
 
 
-def test_mask_is_block_diagonal_causal_over_global_positions() -> None:
-    batch = _batch({"mode": "pack", "lengths": [5, 7]})  # 12 tokens, chunks of 3
-    _, shard = cp.shard_batch(batch, 2, 1)  # rank 1 holds global 3..8
-    mask = shard.mask(0, 6)[0, 0]  # [6 queries, 12 keys in gather order 0,1,2,9,10,11,3..8]
-    for i, q in enumerate(shard.q_index.tolist()):
-        for j, k in enumerate(shard.k_index.tolist()):
-            same_doc = (q < 5) == (k < 5)
-            assert bool(mask[i, j]) == (same_doc and k <= q), (q, k)
+@pytest.mark.parametrize("query_block", [2, 4, 100])
+def test_query_blocks_see_exactly_their_documents_past(query_block: int) -> None:
+    batch = _batch({"mode": "pack", "lengths": [5, 9, 10]})  # 24 tokens, chunks of 6
+    for rank in range(2):
+        _, shard = cp.shard_batch(batch, 2, rank, query_block=query_block)
+        covered = []
+        for start, stop, k0, k1 in shard.blocks():
+            mask = shard.mask(start, stop, k0, k1)[0, 0]  # [q, k1 - k0]
+            for i, q in enumerate(shard.index[start:stop].tolist()):
+                covered.append(q)
+                doc = 0 if q < 5 else 1 if q < 14 else 2
+                first = (0, 5, 14)[doc]
+                assert k0 <= first and k1 == shard.index[stop - 1] + 1  # every allowed key is in range
+                allowed = [k0 + j for j in range(k1 - k0) if mask[i, j]]
+                assert allowed == list(range(first, q + 1)), (rank, q)
+        assert covered == shard.index.tolist()
 
 
 def test_cp_size_one_equals_sdpa(tiny_llama_dir) -> None:
@@ -106,7 +114,7 @@ def test_plain_passes_after_enabling_cp_are_sdpa(tiny_llama_dir) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     batch = _batch({"mode": "pack", "lengths": [20, 31]})
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     want = model(**inputs).logits
     cp.enable_context_parallel(model)  # evaluation and generation on the same model stay exact
     torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
@@ -137,8 +145,13 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         batch = _batch(case)
-        nll, count = cp.cp_nll_sum(model, batch, group, chunk_size=256)
+        nll, count = cp.cp_nll_sum(model, batch, group, chunk_size=256, query_block=case.get("query_block", 4096))
         (nll / count).backward()
+        with torch.no_grad():  # the RL passes: local logprobs, gathered back into row order
+            logprobs, keep, shard = cp.cp_token_logprobs(model, batch, group, chunk_size=256)
+            full = cp.gather_sequence(logprobs, shard, batch["input_ids"].shape[1])  # [B, T]
+            full_keep = cp.gather_sequence(keep, shard, batch["input_ids"].shape[1])
+            assert torch.equal(shard.take(full), logprobs)
         loss = nll.detach().reshape(1)
         dist.all_reduce(loss, group=group)
         grads = {k: p.grad for k, p in model.named_parameters()}
@@ -148,10 +161,18 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
             ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             ref_nll, ref_count = causal_lm_nll_sum(ref_model, batch, 256)
             (ref_nll / ref_count).backward()
+            targets = shifted_targets(batch["labels"])
+            ref_keep = targets != IGNORE_INDEX
+            with torch.no_grad():
+                hidden = ref_model.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                                         attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
+                ref_lp = token_logprobs(hidden[ref_keep], ref_model.lm_head.weight, targets[ref_keep])
             results.append({
                 "name": case["name"], "count": count, "ref_count": ref_count,
                 "loss": float(loss) / count, "ref_loss": float(ref_nll) / ref_count,
                 "max_grad_diff": max(float((grads[k] - p.grad).abs().max()) for k, p in ref_model.named_parameters()),
+                "same_keep": bool(torch.equal(full_keep, ref_keep)),
+                "max_logprob_diff": float((full[ref_keep] - ref_lp).abs().max()),
                 "max_grad": max(float(p.grad.abs().max()) for p in ref_model.parameters()),
             })
     if rank == 0:
@@ -173,15 +194,17 @@ def _assert_equal_to_cp1(results: list[dict]) -> None:
         assert r["count"] == r["ref_count"], r
         assert abs(r["loss"] - r["ref_loss"]) <= TOL, r
         assert r["max_grad_diff"] <= TOL, r
+        assert r["same_keep"] and r["max_logprob_diff"] <= TOL, r
         print(f"{r['name']}: loss {r['loss']:.6f} (|diff| {abs(r['loss'] - r['ref_loss']):.2e}), "
-              f"max grad diff {r['max_grad_diff']:.2e} (max |grad| {r['max_grad']:.2e})")
+              f"max grad diff {r['max_grad_diff']:.2e} (max |grad| {r['max_grad']:.2e}), "
+              f"max logprob diff {r['max_logprob_diff']:.2e}")
 
 
 def test_cp2_equals_cp1_on_packed_documents_across_ranks(tmp_path, tiny_llama_dir) -> None:
     cases = [
         # 1021 tokens -> padded to 1024, chunks of 256 at 256/512/768: every document crosses a
         # chunk seam and rank 0 holds [0, 256) + [768, 1024), rank 1 [256, 768)
-        {"name": "packed-1K", "mode": "pack", "lengths": [300, 411, 310]},
+        {"name": "packed-1K", "mode": "pack", "lengths": [300, 411, 310], "query_block": 100},
         {"name": "padded-rows", "mode": "pad", "lengths": [150, 97, 201], "seed": 1},
         {"name": "packed-checkpointing", "mode": "pack", "lengths": [130, 190], "seed": 2, "checkpointing": True},
     ]
