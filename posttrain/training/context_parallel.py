@@ -17,9 +17,10 @@ How a batch ``[B, T]`` becomes ``N`` shards (Llama 3 style, all-gather of K/V):
    ``nll / count`` summed over ranks is the CP=1 token mean and the parameter gradients, summed
    over the group (or reduce-scattered by FSDP over ``dp_shard x cp``), equal the CP=1 ones.
 
-Only attention mixes tokens in a Llama/Qwen2 block, so nothing else needs to know. Layers that
-carry a state along the row (Mamba2 in NemotronH) would need the previous rank's final state;
-that is not built yet, so :func:`check_supported` refuses such models by name.
+Only attention mixes tokens in a Llama/Qwen2 block, so nothing else needs to know. NemotronH's
+Mamba2 mixers read the same ``cp_shard`` (``mamba_packing.cp_mixer_forward``: each chunk starts
+from the state the row before it leaves); other layers that carry a state along the row are
+refused by name (:func:`check_supported`).
 """
 
 from __future__ import annotations
@@ -284,15 +285,29 @@ _register()
 # --------------------------------------------------------------------------- model and loss
 
 
+def _unsupported_stateful(model: Any) -> list[str]:
+    """Class names of layers that carry state along the row and have no CP forward here."""
+    from posttrain.training import mamba_packing
+
+    carried = [m for m in model.modules() if mamba_packing.supports(m)]  # NemotronH Mamba2: state passed on
+    inside = {id(sub) for m in carried for sub in m.modules()}
+    return sorted({type(m).__name__ for m in model.modules()
+                   if STATEFUL.search(type(m).__name__) and id(m) not in inside})
+
+
 def check_supported(model: Any) -> None:
-    """Raise ConfigError when ``model`` has layers CP cannot split exactly yet (Mamba2 & co.)."""
-    stateful = sorted({type(m).__name__ for m in model.modules() if STATEFUL.search(type(m).__name__)})
+    """Raise ConfigError when ``model`` has layers CP cannot split exactly.
+
+    NemotronH's Mamba2 mixers are supported (``mamba_packing.cp_mixer_forward`` starts each
+    chunk from the state the row before it leaves); other recurrent layers are refused by name.
+    """
+    stateful = _unsupported_stateful(model)
     if stateful:
         raise ConfigError(
-            f"train.context_parallel > 1 is not supported for {type(model).__name__} yet: its "
+            f"train.context_parallel > 1 is not supported for {type(model).__name__}: its "
             f"{', '.join(stateful)} layers carry a state along the sequence, and each rank would have to "
-            "start from the previous rank's final conv/SSM state (and send its gradient back), which is "
-            "not built. Use train.context_parallel=1 for this model.")
+            "start from the previous rank's final state (and send its gradient back), which is built only "
+            "for NemotronH's Mamba2 mixers. Use train.context_parallel=1 for this model.")
 
 
 def enable_context_parallel(model: Any) -> Any:
@@ -302,7 +317,10 @@ def enable_context_parallel(model: Any) -> Any:
     block would have ended. Without a ``cp_shard`` the implementation is plain SDPA with the mask
     transformers builds, so evaluation and generation on the same model are unchanged.
     """
+    from posttrain.training import mamba_packing
+
     check_supported(model)
+    mamba_packing.enable_exact_packing(model)  # Mamba2 mixers read cp_shard (a no-op for other models)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config._attn_implementation != CP_ATTENTION:
         base.set_attn_implementation(CP_ATTENTION)

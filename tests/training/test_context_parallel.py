@@ -120,12 +120,27 @@ def test_plain_passes_after_enabling_cp_are_sdpa(tiny_llama_dir) -> None:
     torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
 
 
-def test_nemotron_h_is_refused_with_the_reason(tiny_nemotron_dir) -> None:
+def test_nemotron_h_runs_and_other_recurrent_layers_are_refused(tiny_llama_dir, tiny_nemotron_dir) -> None:
     from transformers import AutoModelForCausalLM
 
+    from posttrain.training import mamba_packing
+
+    batch = _batch({"mode": "pack", "lengths": [40, 60]})
     model = AutoModelForCausalLM.from_pretrained(tiny_nemotron_dir, dtype=torch.float32)
-    with pytest.raises(ConfigError, match=r"Mamba.*previous rank's final conv/SSM state"):
-        cp.cp_nll_sum(model, _batch({"mode": "pack", "lengths": [8, 8]}), None)
+    nll, n = cp.cp_nll_sum(model, batch, None, 64)  # Mamba2 mixers: CP forward from mamba_packing
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_nemotron_dir, dtype=torch.float32)
+    mamba_packing.enable_exact_packing(ref_model)
+    ref, n_ref = causal_lm_nll_sum(ref_model, batch, 64)
+    assert n == n_ref
+    torch.testing.assert_close(nll, ref, rtol=0, atol=TOL * n)
+
+    class RwkvBlock(torch.nn.Module):  # a recurrent layer CP has no state passing for
+        pass
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    llama.model.layers[0].add_module("rnn", RwkvBlock())
+    with pytest.raises(ConfigError, match=r"RwkvBlock layers carry a state.*context_parallel=1"):
+        cp.cp_nll_sum(llama, batch, None)
 
 
 # --------------------------------------------------------------------------- 2 gloo ranks
