@@ -19,8 +19,11 @@ a pre-hook on the NemotronH trunk derives ``seq_idx`` from ``position_ids``; eac
 ``forward`` becomes :func:`mixer_forward`, which defers to transformers' own forward whenever no
 ``seq_idx`` is given (generation, one document per row).
 
-The scan and conv also take an initial state and return the final one: a context-parallel rank
-can start its slice of a row from the previous rank's state (see :func:`chunk_scan`).
+Context parallelism (:func:`cp_mixer_forward`, used when the trunk gets a ``cp_shard`` from
+``training.context_parallel``): each rank's chunks of the row start from the conv inputs and the
+SSM state the row before them leaves; the chunk states are all-gathered (backward: their
+gradients summed back to their owners), so CP=N equals CP=1. The conv and scan take that
+initial state (``initial_states``) and the scan returns its final one.
 """
 
 from __future__ import annotations
@@ -262,6 +265,56 @@ def mixer_forward(mixer: Any, hidden_states: torch.Tensor, cache_params: Any = N
     return mixer.out_proj(y.to(dtype))
 
 
+# --------------------------------------------------------------------------- installing it
+
+
+def _add_seq_idx(trunk: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Trunk pre-hook: packed rows (position ids restart inside a row) get ``seq_idx`` for the mixers."""
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("seq_idx") is not None or position_ids is None or position_ids.dim() != 2:
+        return None
+    if kwargs.get("past_key_values") is not None or kwargs.get("attention_mask") is not None:
+        return None  # generation (left padding also restarts positions): not a packed row
+    seq_idx = seq_idx_from_position_ids(position_ids)
+    if not bool((seq_idx[:, -1] > 0).any()):
+        return None  # one document per row: transformers' path is already exact
+    if kwargs.get("use_cache"):
+        raise ValueError("a packed row (position_ids restart inside it) cannot fill a generation cache: "
+                         "call the model with use_cache=False")
+    return args, {**kwargs, "seq_idx": seq_idx, "use_cache": False}
+
+
+def supports(module: Any) -> bool:
+    """True for the Mamba layers this module makes exact under packing."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    return isinstance(module, NemotronHMamba2Mixer)
+
+
+def enable_exact_packing(model: Any) -> int:
+    """Make packed rows exact for every NemotronH Mamba2 layer of ``model``; returns how many (idempotent).
+
+    Patches instances only (no class or transformers module is touched, so other models in the
+    process are unaffected); works under peft and FSDP wrappers, which keep these modules.
+    """
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHModel
+
+    mixers = [m for m in model.modules() if supports(m)]
+    if getattr(model, _MARK, False) or not mixers:
+        return len(mixers) if getattr(model, _MARK, False) else 0
+    for mixer in mixers:
+        mixer.forward = types.MethodType(mixer_forward, mixer)
+    for trunk in (m for m in model.modules() if isinstance(m, NemotronHModel)):
+        trunk.register_forward_pre_hook(_add_seq_idx, with_kwargs=True)
+    setattr(model, _MARK, True)
+    log.info("exact packing on: %d Mamba2 layers reset conv/SSM state at document starts", len(mixers))
+    return len(mixers)
+
+
+def exact_packing_enabled(model: Any) -> bool:
+    return bool(getattr(model, _MARK, False))
+
+
 # --------------------------------------------------------------------------- context parallelism
 #
 # Under CP a rank holds a few contiguous runs of the row (load-balanced: chunks r and 2N-1-r of
@@ -318,6 +371,81 @@ def _all_gather(parts: list[torch.Tensor], most: int, group: Any) -> torch.Tenso
     return _GatherStates.apply(x, group)
 
 
+@dataclass(frozen=True)
+class _Runs:
+    """Where this rank's runs of the row lie, and which gathered slot holds each rank's run values."""
+
+    local: list[tuple[int, int]]  # (start, stop) of this rank's runs, in local positions
+    starts: list[int]  # their first global positions
+    by_start: dict[int, tuple[int, int]]  # first global position of every run -> (rank, slot)
+    by_end: dict[int, tuple[int, int]]  # last global position of every run -> (rank, slot)
+    slots: int  # most runs on one rank
+
+
+def _cp_runs(index: torch.Tensor, gather_index: torch.Tensor, window: int) -> _Runs:
+    t = len(index)
+    by_start, by_end, slots = {}, {}, 0
+    for r in range(len(gather_index) // t):
+        block = gather_index[r * t : (r + 1) * t]
+        for j, (s, e) in enumerate(_runs(block)):
+            if e - s < window:
+                raise ValueError(f"a context-parallel chunk of {e - s} tokens is shorter than the Mamba conv "
+                                 f"window ({window}); use longer rows or a smaller train.context_parallel")
+            by_start[int(block[s])] = by_end[int(block[e - 1])] = (r, j)
+            slots = max(slots, j + 1)
+    local = _runs(index)
+    return _Runs(local, [int(index[s]) for s, _ in local], by_start, by_end, slots)
+
+
+def _cp_conv(mixer: Any, xBC: torch.Tensor, runs: _Runs, seq: torch.Tensor, row_seq: torch.Tensor,
+             group: Any) -> torch.Tensor:
+    """Conv of ``xBC: [B, t, C]``: each run continues from the last K-1 inputs of the run before it."""
+    k = mixer.conv_kernel_size
+    tails = _all_gather([xBC[:, e - (k - 1) : e] for _, e in runs.local], runs.slots, group)  # [N, R, B, K-1, C]
+    out = []
+    for (s, e), g0 in zip(runs.local, runs.starts):
+        prev = prev_seq = None
+        if g0 > 0:
+            r, j = runs.by_end[g0 - 1]
+            prev, prev_seq = tails[r, j].transpose(1, 2), row_seq[:, g0 - (k - 1) : g0]  # [B, C, K-1], [B, K-1]
+        out.append(causal_conv1d(xBC[:, s:e].transpose(1, 2), mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                                 mixer.activation, seq_idx=seq[:, s:e], initial_states=prev,
+                                 initial_seq_idx=prev_seq).transpose(1, 2))
+    return torch.cat(out, dim=1)
+
+
+def _cp_scan(mixer: Any, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, runs: _Runs,
+             seq: torch.Tensor, row_seq: torch.Tensor, group: Any) -> torch.Tensor:
+    """SSD scan of ``x: [B, t, h, p]`` (``B, C: [B, t, g, n]``): each run starts from the state the row
+    before it leaves; returns ``[B, t, h, p]``."""
+    h, g = x.shape[2], B.shape[2]
+    A = -torch.exp(mixer.A_log.float())
+    local, finals, through = [], [], []
+    for (s, e), g0 in zip(runs.local, runs.starts):
+        y0, final = chunk_scan(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], chunk_size=mixer.chunk_size, D=mixer.D,
+                               dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=mixer.time_step_limit,
+                               seq_idx=seq[:, s:e], return_final_states=True)
+        cum = torch.cumsum(A * _time_steps(dt[:, s:e], mixer.dt_bias, True, mixer.time_step_limit).float(), 1)
+        cont = row_seq[:, g0 - 1] == row_seq[:, g0] if g0 > 0 else torch.zeros_like(seq[:, 0], dtype=torch.bool)
+        reached = (seq[:, s:e] == seq[:, s : s + 1]) & cont[:, None]  # [B, T_run]: tokens an entering state reaches
+        local.append((y0, cum, reached))
+        finals.append(final)  # [B, h, p, n]
+        through.append(torch.exp(cum[:, -1]) * reached[:, -1:])  # [B, h]: 0 if a document starts in the run
+    all_finals = _all_gather(finals, runs.slots, group)  # [N, R, B, h, p, n]
+    all_through = _all_gather(through, runs.slots, group)  # [N, R, B, h]
+    entering, state = {}, torch.zeros_like(finals[0])  # the recurrence over all runs in row order
+    for g0 in sorted(runs.by_start):
+        r, j = runs.by_start[g0]
+        entering[g0] = state
+        state = all_through[r, j][..., None, None] * state + all_finals[r, j]
+    ys = []
+    for (s, e), g0, (y0, cum, reached) in zip(runs.local, runs.starts, local):
+        c = C[:, s:e].float().repeat_interleave(h // g, dim=2)  # [B, T_run, h, n]
+        decay = torch.exp(cum) * reached[..., None]  # [B, T_run, h]
+        ys.append(y0 + torch.einsum("bthn,bhpn->bthp", c, entering[g0]) * decay[..., None])
+    return torch.cat(ys, dim=1)
+
+
 def cp_mixer_forward(mixer: Any, hidden_states: torch.Tensor, *, index: torch.Tensor, gather_index: torch.Tensor,
                      doc: torch.Tensor, group: Any) -> torch.Tensor:
     """The Mamba2 mixer on this rank's share ``hidden_states: [B, t, H]`` of a context-parallel row.
@@ -328,120 +456,15 @@ def cp_mixer_forward(mixer: Any, hidden_states: torch.Tensor, *, index: torch.Te
     document by document; padding is a document of its own, so needs no mask.
     """
     b, t, _ = hidden_states.shape
-    h, p, g, n, k = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size, mixer.conv_kernel_size
-    size = len(gather_index) // t
+    h, p, g, n = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    runs = _cp_runs(index, gather_index, mixer.conv_kernel_size - 1)
     change = torch.ones_like(doc, dtype=torch.int32)
     change[:, 1:] = (doc[:, 1:] != doc[:, :-1]).to(torch.int32)
     row_seq = change.cumsum(1, dtype=torch.int32) - 1  # [B, L] non-decreasing document numbers
-    runs = _runs(index)
-    starts = [int(index[s]) for s, _ in runs]
-    order = {}  # global start of every rank's run -> (rank, run); gathered tensors come in that order
-    ends = {}  # global last position of every run -> (rank, run)
-    most = 0
-    for r in range(size):
-        block = gather_index[r * t : (r + 1) * t]
-        for j, (s, e) in enumerate(_runs(block)):
-            if e - s < k - 1:
-                raise ValueError(f"a context-parallel chunk of {e - s} tokens is shorter than the Mamba conv "
-                                 f"window ({k - 1}); use longer rows or a smaller train.context_parallel")
-            order[int(block[s])], ends[int(block[e - 1])] = (r, j), (r, j)
-            most = max(most, j + 1)
-
-    zxbcdt = mixer.in_proj(hidden_states)
-    gate, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, h], dim=-1)
-    A = -torch.exp(mixer.A_log.float())
-    weight = mixer.conv1d.weight.squeeze(1)
-
-    # 1. conv: each run continues from the last K-1 conv inputs of the run before it in the row
-    tails = _all_gather([xBC[:, e - (k - 1) : e] for _, e in runs], most, group)  # [N, R, B, K-1, C]
-    conv_out = []
-    for (s, e), g0 in zip(runs, starts):
-        seq = row_seq[:, index[s:e]]
-        prev, prev_seq = None, None
-        if g0 > 0:
-            r, j = ends[g0 - 1]
-            prev = tails[r][j].transpose(1, 2)  # [B, C, K-1]
-            prev_seq = row_seq[:, g0 - (k - 1) : g0]
-        conv_out.append(causal_conv1d(xBC[:, s:e].transpose(1, 2), weight, mixer.conv1d.bias, mixer.activation,
-                                      seq_idx=seq, initial_states=prev, initial_seq_idx=prev_seq).transpose(1, 2))
-    x, B, C = torch.cat(conv_out, dim=1).split([mixer.intermediate_size, g * n, g * n], dim=-1)
-
-    # 2. scan each run from a zero state; what a state entering it would add is linear in that state
-    local, finals, through = [], [], []
-    for (s, e), g0 in zip(runs, starts):
-        seq = row_seq[:, index[s:e]]
-        y0, final = chunk_scan(x[:, s:e].reshape(b, e - s, h, p), dt[:, s:e], A, B[:, s:e].reshape(b, e - s, g, n),
-                               C[:, s:e].reshape(b, e - s, g, n), chunk_size=mixer.chunk_size, D=mixer.D,
-                               dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=mixer.time_step_limit,
-                               seq_idx=seq, return_final_states=True)
-        cum = torch.cumsum(A * _time_steps(dt[:, s:e], mixer.dt_bias, True, mixer.time_step_limit).float(), 1)
-        cont = (row_seq[:, g0 - 1] == row_seq[:, g0]) if g0 > 0 else torch.zeros(b, dtype=torch.bool,
-                                                                                  device=seq.device)
-        first_doc = (seq == seq[:, :1]) & cont[:, None]  # [B, T_run]: tokens an entering state reaches
-        local.append((y0, cum, first_doc))
-        finals.append(final)  # [B, h, p, n]
-        through.append(torch.exp(cum[:, -1]) * first_doc[:, -1:])  # [B, h]
-    all_finals = _all_gather(finals, most, group)  # [N, R, B, h, p, n]
-    all_through = _all_gather(through, most, group)  # [N, R, B, h]
-
-    # 3. the state entering every run, in row order (a few [B, h, p, n] steps, same on every rank)
-    entering, state = {}, torch.zeros_like(finals[0])
-    for g0 in sorted(order):
-        r, j = order[g0]
-        entering[g0] = state
-        state = all_through[r][j][..., None, None] * state + all_finals[r][j]
-
-    ys = []
-    for (s, e), g0, (y0, cum, first_doc) in zip(runs, starts, local):
-        c = C[:, s:e].reshape(b, e - s, g, n).float().repeat_interleave(h // g, dim=2)  # [B, T_run, h, n]
-        carried = torch.einsum("bthn,bhpn->bthp", c, entering[g0]) * (torch.exp(cum) * first_doc[..., None])[..., None]
-        ys.append(y0 + carried)
-    y = mixer.norm(torch.cat(ys, dim=1).reshape(b, t, -1), gate)
+    seq = row_seq[:, index]  # [B, t]
+    gate, xBC, dt = mixer.in_proj(hidden_states).split([mixer.intermediate_size, mixer.conv_dim, h], dim=-1)
+    x, B, C = _cp_conv(mixer, xBC, runs, seq, row_seq, group).split([mixer.intermediate_size, g * n, g * n], dim=-1)
+    y = _cp_scan(mixer, x.reshape(b, t, h, p), dt, B.reshape(b, t, g, n), C.reshape(b, t, g, n), runs, seq,
+                 row_seq, group)
+    y = mixer.norm(y.reshape(b, t, -1), gate)
     return mixer.out_proj(y.to(hidden_states.dtype))
-
-
-def _add_seq_idx(trunk: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-    """Trunk pre-hook: packed rows (position ids restart inside a row) get ``seq_idx`` for the mixers."""
-    position_ids = kwargs.get("position_ids")
-    if kwargs.get("seq_idx") is not None or position_ids is None or position_ids.dim() != 2:
-        return None
-    if kwargs.get("past_key_values") is not None or kwargs.get("attention_mask") is not None:
-        return None  # generation (left padding also restarts positions): not a packed row
-    seq_idx = seq_idx_from_position_ids(position_ids)
-    if not bool((seq_idx[:, -1] > 0).any()):
-        return None  # one document per row: transformers' path is already exact
-    if kwargs.get("use_cache"):
-        raise ValueError("a packed row (position_ids restart inside it) cannot fill a generation cache: "
-                         "call the model with use_cache=False")
-    return args, {**kwargs, "seq_idx": seq_idx, "use_cache": False}
-
-
-def supports(module: Any) -> bool:
-    """True for the Mamba layers this module makes exact under packing."""
-    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
-
-    return isinstance(module, NemotronHMamba2Mixer)
-
-
-def enable_exact_packing(model: Any) -> int:
-    """Make packed rows exact for every NemotronH Mamba2 layer of ``model``; returns how many (idempotent).
-
-    Patches instances only (no class or transformers module is touched, so other models in the
-    process are unaffected); works under peft and FSDP wrappers, which keep these modules.
-    """
-    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHModel
-
-    mixers = [m for m in model.modules() if supports(m)]
-    if getattr(model, _MARK, False) or not mixers:
-        return len(mixers) if getattr(model, _MARK, False) else 0
-    for mixer in mixers:
-        mixer.forward = types.MethodType(mixer_forward, mixer)
-    for trunk in (m for m in model.modules() if isinstance(m, NemotronHModel)):
-        trunk.register_forward_pre_hook(_add_seq_idx, with_kwargs=True)
-    setattr(model, _MARK, True)
-    log.info("exact packing on: %d Mamba2 layers reset conv/SSM state at document starts", len(mixers))
-    return len(mixers)
-
-
-def exact_packing_enabled(model: Any) -> bool:
-    return bool(getattr(model, _MARK, False))

@@ -83,7 +83,8 @@ def test_conv_resets_at_document_starts() -> None:
     packed = mp.causal_conv1d(x, w, bias, "silu", seq_idx=seq)
     alone = torch.cat([mp.causal_conv1d(xi, w, bias, "silu") for xi in x.split(lengths, dim=-1)], dim=-1)
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-12)
-    ref = torch.nn.functional.silu(torch.nn.functional.conv1d(x, w[:, None], bias, padding=3, groups=7)[..., :x.shape[-1]])
+    ref = torch.nn.functional.conv1d(x, w[:, None], bias, padding=3, groups=7)[..., : x.shape[-1]]
+    ref = torch.nn.functional.silu(ref)
     torch.testing.assert_close(mp.causal_conv1d(x, w, bias, "silu", seq_idx=torch.zeros_like(seq)), ref)
 
 
@@ -149,7 +150,8 @@ def test_packed_loss_and_gradients_equal_one_by_one(tiny_nemotron_dir, stateful:
     mp.enable_exact_packing(model)
     model.train()  # the training path (dropout is 0 in this config)
     n_ref = sum(len(d) - 1 for d in docs)
-    ref_loss = sum(causal_lm_nll_sum(model, {"input_ids": d[None], "labels": _labels(d)[None]})[0] for d in docs) / n_ref
+    ref_nll = sum(causal_lm_nll_sum(model, {"input_ids": d[None], "labels": _labels(d)[None]})[0] for d in docs)
+    ref_loss = ref_nll / n_ref
     ref_loss.backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
