@@ -45,9 +45,11 @@ class ScoreKind(StrEnum):
     INFRA = "infra"  # the machinery failed (sandbox, checker process, judge outage, a broken gold answer)
 
     @property
-    def is_verdict(self) -> bool:
-        """True when the reward says something about the completion: only those rollouts are trained."""
-        return self in (ScoreKind.OK, ScoreKind.INVALID)
+    def trained(self) -> bool:
+        """Everything but ``infra`` is trained. An ``env_error`` is trained at reward 0: the completion
+        broke or hung its environment, and excluding it would let a policy dodge a low reward by
+        breaking its judge. Infra failures say nothing about the completion."""
+        return self is not ScoreKind.INFRA
 
 
 @dataclass

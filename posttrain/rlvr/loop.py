@@ -134,7 +134,7 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     keep = adv.keep.clone()
     if cfg.algorithm.overlong_filter:
         keep &= overlong_mask([r.finish_reason for r in rollouts]).bool()
-    keep &= torch.tensor([s.kind.is_verdict for s in scores])  # no verdict (infra, env error): not trained
+    keep &= torch.tensor([s.kind.trained for s in scores])  # infra failures say nothing about the completion
     # Only rollouts that carry gradient go to the trainer: a dropped one would still cost a
     # forward and backward pass (most groups are all-0 or all-1 early and late in training).
     kept = [i for i in range(len(rollouts)) if keep[i]]

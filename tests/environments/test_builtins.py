@@ -183,4 +183,4 @@ def test_a_broken_gold_answer_is_infra_not_a_wrong_answer():
                                          "\\boxed{3}"))
     finally:
         env.close()
-    assert score.kind == "infra" and not score.kind.is_verdict
+    assert score.kind == "infra" and not score.kind.trained
