@@ -3,8 +3,7 @@
 Each rank scans its chunks from a zero state; the chunks' final states and decays are
 all-gathered and every rank starts its chunks from the state the row before them leaves
 (``mamba_packing.cp_mixer_forward``). Attention uses ``training.context_parallel``'s all-gather
-K/V. Until ``context_parallel.check_supported`` accepts Mamba2 layers, these tests switch the
-model to CP by hand (``_cp_trunk``), the same steps as ``cp_forward``.
+K/V; ``cp.cp_nll_sum`` runs the whole CP pass.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from posttrain.sft.packing import collate_packed, collate_padded
 from posttrain.training import context_parallel as cp
 from posttrain.training import mamba_packing as mp
-from posttrain.training.loss import IGNORE_INDEX, causal_lm_nll_sum, chunked_nll_sum, trunk_and_head
+from posttrain.training.loss import causal_lm_nll_sum
 
 TOL = 1e-5
 
@@ -43,25 +42,6 @@ def _make_stateful(model) -> None:
             mixer.in_proj.weight.mul_(8)
 
 
-def _cp_nll_sum(model, batch: dict[str, torch.Tensor], group) -> tuple[torch.Tensor, int]:
-    """``cp.cp_nll_sum`` without its refusal of Mamba layers."""
-    import torch.distributed as dist
-
-    mp.enable_exact_packing(model)
-    model.set_attn_implementation(cp.CP_ATTENTION)
-    size, rank = cp.group_size_rank(group)
-    local, shard = cp.shard_batch(batch, size, rank, group=group)
-    trunk, head = trunk_and_head(model)
-    stand_in = torch.ones((1, 1, 1, 1), dtype=torch.bool)
-    hidden = trunk(input_ids=local["input_ids"], position_ids=local["position_ids"], attention_mask=stand_in,
-                   use_cache=False, cp_shard=shard).last_hidden_state
-    keep = local["targets"] != IGNORE_INDEX
-    count = keep.sum().reshape(1)
-    if group is not None:
-        dist.all_reduce(count, group=group)
-    return chunked_nll_sum(hidden[keep], head.weight, local["targets"][keep], head.bias, 256), int(count)
-
-
 def _reference(model_dir: str, batch: dict[str, torch.Tensor], stateful: bool = False
                ) -> tuple[float, dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
@@ -82,7 +62,7 @@ def test_cp_size_one_equals_packed(tiny_nemotron_dir) -> None:
     batch = _batch({"mode": "pack", "lengths": [50, 130, 200]})
     ref_loss, ref = _reference(str(tiny_nemotron_dir), batch)
     model = AutoModelForCausalLM.from_pretrained(tiny_nemotron_dir, dtype=torch.float32).train()
-    nll, count = _cp_nll_sum(model, batch, None)
+    nll, count = cp.cp_nll_sum(model, batch, None, 256)
     (nll / count).backward()
     assert abs(float(nll) / count - ref_loss) <= TOL
     for k, p in model.named_parameters():
@@ -105,7 +85,7 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         batch = _batch(case)
-        nll, count = _cp_nll_sum(model, batch, group)
+        nll, count = cp.cp_nll_sum(model, batch, group, 256)
         (nll / count).backward()
         loss = nll.detach().reshape(1)
         dist.all_reduce(loss, group=group)
