@@ -243,12 +243,13 @@ def mixer_forward(mixer: Any, hidden_states: torch.Tensor, cache_params: Any = N
     A = -torch.exp(mixer.A_log.float())
     kernels = fused_kernels(hidden_states.device)
     if kernels is not None and mixer.training and attention_mask is None:
-        return kernels.mamba_split_conv1d_scan_combined(
+        # out_proj stays a module call (not its .weight inside the kernel): a LoRA on it still counts
+        y = kernels.mamba_split_conv1d_scan_combined(
             zxbcdt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.dt_bias, A, D=mixer.D,
             chunk_size=mixer.chunk_size, seq_idx=seq_idx, dt_limit=mixer.time_step_limit,
             activation=mixer.activation, rmsnorm_weight=mixer.norm.weight, rmsnorm_eps=mixer.norm.variance_epsilon,
-            outproj_weight=mixer.out_proj.weight, outproj_bias=mixer.out_proj.bias, headdim=p, ngroups=g,
-            norm_before_gate=False)
+            headdim=p, ngroups=g, norm_before_gate=False)  # [B, T, inner]
+        return mixer.out_proj(y.to(dtype))
 
     gate, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, h], dim=-1)
     conv = kernels.causal_conv1d_fn if kernels is not None else causal_conv1d

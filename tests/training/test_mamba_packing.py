@@ -198,8 +198,8 @@ class _Recorder:
               rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
               ngroups=1, norm_before_gate=True):
         self.calls.append(("mamba_split_conv1d_scan_combined", seq_idx))
-        assert norm_before_gate is False and headdim and ngroups and outproj_weight is not None
-        return torch.zeros(*zxbcdt.shape[:2], outproj_weight.shape[0])
+        assert norm_before_gate is False and headdim and ngroups and outproj_weight is None
+        return torch.zeros(*zxbcdt.shape[:2], D.shape[0] * headdim)  # [B, T, heads x head_dim], before out_proj
 
 
 def test_fused_kernels_receive_seq_idx(nemotron, monkeypatch) -> None:
@@ -229,3 +229,24 @@ def test_fused_kernels_receive_seq_idx(nemotron, monkeypatch) -> None:
 
 def test_fused_kernels_need_cuda() -> None:
     assert mp.fused_kernels(torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_kernels_pack_exactly_on_cuda(tiny_nemotron_dir, monkeypatch, training: bool) -> None:
+    """The real mamba_ssm / causal_conv1d kernels with seq_idx: packed == one by one, == the torch ops."""
+    kernels = mp.fused_kernels(torch.device("cuda"))
+    if kernels is None:
+        pytest.skip("mamba_ssm and causal_conv1d are not installed")
+    model = _fresh(tiny_nemotron_dir).cuda().train(training)
+    _make_stateful(model)
+    mp.enable_exact_packing(model)
+    docs = [d.cuda() for d in _docs()]
+    with torch.no_grad():
+        packed = model(**{k: v.cuda() for k, v in _packed(docs).items()}).logits[0]
+        alone = torch.cat([model(input_ids=d[None], use_cache=False).logits[0] for d in docs])
+        monkeypatch.setattr(mp, "fused_kernels", lambda device: None)  # the pure-torch ops on the same device
+        reference = model(**{k: v.cuda() for k, v in _packed(docs).items()}).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-3)  # kernels: tf32/fp32 reductions in their own order
+    torch.testing.assert_close(packed, reference, rtol=0, atol=1e-3)
