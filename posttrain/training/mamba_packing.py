@@ -296,24 +296,28 @@ def enable_exact_packing(model: Any) -> int:
     """Make packed rows exact for every NemotronH Mamba2 layer of ``model``; returns how many (idempotent).
 
     Patches instances only (no class or transformers module is touched, so other models in the
-    process are unaffected); works under peft and FSDP wrappers, which keep these modules.
+    process are unaffected) and marks each patched module, so wrapping (peft, FSDP) and calling
+    again adds nothing.
     """
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHModel
 
     mixers = [m for m in model.modules() if supports(m)]
-    if getattr(model, _MARK, False) or not mixers:
-        return len(mixers) if getattr(model, _MARK, False) else 0
-    for mixer in mixers:
+    fresh = [m for m in mixers if not getattr(m, _MARK, False)]
+    for mixer in fresh:
         mixer.forward = types.MethodType(mixer_forward, mixer)
-    for trunk in (m for m in model.modules() if isinstance(m, NemotronHModel)):
+        setattr(mixer, _MARK, True)
+    for trunk in (m for m in model.modules() if isinstance(m, NemotronHModel) and not getattr(m, _MARK, False)):
         trunk.register_forward_pre_hook(_add_seq_idx, with_kwargs=True)
-    setattr(model, _MARK, True)
-    log.info("exact packing on: %d Mamba2 layers reset conv/SSM state at document starts", len(mixers))
+        setattr(trunk, _MARK, True)
+    if fresh:
+        log.info("exact packing on: %d Mamba2 layers reset conv/SSM state at document starts", len(fresh))
     return len(mixers)
 
 
 def exact_packing_enabled(model: Any) -> bool:
-    return bool(getattr(model, _MARK, False))
+    """True when ``model`` has Mamba2 layers and all of them are patched."""
+    mixers = [m for m in model.modules() if supports(m)]
+    return bool(mixers) and all(getattr(m, _MARK, False) for m in mixers)
 
 
 # --------------------------------------------------------------------------- context parallelism

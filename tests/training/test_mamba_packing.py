@@ -132,7 +132,8 @@ def test_packed_logits_equal_one_by_one(nemotron) -> None:
         leaky = nemotron(**_packed(docs), use_cache=False).logits[0]
         model = nemotron
         assert mp.enable_exact_packing(model) == 2 and mp.exact_packing_enabled(model)
-        assert mp.enable_exact_packing(model) == 2  # idempotent: one hook, one patch
+        assert mp.enable_exact_packing(model.model) == 2  # idempotent, also through another wrapper
+        assert list(model.model._forward_pre_hooks.values()).count(mp._add_seq_idx) == 1
         packed = model(**_packed(docs)).logits[0]  # use_cache left at its default: turned off for packed rows
     # before: transformers' mixer carries state from one document into the next
     assert (leaky[LENGTHS[0]:] - torch.cat(alone[1:])).abs().max() > 1e-2
