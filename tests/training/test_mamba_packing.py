@@ -125,12 +125,12 @@ def test_scan_continues_from_initial_state() -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def test_packed_logits_equal_one_by_one(nemotron) -> None:
-    docs = _docs()
+def test_packed_logits_equal_one_by_one(tiny_nemotron_dir) -> None:
+    model, docs = _fresh(tiny_nemotron_dir), _docs()
     with torch.no_grad():
-        alone = [nemotron(input_ids=d[None], use_cache=False).logits[0] for d in docs]
-        leaky = nemotron(**_packed(docs), use_cache=False).logits[0]
-        model = nemotron
+        alone = [model(input_ids=d[None], use_cache=False).logits[0] for d in docs]
+        leaky = model(**_packed(docs), use_cache=False).logits[0]
+        assert not mp.exact_packing_enabled(model)
         assert mp.enable_exact_packing(model) == 2 and mp.exact_packing_enabled(model)
         assert mp.enable_exact_packing(model.model) == 2  # idempotent, also through another wrapper
         assert list(model.model._forward_pre_hooks.values()).count(mp._add_seq_idx) == 1
