@@ -146,6 +146,17 @@ def test_nemotron_h_runs_and_other_recurrent_layers_are_refused(tiny_llama_dir, 
 # --------------------------------------------------------------------------- 2 gloo ranks
 
 
+def _shard_blocks(model, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+        layer.set_gradient_divide_factor(1.0)  # the loss is already divided by the global count
+        layer.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+
+
 def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[dict], out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -158,20 +169,27 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if case.get("checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if case.get("fsdp"):  # the cp ranks also shard the blocks (FSDP2), as the dp_shard x cp mesh does
+            _shard_blocks(model, world)
         model.train()
         batch = _batch(case)
         nll, count = cp.cp_nll_sum(model, batch, group, chunk_size=256, query_block=case.get("query_block", 4096))
         (nll / count).backward()
+        loss = nll.detach().reshape(1)
+        dist.all_reduce(loss, group=group)
+        grads = {}
+        for k, p in model.named_parameters():
+            assert p.grad is not None, (case["name"], k)
+            if hasattr(p.grad, "full_tensor"):  # sharded: FSDP already summed it over the ranks
+                grads[k] = p.grad.full_tensor()
+            else:
+                grads[k] = p.grad
+                dist.all_reduce(grads[k], group=group)
         with torch.no_grad():  # the RL passes: local logprobs, gathered back into row order
             logprobs, keep, shard = cp.cp_token_logprobs(model, batch, group, chunk_size=256)
             full = cp.gather_sequence(logprobs, shard, batch["input_ids"].shape[1])  # [B, T]
             full_keep = cp.gather_sequence(keep, shard, batch["input_ids"].shape[1])
             assert torch.equal(shard.take(full), logprobs)
-        loss = nll.detach().reshape(1)
-        dist.all_reduce(loss, group=group)
-        grads = {k: p.grad for k, p in model.named_parameters()}
-        for g in grads.values():
-            dist.all_reduce(g, group=group)
         if rank == 0:
             ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             ref_nll, ref_count = causal_lm_nll_sum(ref_model, batch, 256)
@@ -222,6 +240,7 @@ def test_cp2_equals_cp1_on_packed_documents_across_ranks(tmp_path, tiny_llama_di
         {"name": "packed-1K", "mode": "pack", "lengths": [300, 411, 310], "query_block": 100},
         {"name": "padded-rows", "mode": "pad", "lengths": [150, 97, 201], "seed": 1},
         {"name": "packed-checkpointing", "mode": "pack", "lengths": [130, 190], "seed": 2, "checkpointing": True},
+        {"name": "packed-fsdp", "mode": "pack", "lengths": [200, 157], "seed": 4, "fsdp": True},
     ]
     _assert_equal_to_cp1(_run_two_ranks(tmp_path, tiny_llama_dir, cases))
 
