@@ -11,8 +11,10 @@ How a batch ``[B, T]`` becomes ``N`` shards (Llama 3 style, all-gather of K/V):
    wrote it) and its global document id.
 4. In every attention layer the ``posttrain_cp`` implementation all-gathers K/V over the group
    (backward: reduce-scatter of their gradients, written with ``all_to_all_single`` since gloo
-   has no ``reduce_scatter``) and runs SDPA for the local queries against all keys, masked to
-   "same document and not later in the row" from the global indices: exact causal attention.
+   has no ``reduce_scatter``) and runs SDPA for the local queries, a block at a time, against
+   the keys from their documents' start to the block's end, masked to "same document and not
+   later in the row" from the global indices: exact causal attention. Each block is recomputed
+   in backward, so no ``[t, T]`` mask or score matrix outlives its block.
 5. Each rank sums the NLL of its own targets; the token count is all-reduced over the group, so
    ``nll / count`` summed over ranks is the CP=1 token mean and the parameter gradients, summed
    over the group (or reduce-scattered by FSDP over ``dp_shard x cp``), equal the CP=1 ones.
@@ -21,6 +23,13 @@ Only attention mixes tokens in a Llama/Qwen2 block, so nothing else needs to kno
 Mamba2 mixers read the same ``cp_shard`` (``mamba_packing.cp_mixer_forward``: each chunk starts
 from the state the row before it leaves); other layers that carry a state along the row are
 refused by name (:func:`check_supported`).
+
+Wiring into a loop (``par`` from ``training.parallel``): the ranks of one cp group take the
+*same* micro-batches (``step[par.dp_rank::par.dp_size]``) and each calls
+``in_root(model, cp_nll_sum, model, batch, par.cp_group(), chunk)`` where it called
+``causal_lm_nll_sum``; ``(nll / step_loss_tokens).backward()`` and the gradient and metric sums
+over all ranks stay as they are (cp ranks hold disjoint tokens). The RL passes use
+:func:`cp_token_logprobs`, ``shard.take`` and :func:`gather_sequence`.
 """
 
 from __future__ import annotations
@@ -40,8 +49,8 @@ from posttrain.training.loss import IGNORE_INDEX, shifted_targets, token_logprob
 
 CP_ATTENTION = "posttrain_cp"  # config._attn_implementation of a model running under CP
 PAD_DOC = -1  # document id of padding (attention_mask 0, or the tail added to fill 2N chunks)
-# Layer kinds that carry a recurrent state or a causal convolution along the row: a rank would
-# need the previous rank's final state, which is not passed yet.
+# Layer kinds that carry a recurrent state or a causal convolution along the row: a rank needs
+# the previous rank's final state, passed on only for NemotronH's Mamba2 mixers (mamba_packing).
 STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
 
 
