@@ -155,7 +155,7 @@ def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
 
     # 1. within a chunk: attention-like L[l, s] = exp(dA[s+1..l]), 0 across documents
     same = seq[:, :, :, None] == seq[:, :, None, :]  # [b, c, l, s]
-    L = torch.exp(_segsum(dA).masked_fill(~same[:, None], -math.inf))  # [b, h, c, l, s]
+    L = torch.exp(_segsum(dA).masked_fill_(~same[:, None], -math.inf))  # [b, h, c, l, s]
     scores = torch.einsum("bclhn,bcshn->bclsh", C, B) * L.permute(0, 2, 3, 4, 1)
     y = torch.einsum("bclsh,bcshp->bclhp", scores, x)
 
@@ -171,7 +171,7 @@ def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     states = torch.cat([start, states], dim=1)  # [b, 1 + c, h, p, n]
     end_doc = torch.cat([seq[:, :1, 0], seq[:, :, -1]], dim=1)  # [b, 1 + c]: doc at each state
     same_end = end_doc[:, :, None] == end_doc[:, None, :]  # [b, c', z]
-    carry = torch.exp(_segsum(F.pad(dA_cum[..., -1], (1, 0))).masked_fill(~same_end[:, None], -math.inf))
+    carry = torch.exp(_segsum(F.pad(dA_cum[..., -1], (1, 0))).masked_fill_(~same_end[:, None], -math.inf))
     states = torch.einsum("bzch,bzhpn->bchpn", carry.transpose(1, 3), states)
     states, final = states[:, :-1], states[:, -1]
 
