@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import JUDGE_S, TRAINER_CALL_S, Config, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.environments.registry import EnvConfig
-from posttrain.training.config import LoraConfig
+from posttrain.training.config import FsdpConfig, LoraConfig
 
 Variant = Literal["nano", "grpo", "dr_grpo", "dapo"]
 Baseline = Literal["loo", "mean"]
@@ -94,6 +94,7 @@ class RLTrainConfig(Config):
         "trainer workers (trainer-0..) in one torch.distributed group; each trains a token-balanced "
         "share of every batch and gradients are summed, so the update equals one worker's"))
     num_cpus: float = Field(1.0, gt=0, description="CPU cores Ray reserves per trainer worker")
+    fsdp: FsdpConfig = FsdpConfig()
 
 
 class SandboxPoolConfig(Config):

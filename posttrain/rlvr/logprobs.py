@@ -14,12 +14,16 @@ from typing import Any
 import torch
 
 from posttrain.rlvr.batch import TrainBatch
-from posttrain.training.loss import token_logprobs, trunk_and_head
+from posttrain.training.loss import in_root, token_logprobs, trunk_and_head
 
 
 def completion_logprobs(model: Any, batch: TrainBatch, temperature: float = 1.0,
                         chunk_size: int = 1024) -> torch.Tensor:
     """``[B, Tc]`` logprobs of the completion tokens where ``batch.mask`` is set (0 elsewhere)."""
+    return in_root(model, _completion_logprobs, model, batch, temperature, chunk_size)
+
+
+def _completion_logprobs(model: Any, batch: TrainBatch, temperature: float, chunk_size: int) -> torch.Tensor:
     trunk, head = trunk_and_head(model)
     device = head.weight.device
     hidden = trunk(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),

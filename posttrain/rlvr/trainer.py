@@ -24,9 +24,11 @@ from posttrain.rlvr.config import LossConfig, RLTrainConfig
 from posttrain.rlvr.logprobs import completion_logprobs
 from posttrain.rlvr.policy_loss import policy_loss
 from posttrain.rollout.types import WeightUpdate
-from posttrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.training import parallel
+from posttrain.training.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.training.config import LoraConfig
 from posttrain.training.model import prepare_for_training
+from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
 
 
 class PolicyTrainer:
@@ -40,23 +42,54 @@ class PolicyTrainer:
         self.train_cfg, self.loss_cfg, self.lora = train, loss, lora
         self.tokenizer = models.tokenizer_for(model)
         self.model = prepare_for_training(models.model_for(model), train, lora)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                                           betas=(0.9, 0.999))
+        self.optimizer = self._new_optimizer()
         self.steps_done = 0
         self._publisher: Any = None
-        self.world: distributed.World | None = None  # set by join_group: one of several data-parallel workers
+        self._filler: TrainBatch | None = None  # a row for the idle passes of FSDP ranks with less work
+        self.world: parallel.Parallel | None = None  # set by join_group: one of several data-parallel workers
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay,
+                                 betas=(0.9, 0.999))
+
+    @property
+    def sharded(self) -> bool:
+        return parallel.is_sharded(self.model)
+
+    def _passes(self, parts: list[Any]) -> list[Any]:
+        """``parts`` padded with ``None`` to the most any rank has: under FSDP every rank must run the
+        same number of forward (and backward) passes, each one gathers every block's weights."""
+        if not self.sharded or self.world is None:
+            return parts
+        return parts + [None] * (parallel.all_max(len(parts), self.world) - len(parts))
+
+    def _idle_pass(self, temperature: float, backward: bool) -> None:
+        """A forward (and backward of zero) on a filler row: this rank's part of the collectives."""
+        assert self._filler is not None
+        out = completion_logprobs(self.model, self._filler, temperature, self.train_cfg.loss_chunk_size)
+        if backward:
+            (out.sum() * 0.0).backward()
 
     # ----------------------------------------------------------------- training
 
     def logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         """[B, Tc] current-policy logprobs, no grad, micro-batched."""
+        if self._filler is None:
+            self._set_filler(batch)
         out = torch.zeros_like(batch.rollout_logprobs)
         with torch.no_grad():
-            for rows in micro_batches(batch, self.train_cfg.micro_batch_tokens):
+            for rows in self._passes(list(micro_batches(batch, self.train_cfg.micro_batch_tokens))):
+                if rows is None:
+                    self._idle_pass(temperature, backward=False)
+                    continue
                 sub = batch.select(rows)
                 out[rows] = completion_logprobs(self.model, sub, temperature, self.train_cfg.loss_chunk_size).cpu()
         return out
+
+    def _set_filler(self, batch: TrainBatch) -> None:
+        if len(batch):
+            self._filler = batch.select([0])
 
     def train_step(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
         """One RL step on ``batch``: ``minibatches`` optimizer steps over shuffled rows. In a group
@@ -64,9 +97,10 @@ class PolicyTrainer:
         start = time.perf_counter()
         self.model.train()
         n_mini = self.train_cfg.minibatches
+        self._set_filler(batch)
         order = torch.randperm(len(batch))
         if self.world is not None:
-            order = distributed.broadcast(order, self.world)  # rank 0's shuffle: ranks' RNGs may differ
+            order = parallel.broadcast(order, self.world)  # rank 0's shuffle: ranks' RNGs may differ
         minis = [order[m::n_mini].tolist() for m in range(n_mini)]
         shares = [self._share(batch, rows) for rows in minis]
         old = self._old_logprobs(batch, [r for share in shares for r in share], temperature) if n_mini > 1 else None
@@ -85,14 +119,14 @@ class PolicyTrainer:
         if self.world is None:
             return rows
         lengths = batch.attention_mask.sum(-1).tolist()
-        return distributed.shard_rows(rows, lengths, self.world.size)[self.world.rank]
+        return distributed.shard_rows(rows, lengths, self.world.dp_size)[self.world.dp_rank]
 
     def _old_logprobs(self, batch: TrainBatch, rows: list[int], temperature: float) -> torch.Tensor:
         """[B, Tc] logprobs before the first update, computed for ``rows`` (this worker's) only."""
         if len(rows) == len(batch):
             return self.logprobs(batch, temperature)
         old = torch.zeros_like(batch.rollout_logprobs)
-        if rows:
+        if rows or self.sharded:  # a sharded rank without rows still joins the others' passes
             old[rows] = self.logprobs(batch.select(rows), temperature)
         return old
 
@@ -105,10 +139,13 @@ class PolicyTrainer:
         seq_mean = self.loss_cfg.aggregation != "token_mean"
         metrics: dict[str, float] = {}
         abs_diff_sum, abs_diff_max, seqs = 0.0, 0.0, 0
-        for rows in micro_batches(mini, self.train_cfg.micro_batch_tokens):
-            sub = mini.select(rows)
-            if sub.num_tokens == 0:
+        parts = [rows for rows in micro_batches(mini, self.train_cfg.micro_batch_tokens)
+                 if mini.select(rows).num_tokens > 0]
+        for rows in self._passes(parts):
+            if rows is None:
+                self._idle_pass(temperature, backward=True)
                 continue
+            sub = mini.select(rows)
             new = completion_logprobs(self.model, sub, temperature, self.train_cfg.loss_chunk_size)
             sub_old = old[rows].to(new.device) if old is not None else new.detach()
             out = policy_loss(new, sub_old, sub.rollout_logprobs.to(new.device), sub.advantages.to(new.device),
@@ -124,8 +161,7 @@ class PolicyTrainer:
             abs_diff_max = max(abs_diff_max, float(diff.max()) if diff.numel() else 0.0)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._finish_grads(params, seqs if seq_mean else None)
-        max_norm = self.train_cfg.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = parallel.grad_norm(params, self.train_cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update({"mismatch/logprob_abs_mean": abs_diff_sum / total, "mismatch/logprob_abs_max": abs_diff_max})
@@ -137,9 +173,10 @@ class PolicyTrainer:
         """Sum the gradients over the group; for sequence means (``seqs``: this worker's counted
         sequences) divide by the minibatch's count of sequences that kept trained tokens."""
         if self.world is not None:
-            distributed.all_reduce_grads(params, self.world)
+            if not self.sharded:  # FSDP summed them in backward
+                parallel.all_reduce_grads(params, self.world)
             if seqs is not None:
-                seqs = int(distributed.all_sum([seqs], self.world)[0])
+                seqs = int(parallel.all_sum([seqs], self.world)[0])
         if seqs:  # None: token mean, already normalised; 0: nothing counted, the gradients are zero
             for p in params:
                 if p.grad is not None:
@@ -150,7 +187,7 @@ class PolicyTrainer:
         if self.world is None:
             return metrics
         merged: dict[str, float] = {}
-        for part in distributed.all_gather_objects(metrics, self.world):
+        for part in parallel.all_gather_objects(metrics, self.world):
             merged = _merge(merged, part, weight=1.0)
         return merged
 
@@ -161,11 +198,17 @@ class PolicyTrainer:
         return distributed.rendezvous_address()
 
     def join_group(self, address: str, rank: int, size: int, timeout_s: float) -> None:
-        """Become rank ``rank`` of ``size`` data-parallel workers (blocks until all have joined)."""
-        self.world = distributed.join(address, rank, size, timeout_s)
+        """Become rank ``rank`` of ``size`` data-parallel workers (blocks until all have joined); with
+        ``train.fsdp.enabled`` the model is sharded over them now (a fresh optimizer: no step was taken)."""
+        self.world = parallel.init_tcp(address, rank, size, timeout_s)
+        if self.train_cfg.fsdp.enabled:
+            if self.steps_done:
+                raise RuntimeError("join_group with FSDP must come before the first step")
+            self.model = parallel.shard_model(self.model, self.world, self.train_cfg.fsdp)
+            self.optimizer = self._new_optimizer()
 
     def leave_group(self) -> None:
-        distributed.leave()
+        parallel.leave()
         self.world = None
 
     # ----------------------------------------------------------------- sync and checkpoints
@@ -179,6 +222,9 @@ class PolicyTrainer:
         if self._publisher is None or self._publisher.root != sync_dir:
             self._publisher = ShmPublisher(sync_dir)
         with torch.no_grad():
+            if self.sharded:  # every rank gathers, rank 0 writes: one tensor unsharded at a time
+                return self._publisher.publish_stream(self._gathered_for_sync(), "full" if not self.lora.enabled else "lora",
+                                                      self._lora_config(), write=self.world is None or self.world.main)
             if self.lora.enabled:
                 from peft import get_peft_model_state_dict
 
@@ -192,6 +238,11 @@ class PolicyTrainer:
 
         self.model.eval()
         try:
+            if self.sharded:  # every worker runs it (FSDP gathers in forward); no inference_mode under FSDP
+                with torch.no_grad():
+                    ids = torch.tensor([token_ids])
+                    logps = torch.log_softmax(self.model(ids).logits.float()[0, :-1], dim=-1)  # [T-1, V]
+                    return logps.gather(1, ids[0, 1:, None])[start - 1 :, 0].tolist()
             return sequence_logprobs(self.model, token_ids, start)
         finally:
             self.model.train()
@@ -202,7 +253,32 @@ class PolicyTrainer:
 
         return staged_files(update)
 
+    def _lora_config(self) -> dict[str, Any] | None:
+        return self.model.peft_config["default"].to_dict() if self.lora.enabled else None
+
+    def _gathered_for_sync(self) -> Any:
+        """(name, full tensor) in the names the engines load: the adapter's for LoRA, else the HF
+        model's with the tied head sent as its own tensor (see ``weight_sync.full_state_dict``)."""
+        from posttrain.training.sharded_checkpoint import gathered_weights
+
+        if self.lora.enabled:
+            from peft.utils import get_peft_model_state_dict
+
+            # the adapter is small: gather it whole, then keep peft's names
+            for name, tensor in get_peft_model_state_dict(self.model).items():
+                yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            return
+        for name, tensor in gathered_weights(self.model):
+            yield name, tensor
+            if name == "model.embed_tokens.weight" and getattr(self.model.config, "tie_word_embeddings", False):
+                yield "lm_head.weight", tensor.clone()
+
     def save(self, run_dir: str, step: int, state: dict[str, Any], keep_last: int) -> str:
+        """A plain checkpoint (rank 0 alone: replicated weights), or with ``train.fsdp.enabled`` a sharded
+        one every worker writes its shard of (the group calls this on every worker then)."""
+        if self.train_cfg.fsdp.enabled:
+            return str(save_sharded_checkpoint(run_dir, step, self.model, self.optimizer, None, self.tokenizer,
+                                               state, keep_last, self.world or parallel.Parallel()))
         return str(save_checkpoint(run_dir, step, self.model, self.optimizer, tokenizer=self.tokenizer,
                                    state=state, keep_last=keep_last))
 
@@ -211,7 +287,7 @@ class PolicyTrainer:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             return None
-        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        state = load_any_checkpoint(ckpt, self.model, self.optimizer)  # a sharded one at any number of workers
         self.steps_done = int(state["step"])
         return state
 
@@ -224,6 +300,8 @@ class PolicyTrainer:
 
         from posttrain.atomic import atomic_dir
 
+        if self.train_cfg.fsdp.enabled:  # every worker gathers, one tensor at a time; rank 0 writes
+            return str(export_gathered(self.model, self.tokenizer, folder, self.world or parallel.Parallel()))
         model = copy.deepcopy(self.model).merge_and_unload() if self.lora.enabled else self.model
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)

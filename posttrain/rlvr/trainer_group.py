@@ -40,6 +40,8 @@ class TrainerGroup:
         self.names = [f"trainer-{rank}" for rank in range(size)]
         self.actors: list[Any] = []
         self._joined = False
+        # sharded weights (train.fsdp): every call that reads them is a collective, all workers take part
+        self._sharded = cfg.train.fsdp.enabled and size > 1
         try:
             for rank, name in enumerate(self.names):
                 slot = placement.slot("trainer", rank) if placement is not None else None
@@ -69,22 +71,24 @@ class TrainerGroup:
         return self._all("train_step", ref, temperature, what="train step")[0]
 
     def publish_weights(self, sync_dir: str) -> WeightUpdate:
-        return self._rank0("publish_weights", sync_dir, what="publish weights")
+        return self._weights_call("publish_weights", sync_dir, what="publish weights")
 
     def staged_files_ref(self, update: WeightUpdate) -> Any:
         """A Ray ObjectRef of the update's files, staged on rank 0's node (not fetched here)."""
         return self.actors[0].staged_files.remote(update)
 
     def reference_logprobs(self, token_ids: list[int], start: int) -> list[float]:
-        return self._rank0("reference_logprobs", token_ids, start, what="logprob check")
+        return self._weights_call("reference_logprobs", token_ids, start, what="logprob check")
 
     def save(self, run_dir: str, step: int, extra: dict[str, Any], keep_last: int) -> str:
-        """Rank 0 writes the checkpoint: every worker holds the same weights and optimizer state."""
-        return self._rank0("save", run_dir, step, extra, keep_last, what="checkpoint")
+        """Rank 0 writes the checkpoint (every worker holds the same weights and optimizer state), or,
+        sharded, every worker writes its shard."""
+        return self._weights_call("save", run_dir, step, extra, keep_last, what="checkpoint")
 
     def export(self, folder: str) -> str:
-        """The final model as an HF folder (rank 0; LoRA merged), written atomically."""
-        return self._rank0("export", folder, what="export")
+        """The final model as an HF folder (LoRA merged), written atomically by rank 0 (sharded:
+        gathered one tensor at a time by all workers)."""
+        return self._weights_call("export", folder, what="export")
 
     def shutdown(self) -> None:
         """Leave the process group (best effort: a dead worker cannot) and stop every worker."""
@@ -105,6 +109,10 @@ class TrainerGroup:
         self.shutdown()
 
     # ----------------------------------------------------------------- calls
+
+    def _weights_call(self, method: str, *args: Any, what: str) -> Any:
+        """Rank 0's answer; sharded, every worker runs the call (it gathers) and rank 0's answer counts."""
+        return self._all(method, *args, what=what)[0] if self._sharded else self._rank0(method, *args, what=what)
 
     def _rank0(self, method: str, *args: Any, what: str) -> Any:
         return self._wait([getattr(self.actors[0], method).remote(*args)], what)[0]

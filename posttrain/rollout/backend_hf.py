@@ -9,7 +9,7 @@ from posttrain import models
 from posttrain.config import ModelConfig, RolloutConfig
 from posttrain.rollout.budget import HFThinkingBudget
 from posttrain.rollout.types import GeneratedTokens, RolloutError, SamplingSpec, WeightUpdate
-from posttrain.rollout.weight_sync import FULL_FILE
+from posttrain.rollout.weight_sync import weight_files
 
 
 class HFBackend:
@@ -95,14 +95,14 @@ class HFBackend:
 
     def apply(self, update: WeightUpdate) -> None:
         """Full: load the tensors in place. LoRA: base + B·A·scale merged (base kept to undo)."""
-        import os
-
         from safetensors.torch import load_file
 
         if update.transport != "shm":
             raise RolloutError(f"transformers backend has no transport {update.transport!r} (have: shm)")
         if update.kind == "full":
-            state = load_file(os.path.join(update.path, FULL_FILE))
+            state = {}  # one file, or the parts a sharded trainer streamed
+            for path in weight_files(update.path):
+                state.update(load_file(path))
             self._base_state = None
             self._load(state)
         else:

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from posttrain.errors import NotFoundError
@@ -98,6 +99,38 @@ class ShmPublisher:
         return WeightUpdate(kind=kind, transport=self.transport, path=folder, version=next(_versions),
                             num_bytes=nbytes, num_tensors=len(tensors), node_id=current_node_id())
 
+    def publish_stream(self, tensors: Iterable[tuple[str, Any]], kind: Literal["full", "lora"] = "full",
+                       lora_config: dict[str, Any] | None = None, *, write: bool = True,
+                       max_file_bytes: int = 1 << 30) -> WeightUpdate:
+        """Stage tensors as they come (a sharded trainer gathers them one at a time): a new
+        safetensors file every ``max_file_bytes``, so the writer never holds the whole model.
+        ``write=False``: only drain ``tensors`` (the other ranks of a sharded trainer take part
+        in each gather); returns an empty handle."""
+        from safetensors.torch import save_file
+
+        if not write:
+            for _ in tensors:
+                pass
+            return WeightUpdate(kind=kind, transport=self.transport, path="", version=0, num_bytes=0,
+                                num_tensors=0, node_id=current_node_id())
+        if kind == "lora":  # an adapter is small and engines expect one file: the plain path
+            return self.publish(dict(tensors), "lora", lora_config)
+        folder = tempfile.mkdtemp(prefix="posttrain-sync-", dir=self.root)
+        self._live.append(folder)
+        part: dict[str, Any] = {}
+        files = nbytes = count = size = 0
+        for name, tensor in tensors:
+            part[name] = tensor.detach().to("cpu").contiguous()
+            size += tensor.numel() * tensor.element_size()
+            if size >= max_file_bytes:
+                save_file(part, os.path.join(folder, _part_name(files)))
+                files, nbytes, count, part, size = files + 1, nbytes + size, count + len(part), {}, 0
+        if part or not files:
+            save_file(part, os.path.join(folder, FULL_FILE if not files else _part_name(files)))
+            files, nbytes, count = files + 1, nbytes + size, count + len(part)
+        return WeightUpdate(kind=kind, transport=self.transport, path=folder, version=next(_versions),
+                            num_bytes=nbytes, num_tensors=count, node_id=current_node_id())
+
     def release(self, update: WeightUpdate) -> None:
         """Delete a staged update once all engines applied it (LoRA adapters: keep while in use)."""
         shutil.rmtree(update.path, ignore_errors=True)
@@ -108,6 +141,15 @@ class ShmPublisher:
         for folder in list(self._live):
             shutil.rmtree(folder, ignore_errors=True)
         self._live.clear()
+
+
+def _part_name(index: int) -> str:
+    return f"model-part-{index:05d}.safetensors"
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a staged full update (one, or several from :meth:`ShmPublisher.publish_stream`)."""
+    return sorted(Path(folder).glob("*.safetensors"))
 
 
 def sequence_logprobs(model: Any, token_ids: list[int], start: int) -> list[float]:

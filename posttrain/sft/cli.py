@@ -55,7 +55,7 @@ def _sft(args: argparse.Namespace) -> int:
         return 0
     from posttrain.sft.train import train
 
-    print(train(cfg, resume=args.resume))
+    print(train(cfg, resume=args.resume, stop_after=args.stop_after))
     return 0
 
 
@@ -69,6 +69,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML preset, e.g. configs/sft/smollm2_reasoning.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    p.add_argument("--stop-after", type=int, metavar="STEP", help=(
+        "end after this step's checkpoint, as a preempted run would (resume drills, tests)"))
     p.add_argument("-n", "--num", type=int, default=3, help="preview: samples to show")
     p.add_argument("--mode", choices=("full", "off", "cut", "plain"), help="preview: only this transform")
     p.add_argument("--plain", action="store_true", help="preview: mark loss spans with [[ ]] even on a terminal")

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.config import Config, ModelConfig
-from posttrain.training.config import LoraConfig
+from posttrain.training.config import FsdpConfig, LoraConfig
 
 
 class DataConfig(Config):
@@ -67,6 +67,7 @@ class TrainConfig(Config):
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (and at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    fsdp: FsdpConfig = FsdpConfig()
 
 
 class SFTConfig(Config):

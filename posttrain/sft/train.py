@@ -4,15 +4,14 @@ Each optimizer step takes ``train.micro_batches_per_step`` micro-batches (split 
 data-parallel processes of ``torchrun``). The loss is the sum of token NLLs divided by the number
 of loss tokens in the *whole step*, known before the forward pass from the plan, so it is the
 same token mean whatever the micro-batch split, the packing, or the number of processes.
-Gradients are summed over processes with one all-reduce per tensor (gloo on CPU, NCCL on GPU):
-plain data parallelism, written out instead of DDP so that accumulation needs no ``no_sync``.
+Gradients are summed over processes (``training/parallel.py``, gloo on CPU, NCCL on GPU): one
+all-reduce per tensor with replicated weights, or FSDP2's reduce-scatter with
+``train.fsdp.enabled`` (parameters, gradients and AdamW state sharded over the processes).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,41 +27,14 @@ from posttrain.metrics import MetricsLogger
 from posttrain.sft import data as sft_data
 from posttrain.sft.config import SFTConfig
 from posttrain.sft.packing import Mode, Step, collate, plan_steps, resolve_packing
-from posttrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.training import parallel
+from posttrain.training.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.training.loss import causal_lm_nll_sum
 from posttrain.training.model import count_params, prepare_for_training
+from posttrain.training.parallel import Parallel
+from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK; one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
-
-
-def _all_reduce_(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    return tensor
 
 
 @dataclass
@@ -74,28 +46,25 @@ class StepResult:
 
 
 def train_step(model: Any, optimizer: Any, scheduler: Any, step: Step, samples: list[sft_data.Tokenized],
-               mode: Mode, pad_id: int, cfg: SFTConfig, d: Dist, device: str) -> StepResult:
-    """Forward/backward over this process's share of ``step``, all-reduce, clip, update."""
+               mode: Mode, pad_id: int, cfg: SFTConfig, d: Parallel, device: str) -> StepResult:
+    """Forward/backward over this process's share of ``step``, sum gradients, clip, update."""
     loss_tokens = sum(samples[i].n_loss_tokens for mb in step for i in mb)  # global, same on every rank
     tokens = sum(len(samples[i].input_ids) for mb in step for i in mb)
     nll_total = torch.zeros((), dtype=torch.float32)
-    for mb in step[d.rank :: d.world]:
+    for mb in step[d.dp_rank :: d.dp_size]:
         batch = collate([(samples[i].input_ids, samples[i].loss_mask) for i in mb], mode, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         nll, _ = causal_lm_nll_sum(model, batch, cfg.train.loss_chunk_size)
         (nll / loss_tokens).backward()
         nll_total += nll.detach().float().cpu()
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # experts no token was routed to have no grad on this rank; others may
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        _all_reduce_(p.grad, d)
-    clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if not parallel.is_sharded(model):  # FSDP summed them in backward
+        parallel.all_reduce_grads(params, d)
+    grad_norm = parallel.grad_norm(params, cfg.train.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(float(_all_reduce_(nll_total, d)) / loss_tokens, grad_norm, loss_tokens, tokens)
+    return StepResult(parallel.all_sum([float(nll_total)], d)[0] / loss_tokens, grad_norm, loss_tokens, tokens)
 
 
 def save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
@@ -124,7 +93,7 @@ def build_optimizer(model: Any, cfg: SFTConfig, total_steps: int) -> tuple[Any, 
 
 def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run SFT; returns the run folder. ``stop_after`` ends early after that step (preemption drills, tests)."""
-    d = init_distributed()
+    d = parallel.init_from_env()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run_dir)
@@ -135,9 +104,12 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     model = models.model_for(cfg.model, device)
     mode = resolve_packing(cfg.train.packing, model)
     model = prepare_for_training(model, cfg.train, cfg.lora)
-    if cfg.train.micro_batches_per_step % d.world:
+    trainable, total = count_params(model)  # before sharding: the whole model's counts
+    if cfg.train.fsdp.enabled:
+        model = parallel.shard_model(model, d, cfg.train.fsdp)
+    if cfg.train.micro_batches_per_step % d.dp_size:
         raise ConfigError(f"train.micro_batches_per_step={cfg.train.micro_batches_per_step} must be a multiple "
-                          f"of the number of processes ({d.world})")
+                          f"of the number of data-parallel processes ({d.dp_size})")
     steps = plan_steps([len(s.input_ids) for s in dataset.samples], max_tokens=cfg.train.micro_batch_tokens,
                        micro_batches_per_step=cfg.train.micro_batches_per_step, epochs=cfg.train.epochs,
                        seed=cfg.train.seed, mode=mode, max_steps=cfg.train.max_steps)
@@ -147,9 +119,8 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
     if ckpt is not None:
-        start = int(load_checkpoint(ckpt, model, optimizer, scheduler)["step"])
+        start = int(load_any_checkpoint(ckpt, model, optimizer, scheduler)["step"])
         log.info("resumed from %s (step %d of %d)", ckpt.path, start, len(steps))
-    trainable, total = count_params(model)
     if d.main:
         write_resolved(cfg, run_dir)
         log.info("%d samples (%s; %d overlong dropped), %s, %d steps x %d micro-batches of <= %d tokens, "
@@ -157,13 +128,18 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
                  dataset.dropped_overlong, mode, len(steps), cfg.train.micro_batches_per_step,
                  cfg.train.micro_batch_tokens, d.world, trainable / 1e6, total / 1e6)
     _loop(model, optimizer, scheduler, steps, dataset.samples, mode, tokenizer, cfg, d, device, start, stop_after)
-    if d.main and (stop_after is None or stop_after >= len(steps)):
-        log.info("final model: %s", save_final(model, tokenizer, run_dir))
+    if stop_after is None or stop_after >= len(steps):
+        if cfg.train.fsdp.enabled:  # every rank takes part: gathered one tensor at a time
+            final = export_gathered(model, tokenizer, run_dir / "model", d)
+        elif d.main:
+            final = save_final(model, tokenizer, run_dir)
+        if d.main:
+            log.info("final model: %s", final)
     return run_dir
 
 
 def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples: list[sft_data.Tokenized],
-          mode: Mode, tokenizer: Any, cfg: SFTConfig, d: Dist, device: str, start: int,
+          mode: Mode, tokenizer: Any, cfg: SFTConfig, d: Parallel, device: str, start: int,
           stop_after: int | None) -> None:
     from tqdm import tqdm
 
@@ -185,15 +161,17 @@ def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples
                 log.info("step %d/%d loss %.4f grad_norm %.3f %.0f tok/s", step, len(steps), r.loss, r.grad_norm, tok_s)
         every = cfg.train.save_every
         last = step == len(steps) or step == stop_after
-        if d.main and ((every and step % every == 0) or last):
-            save_checkpoint(cfg.run_dir, step, model, optimizer, scheduler, tokenizer,
-                            {"tokens_this_session": seen}, keep_last=cfg.train.keep_last)
+        if (every and step % every == 0) or last:
+            state = {"tokens_this_session": seen}
+            if cfg.train.fsdp.enabled:  # every rank writes its shard
+                save_sharded_checkpoint(cfg.run_dir, step, model, optimizer, scheduler, tokenizer, state,
+                                        cfg.train.keep_last, d)
+            elif d.main:
+                save_checkpoint(cfg.run_dir, step, model, optimizer, scheduler, tokenizer, state,
+                                keep_last=cfg.train.keep_last)
         if step == stop_after:
             break
     bar.close()
     if metrics is not None:
         metrics.close()
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    parallel.barrier(d)

@@ -17,3 +17,13 @@ class LoraConfig(Config):
     target_modules: list[str] | Literal["auto", "all-linear"] = Field("auto", description=(
         "auto = all-linear, except NemotronH: q,k,v,o_proj, in_proj, up_proj, down_proj "
         "(all-linear fails on its conv1d/out_proj)"))
+
+
+class FsdpConfig(Config):
+    enabled: bool = Field(False, description=(
+        "shard parameters, gradients and AdamW state over the data-parallel ranks (FSDP2 fully_shard per "
+        "decoder block, then the root); checkpoints become torch.distributed.checkpoint folders"))
+    reshard_after_forward: bool = Field(True, description=(
+        "free each block's gathered parameters after its forward (gather again in backward): less memory, "
+        "one more all-gather per block"))
+    cpu_offload: bool = Field(False, description="keep sharded parameters, gradients and optimizer state in host memory (GPU)")

@@ -64,6 +64,20 @@ def trunk_and_head(model: Any) -> tuple[Any, Any]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+FSDP_ROOT_METHOD = "posttrain_in_root"  # set on FSDP roots by training.parallel.shard_model
+
+
+def in_root(model: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``; under FSDP2 (``training.parallel.shard_model``) run as a forward of the root
+    module, so its parameters (embeddings, final norm, LM head: used outside ``forward`` by the
+    chunked loss) are gathered for the whole call and their gradients reduce-scattered in backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return getattr(model, FSDP_ROOT_METHOD)(fn, *args)
+    return fn(*args)
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """``labels: [B, T]`` -> next-token targets ``[B, T]`` (last position of each row ignored).
 
@@ -83,6 +97,11 @@ def causal_lm_nll_sum(model: Any, batch: dict[str, torch.Tensor],
     positions. ``batch`` holds ``input_ids``/``labels: [B, T]`` and optionally
     ``attention_mask``/``position_ids: [B, T]``. Works for HF causal LMs and peft wrappers.
     """
+    return in_root(model, _causal_lm_nll_sum, model, batch, chunk_size)
+
+
+def _causal_lm_nll_sum(model: Any, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, int]:
+    """The body of :func:`causal_lm_nll_sum` (run inside the FSDP root's hooks when sharded)."""
     trunk, head = trunk_and_head(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     hidden = trunk(**inputs, use_cache=False).last_hidden_state  # [B, T, H]

@@ -1,4 +1,5 @@
-"""Data-parallel trainer workers on tiny-llama: W workers make one worker's update, checkpoints move between sizes."""
+"""Data-parallel trainer workers on tiny-llama: W workers make one worker's update, checkpoints move between sizes;
+the same with FSDP2-sharded workers (the weights gathered for the logprob check, weight sync and export)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from posttrain.rlvr.distributed import shard_rows
 from posttrain.rlvr.trainer import PolicyTrainer
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
+from posttrain.rollout.weight_sync import weight_files
+from posttrain.training.config import FsdpConfig
 
 RAY_TEMP_DIR = "/tmp/ray-rlvr-trainer-group"
 # (prompt, completion): 4 + 2 + 6 + 3 + 1 = 16 completion tokens, rows of different lengths
@@ -133,3 +136,55 @@ def test_sequence_mean_tiny_batch_and_resume_on_one_worker(ray_cluster, tiny_lla
     assert state["step"] == 2 and state["sampler"] == {"position": 7}
     assert max_diff(saved_weights(reloaded), saved_weights(checkpoint)) == 0
     assert max_diff(saved_weights(third), plain.model.state_dict()) < ADAM_STEPS_ATOL  # optimizer state came along
+
+
+# --------------------------------------------------------------------------- FSDP2-sharded workers
+
+
+def fsdp_config(workers: int, fsdp: bool = True) -> RLVRConfig:
+    train = RLTrainConfig(lr=1e-3, gradient_checkpointing=False, micro_batch_tokens=16, minibatches=2,
+                          workers=workers, num_cpus=1, threads=1, fsdp=FsdpConfig(enabled=fsdp))
+    return RLVRConfig(model=ModelConfig(name="tiny-llama"), train=train,
+                      algorithm=AlgorithmConfig(aggregation="token_mean"))
+
+
+def folder_weights(folder) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.slow
+def test_sharded_workers_make_the_update_of_one(ray_cluster, tiny_llama_dir, tmp_path):
+    plain = in_process(fsdp_config(1, fsdp=False))
+    # step 2's batch has one row: with two minibatches one worker has no rows at all and must
+    # still join every gather (idle passes)
+    batches = [make_batch(plain, ROWS, ADV, off_row=2), make_batch(plain, ROWS[:1], [1.0])]
+    want = [plain.train_step(b, 1.0) for b in batches]
+    expected = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    ids = [1, 5, 9, 100, 101, 102, 103]
+    want_ref = plain.reference_logprobs(ids, 3)
+    with TrainerGroup(fsdp_config(2)) as group:
+        got = [group.train_step(b, 1.0) for b in batches]
+        group.save(str(tmp_path / "two"), 2, {"sampler": {"position": 7}}, 1)
+        ref = group.reference_logprobs(ids, 3)
+        update = group.publish_weights(str(tmp_path))
+        synced = folder_weights(update.path)
+        exported = folder_weights(group.export(str(tmp_path / "export")))
+    # same bound and reason as test_trainer_group's ADAM_STEPS_ATOL (Adam over float32 sum orders)
+    assert max_diff(exported, expected) < ADAM_STEPS_ATOL
+    assert "lm_head.weight" not in exported and "lm_head.weight" in synced  # tied head: sent to engines
+    assert max_diff(synced, expected) < ADAM_STEPS_ATOL
+    assert ref == pytest.approx(want_ref, abs=1e-4)
+    assert [m["tokens/trained"] for m in got] == [m["tokens/trained"] for m in want] == [10, 4]
+    for key in ("loss/pg", "train/grad_norm", "mismatch/logprob_abs_mean"):
+        assert got[0][key] == pytest.approx(want[0][key], rel=1e-4, abs=1e-6), key
+
+    with TrainerGroup(fsdp_config(1)) as fresh:  # sharded checkpoint from 2 workers, resumed by 1
+        state = fresh.resume(str(tmp_path / "two"))
+        fresh.train_step(batches[0], 1.0)
+        third = folder_weights(fresh.export(str(tmp_path / "export1")))
+    plain.train_step(batches[0], 1.0)
+    assert state["step"] == 2 and state["sampler"] == {"position": 7}
+    assert max_diff(third, plain.model.state_dict()) < ADAM_STEPS_ATOL  # optimizer state came along
