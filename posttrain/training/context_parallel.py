@@ -47,6 +47,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from posttrain.errors import ConfigError
 from posttrain.training.loss import IGNORE_INDEX, shifted_targets, token_logprobs, trunk_and_head
 
+# Default query block: its [block, keys] mask stays under MASK_BUDGET elements whatever the row
+# length, so per-rank memory shrinks with the cp size instead of growing with the row.
+MASK_BUDGET = 2**24
+MIN_QUERY_BLOCK = 64
 CP_ATTENTION = "posttrain_cp"  # config._attn_implementation of a model running under CP
 PAD_DOC = -1  # document id of padding (attention_mask 0, or the tail added to fill 2N chunks)
 # Layer kinds that carry a recurrent state or a causal convolution along the row: a rank needs
@@ -117,7 +121,7 @@ class CPShard:
     doc_start: torch.Tensor
     to_global: torch.Tensor  # [N*t] permutation putting gathered keys in row order
     chunk: int
-    query_block: int = 4096
+    query_block: int
 
     def take(self, x: torch.Tensor, fill: float = 0, shifted: bool = False) -> torch.Tensor:
         """This rank's part ``[B, t, ...]`` of a row-coordinate tensor ``x: [B, T, ...]`` (padded with ``fill``).
@@ -152,13 +156,13 @@ class CPShard:
 
 
 def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id: int = 0,
-                group: Any = None, query_block: int = 4096) -> tuple[dict[str, torch.Tensor], CPShard]:
+                group: Any = None, query_block: int | None = None) -> tuple[dict[str, torch.Tensor], CPShard]:
     """This rank's share of ``batch`` (``input_ids``/``labels`` and ``position_ids`` or ``attention_mask``, ``[B, T]``).
 
     Returns ``input_ids``, ``position_ids`` (global, restarting per document) and ``targets``
     (already shifted: do not shift again), each ``[B, T_pad / size]``, and the :class:`CPShard`.
     """
-    if query_block < 1:
+    if query_block is not None and query_block < 1:
         raise ValueError(f"query_block must be >= 1 (got {query_block})")
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
@@ -183,7 +187,8 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id:
     gather_index = torch.cat([load_balanced_indices(ids.shape[1], size, r) for r in range(size)]).to(ids.device)
     local = {"input_ids": ids[:, index], "position_ids": positions[:, index], "targets": targets[:, index]}
     shard = CPShard(group=group, index=index, gather_index=gather_index, doc=docs, doc_start=doc_start,
-                    to_global=torch.argsort(gather_index), chunk=ids.shape[1] // (2 * size), query_block=query_block)
+                    to_global=torch.argsort(gather_index), chunk=ids.shape[1] // (2 * size),
+                    query_block=query_block or max(MIN_QUERY_BLOCK, MASK_BUDGET // ids.shape[1]))
     return local, shard
 
 
@@ -337,7 +342,7 @@ def enable_context_parallel(model: Any) -> Any:
 
 
 def cp_forward(model: Any, batch: dict[str, torch.Tensor], group: Any, *, pad_id: int = 0,
-               query_block: int = 4096) -> tuple[torch.Tensor, dict[str, torch.Tensor], CPShard]:
+               query_block: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], CPShard]:
     """Decoder trunk on this rank's share of ``batch``: (hidden ``[B, t, H]``, local batch, shard)."""
     enable_context_parallel(model)
     size, rank = group_size_rank(group)
@@ -353,7 +358,7 @@ def cp_forward(model: Any, batch: dict[str, torch.Tensor], group: Any, *, pad_id
 
 def cp_token_logprobs(model: Any, batch: dict[str, torch.Tensor], group: Any, *, temperature: float = 1.0,
                       chunk_size: int = 2048, pad_id: int = 0,
-                      query_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, CPShard]:
+                      query_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, CPShard]:
     """(``[B, t]`` log p(target) of this rank's targets (0 where none), ``[B, t]`` bool: has a target, shard).
 
     Local position ``j`` predicts the row token at ``shard.index[j] + 1``. For the RL trainer's
@@ -372,7 +377,7 @@ def cp_token_logprobs(model: Any, batch: dict[str, torch.Tensor], group: Any, *,
 
 
 def cp_nll_sum(model: Any, batch: dict[str, torch.Tensor], group: Any, chunk_size: int = 2048,
-               pad_id: int = 0, query_block: int = 4096) -> tuple[torch.Tensor, int]:
+               pad_id: int = 0, query_block: int | None = None) -> tuple[torch.Tensor, int]:
     """(NLL sum over *this rank's* labelled tokens, labelled tokens of the *whole* batch).
 
     The CP counterpart of ``training.loss.causal_lm_nll_sum``, called by every rank of the cp

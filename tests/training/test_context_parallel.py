@@ -173,7 +173,7 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
             _shard_blocks(model, world)
         model.train()
         batch = _batch(case)
-        nll, count = cp.cp_nll_sum(model, batch, group, chunk_size=256, query_block=case.get("query_block", 4096))
+        nll, count = cp.cp_nll_sum(model, batch, group, chunk_size=256, query_block=case.get("query_block"))
         (nll / count).backward()
         loss = nll.detach().reshape(1)
         dist.all_reduce(loss, group=group)
