@@ -235,7 +235,7 @@ def mixer_forward(mixer: Any, hidden_states: torch.Tensor, cache_params: Any = N
         raise ValueError("packed rows (seq_idx) cannot fill a generation cache: call the model with use_cache=False")
     b, t, _ = hidden_states.shape
     h, p, g, n = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
-    seq_idx = seq_idx.to(device=hidden_states.device, dtype=torch.int32).contiguous()
+    seq_idx = seq_idx.to(device=hidden_states.device, dtype=torch.int32).expand(b, t).contiguous()  # [1, T] rows too
     dtype = hidden_states.dtype
     if attention_mask is not None:
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(dtype)
