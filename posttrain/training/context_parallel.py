@@ -119,7 +119,6 @@ class CPShard:
     gather_index: torch.Tensor
     doc: torch.Tensor
     doc_start: torch.Tensor
-    to_global: torch.Tensor  # [N*t] permutation putting gathered keys in row order
     chunk: int
     query_block: int
 
@@ -187,7 +186,7 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id:
     gather_index = torch.cat([load_balanced_indices(ids.shape[1], size, r) for r in range(size)]).to(ids.device)
     local = {"input_ids": ids[:, index], "position_ids": positions[:, index], "targets": targets[:, index]}
     shard = CPShard(group=group, index=index, gather_index=gather_index, doc=docs, doc_start=doc_start,
-                    to_global=torch.argsort(gather_index), chunk=ids.shape[1] // (2 * size),
+                    chunk=ids.shape[1] // (2 * size),
                     query_block=query_block or max(MIN_QUERY_BLOCK, MASK_BUDGET // ids.shape[1]))
     return local, shard
 
@@ -216,35 +215,48 @@ def _gather_seq_dim(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-class _AllGatherSeq(torch.autograd.Function):
-    """All-gather along ``dim`` (rank order); backward = reduce-scatter of the gradient.
+def _owner(chunk: int, size: int) -> tuple[int, int]:
+    """(rank, which of its two chunks) holding row chunk ``chunk`` of ``2 * size``."""
+    return (chunk, 0) if chunk < size else (2 * size - 1 - chunk, 1)
 
-    Every rank's queries read every rank's keys, so the gradient of this rank's K/V slice is the
-    sum of the slices from all ranks: an ``all_to_all_single`` hands slice ``j`` to rank ``j``,
-    which adds what it receives (the traffic of a reduce-scatter; gloo has no reduce_scatter).
+
+class _AllGatherRow(torch.autograd.Function):
+    """All-gather of the ranks' load-balanced shards along ``dim``, returned in row order.
+
+    Backward is a reduce-scatter: every rank's queries read every rank's keys, so the gradient of
+    this rank's K/V is the sum of what all ranks send back for its two chunks. An
+    ``all_to_all_single`` hands rank ``j`` its chunks and ``j`` adds what it receives (the traffic
+    of a reduce-scatter; gloo has no reduce_scatter).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
         ctx.dim, ctx.group = dim, group
-        return _gather_seq_dim(x, dim, group)
+        size, _ = group_size_rank(group)
+        if size == 1:  # chunks 0 and 1: already row order
+            return x
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        halves = [p.chunk(2, dim) for p in parts]
+        return torch.cat([halves[r][h] for r, h in (_owner(c, size) for c in range(2 * size))], dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         size, _ = group_size_rank(ctx.group)
         if size == 1:
             return grad, None, None
-        send = grad.movedim(ctx.dim, 0).contiguous()  # [N*t, ...]: slice j goes to rank j
-        recv = torch.empty_like(send)
+        chunks = grad.chunk(2 * size, ctx.dim)  # row order
+        send = torch.cat([chunks[c].movedim(ctx.dim, 0) for r in range(size) for c in (r, 2 * size - 1 - r)])
+        recv = torch.empty_like(send)  # [N*t, ...]: slice j goes to rank j
         dist.all_to_all_single(recv, send, group=ctx.group)
         summed = recv.view(size, send.shape[0] // size, *send.shape[1:]).sum(0)  # [t, ...]
         return summed.movedim(0, ctx.dim), None, None
 
 
 def all_gather_kv(key: torch.Tensor, value: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, Hkv, t, D]`` local K and V -> ``[B, Hkv, N*t, D]`` each, one collective for both."""
-    both = _AllGatherSeq.apply(torch.cat([key, value], dim=-1), 2, group)
-    return both.split([key.shape[-1], value.shape[-1]], dim=-1)
+    """``[B, Hkv, t, D]`` local K and V -> ``[B, Hkv, T, D]`` each in row order, one collective for both."""
+    both = _AllGatherRow.apply(torch.stack([key, value]), 3, group)  # [2, B, Hkv, T, D]
+    return both[0], both[1]
 
 
 def _attend_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shard: CPShard,
@@ -252,7 +264,7 @@ def _attend_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     start, stop, k0, k1 = block
     return F.scaled_dot_product_attention(query[:, :, start:stop], key[:, :, k0:k1], value[:, :, k0:k1],
                                           attn_mask=shard.mask(start, stop, k0, k1), dropout_p=dropout,
-                                          scale=scaling)  # [B, H, q, D]
+                                          scale=scaling, enable_gqa=True)  # [B, H, q, D]
 
 
 def cp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -268,12 +280,7 @@ def cp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     if cp_shard is None:  # not a CP pass (evaluation, generation): exactly transformers' SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, T, D] in gather order
-    order = cp_shard.to_global
-    key, value = key[:, :, order], value[:, :, order]  # row order: a block's keys are one slice
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # GQA: each KV head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, T, D] in row order
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
     for block in cp_shard.blocks():

@@ -74,6 +74,17 @@ def test_shards_keep_global_positions_and_globally_shifted_labels() -> None:
     assert all(seen[g] == IGNORE_INDEX for g in range(21, 24))  # the padded tail carries no loss
 
 
+def test_take_lines_up_row_values_with_the_local_targets() -> None:
+    batch = _batch({"mode": "pack", "lengths": [7, 9, 5]})  # 21 tokens -> 24
+    row = torch.arange(21.0)[None] * 10  # e.g. an advantage per token, aligned to the token it scores
+    for rank in range(2):
+        local, shard = cp.shard_batch(batch, 2, rank)
+        plain, shifted = shard.take(row, fill=-1.0), shard.take(row, fill=-1.0, shifted=True)
+        for j, g in enumerate(shard.index.tolist()):
+            assert plain[0, j] == (row[0, g] if g < 21 else -1)
+            assert shifted[0, j] == (row[0, g + 1] if g + 1 < 21 else -1)  # the token local j predicts
+
+
 @pytest.mark.parametrize("query_block", [2, 4, 100])
 def test_query_blocks_see_exactly_their_documents_past(query_block: int) -> None:
     batch = _batch({"mode": "pack", "lengths": [5, 9, 10]})  # 24 tokens, chunks of 6
