@@ -18,7 +18,9 @@ into safetensors shards of at most ``max_shard_bytes``: no rank ever holds the w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,14 @@ def _state_dicts(model: Any, optimizer: Any) -> dict[str, Any]:
     return {"model": msd, "optim": osd}
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _shared_tmp(make: Any, par: Parallel) -> Path:
     """Rank 0's temporary folder, known to every rank."""
     path = str(make) if par.main else None
@@ -54,14 +64,16 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: Any, optimize
     target = root / f"step-{step:08d}"
     if not par.main:
         tmp = _shared_tmp(None, par)
-        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / DCP_DIR)
+        with _quiet():
+            dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / DCP_DIR)
         barrier(par)  # rank 0 renamed the folder
         return target
     with file_lock(root / ".lock"):
         remove_stale_tmp(target)
         with atomic_dir(target) as tmp:
             _shared_tmp(tmp, par)
-            dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / DCP_DIR)  # returns once every rank wrote
+            with _quiet():
+                dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / DCP_DIR)  # returns once every rank wrote
             torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state()},
                        tmp / "trainer.pt")
             _base_config(model).save_pretrained(tmp / "model")
@@ -84,7 +96,8 @@ def load_any_checkpoint(ckpt: Checkpoint, model: Any, optimizer: Any, scheduler:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _state_dicts(model, optimizer)  # creates empty AdamW state (a zero-lr step) so DCP has somewhere to load
-    dcp.load(state, checkpoint_id=ckpt.path / DCP_DIR)
+    with _quiet():
+        dcp.load(state, checkpoint_id=ckpt.path / DCP_DIR)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True))
     trainer = torch.load(ckpt.path / "trainer.pt", map_location="cpu", weights_only=False)
@@ -109,7 +122,8 @@ def gathered_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     LoRA-wrapped layer's base weight and adapter are held gathered at once.
     """
     peft = hasattr(model, "peft_config")
-    tied = bool(getattr(_base_config(model), "tie_word_embeddings", False))
+    base = model.get_base_model() if peft else model
+    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight  # the config's flag can say otherwise
     pending: dict[str, dict[str, torch.Tensor]] = {}  # LoRA module -> its gathered pieces
     for name, tensor in model.state_dict().items():
         if hasattr(tensor, "full_tensor"):
@@ -159,17 +173,18 @@ def export_gathered(model: Any, tokenizer: Any, folder: str | Path, par: Paralle
     with file_lock(folder.parent / f".{folder.name}.lock"):
         remove_stale_tmp(folder)
         with atomic_dir(folder) as tmp:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
             files: list[tuple[str, list[str]]] = []
             shard: dict[str, torch.Tensor] = {}
-            size = 0
+            size, block = 0, ""
             for name, tensor in gathered_weights(model):
-                shard[name] = tensor.to("cpu").contiguous()
-                size += tensor.numel() * tensor.element_size()
-                if size >= max_shard_bytes:
-                    files.append(_write_shard(tmp, len(files), shard, save_file))
+                if size >= max_shard_bytes and _block(name) != block:  # a block's tensors stay in one file
+                    files.append(_write_shard(tmp, len(files), shard, base, save_file))
                     shard, size = {}, 0
+                shard[name], block = tensor.to("cpu").contiguous(), _block(name)
+                size += tensor.numel() * tensor.element_size()
             if shard or not files:
-                files.append(_write_shard(tmp, len(files), shard, save_file))
+                files.append(_write_shard(tmp, len(files), shard, base, save_file))
             _name_shards(tmp, files)
             _base_config(model).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -177,7 +192,19 @@ def export_gathered(model: Any, tokenizer: Any, folder: str | Path, par: Paralle
     return folder
 
 
-def _write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], save_file: Any) -> tuple[str, list[str]]:
+def _block(name: str) -> str:
+    """``model.layers.3`` for that block's tensors, the name itself otherwise."""
+    head, sep, tail = name.partition(".layers.")
+    return f"{head}.layers.{tail.split('.', 1)[0]}" if sep else name
+
+
+def _write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], base: Any,
+                 save_file: Any) -> tuple[str, list[str]]:
+    """One part, in the checkpoint's own names and layout (transformers' save conversion: e.g.
+    NemotronH's ``backbone.*`` names and per-expert tensors), as ``save_pretrained`` writes them."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tensors = revert_weight_conversion(base, tensors)
     name = f"part-{index:05d}.safetensors"
     save_file(tensors, str(folder / name), metadata={"format": "pt"})
     return name, list(tensors)

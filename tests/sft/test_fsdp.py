@@ -74,3 +74,20 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, arith_jsonl,
     _run(resume_world, _args(arith_jsonl, split, 3), "--resume")
     assert _max_diff(_weights(whole / "model"), _weights(split / "model")) < ATOL
     assert _losses(whole)[-1] == pytest.approx(_losses(split)[-1], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,extra", [
+    ("tiny-nemotron-h", ("lora.enabled=true", "lora.r=4", "train.freeze_router=true")),
+    ("tiny-llama", ("train.freeze_layers=1",)),
+])
+def test_fsdp_lora_and_frozen_layers_equal_one_process(tmp_path, arith_jsonl, model, extra) -> None:
+    """LoRA on NemotronH with its MoE router frozen, and frozen lower layers: 2 sharded ranks = 1 plain
+    process; the export merges the gathered LoRA pieces layer by layer as merge_and_unload does."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [a for a in _args(arith_jsonl, one, 3, *extra) if not a.startswith("model.name=")]
+    _run(1, [f"model.name={model}", *args, "train.fsdp.enabled=false"])
+    args = [a for a in _args(arith_jsonl, two, 3, *extra) if not a.startswith("model.name=")]
+    _run(2, [f"model.name={model}", *args])
+    assert _max_diff(_weights(one / "model"), _weights(two / "model")) < ATOL
+    assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)

@@ -1,0 +1,49 @@
+"""Sharded-checkpoint format and the gathered HF export in one process (no group): the round trip
+is exact and the export, cut into parts, is a folder transformers loads."""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.training.checkpoint import latest_checkpoint
+from posttrain.training.parallel import Parallel
+from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
+
+
+def _model_and_optimizer(folder):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _step(model, optimizer) -> None:
+    ids = torch.arange(1, 17)[None]
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_round_trip_and_export_in_parts(tmp_path, tiny_llama_dir) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, optimizer = _model_and_optimizer(tiny_llama_dir)
+    _step(model, optimizer)
+    save_sharded_checkpoint(tmp_path, 1, model, optimizer, None, None, {"seen": 5}, 2, Parallel())
+    _step(model, optimizer)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    again, opt2 = _model_and_optimizer(tiny_llama_dir)
+    state = load_any_checkpoint(latest_checkpoint(tmp_path), again, opt2)
+    assert state == {"step": 1, "sharded": True, "seen": 5}
+    _step(again, opt2)
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, want[key]), key
+
+    out = export_gathered(again, AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path / "model", Parallel(),
+                          max_shard_bytes=200_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for key, value in loaded.items():
+        assert torch.equal(value, want[key]), key
