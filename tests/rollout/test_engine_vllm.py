@@ -149,3 +149,27 @@ def test_seeded_sampling_of_a_batch_larger_than_one_prefill(pool):
     long = [[{"role": "user", "content": f"Item {i}: " + "tell me more about the weather " * 40}] for i in range(24)]
     groups = pool.generate(long, GenerationConfig(max_new_tokens=4, temperature=1.0, seed=123), n=4)
     assert len(groups) == 24 and all(len(g) == 4 and all(r.token_ids for r in g) for g in groups)
+
+
+def test_sync_in_parts_as_a_sharded_trainer_stages_it(pool, hf_model):
+    """A sharded trainer gathers one tensor at a time and stages them in several files
+    (``publish_stream``); the engine loads every part and the logprob check still holds."""
+    from posttrain.rollout.weight_sync import ShmPublisher, weight_files
+
+    gen = GenerationConfig(max_new_tokens=8, enable_thinking=False)
+    first = pool.generate(PROMPTS[:1], gen)[0][0]
+    original = {k: v.clone() for k, v in full_state_dict(hf_model).items()}
+    fixed = first.prompt_ids + first.token_ids
+    publisher = ShmPublisher()
+    try:
+        with torch.no_grad():
+            for p in hf_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        update = publisher.publish_stream(iter(full_state_dict(hf_model).items()), max_file_bytes=1 << 20)
+        assert len(weight_files(update.path)) > 1 and update.num_tensors == len(original)
+        report = pool.push(update, LogprobCheck.from_model(hf_model, fixed, len(first.prompt_ids)))
+        assert report.max_abs_logprob_diff is not None and report.max_abs_logprob_diff < 1e-4
+    finally:
+        hf_model.load_state_dict(original, strict=False)
+        pool.sync_weights(original)
+        publisher.close()
