@@ -22,6 +22,7 @@ gathered too.
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 from collections.abc import Sequence
@@ -32,8 +33,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from posttrain.errors import ConfigError
 from posttrain.training.config import FsdpConfig
 from posttrain.training.loss import FSDP_ROOT_METHOD, trunk_and_head
+
+log = logging.getLogger(__name__)
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp")
 
@@ -192,7 +196,8 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
     trunk, _ = trunk_and_head(model)
     layers = getattr(trunk, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"train.fsdp: {type(trunk).__name__} has no 'layers' list of decoder blocks to shard")
+        raise ConfigError(f"train.fsdp.enabled: {type(trunk).__name__} has no 'layers' list of decoder blocks to "
+                          "shard; set train.fsdp.enabled=false for this model")
     return layers
 
 
@@ -210,9 +215,12 @@ def shard_model(model: Any, par: Parallel, cfg: FsdpConfig) -> Any:
     if par.mesh is None:
         return model  # one process: nothing to shard (checkpoints still use the sharded format)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if par.device.startswith("cuda") else MixedPrecisionPolicy())
+          if par.device.startswith("cuda") else MixedPrecisionPolicy())  # CPU: fp32 throughout
+    on_gpu = par.device.startswith("cuda")
+    if cfg.cpu_offload and not on_gpu:
+        log.warning("train.fsdp.cpu_offload has no effect on CPU (everything already lives in host memory)")
     kwargs = dict(mesh=par.shard_mesh(), mp_policy=mp,
-                  offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
+                  offload_policy=CPUOffloadPolicy() if cfg.cpu_offload and on_gpu else OffloadPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
@@ -231,12 +239,3 @@ def grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float | None) -> f
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
-
-
-def full_tensors(model: Any) -> Any:
-    """``(name, full tensor)`` for every parameter and buffer, gathered one at a time on every rank
-    (a collective: all ranks iterate together); never more than one tensor unsharded at once."""
-    for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
