@@ -188,3 +188,27 @@ def test_sharded_workers_make_the_update_of_one(ray_cluster, tiny_llama_dir, tmp
     plain.train_step(batches[0], 1.0)
     assert state["step"] == 2 and state["sampler"] == {"position": 7}
     assert max_diff(third, plain.model.state_dict()) < ADAM_STEPS_ATOL  # optimizer state came along
+
+
+@pytest.mark.slow
+def test_sharded_lora_workers_make_the_update_of_one(ray_cluster, tiny_llama_dir, tmp_path):
+    """LoRA under FSDP: the adapter trains sharded, the update sent to the engines is the adapter
+    (gathered) and the export merges it layer by layer, as one plain LoRA worker does."""
+    from posttrain.training.config import LoraConfig
+
+    def lora_config(workers: int, fsdp: bool) -> RLVRConfig:
+        return fsdp_config(workers, fsdp).model_copy(update={"lora": LoraConfig(enabled=True, r=4)})
+
+    plain = in_process(lora_config(1, fsdp=False))
+    batch = make_batch(plain, ROWS, ADV, off_row=2)
+    plain.train_step(batch, 1.0)
+    merged = folder_weights(plain.export(str(tmp_path / "plain")))
+    adapter = folder_weights(plain.publish_weights(str(tmp_path)).path)
+    with TrainerGroup(lora_config(2, fsdp=True)) as group:
+        group.train_step(batch, 1.0)
+        update = group.publish_weights(str(tmp_path))
+        synced = folder_weights(update.path)
+        exported = folder_weights(group.export(str(tmp_path / "sharded")))
+    assert update.kind == "lora" and synced.keys() == adapter.keys()
+    assert max_diff(synced, adapter) < ADAM_STEPS_ATOL
+    assert exported.keys() == merged.keys() and max_diff(exported, merged) < ADAM_STEPS_ATOL
