@@ -146,7 +146,7 @@ class CPShard:
         return out
 
     def mask(self, start: int, stop: int, k0: int, k1: int) -> torch.Tensor:
-        """``[B, 1, q, k]`` bool for local queries ``start:stop`` and global keys ``k0:k1``: same document, not later."""
+        """``[B, 1, q, k]`` bool, local queries ``start:stop`` x global keys ``k0:k1``: same document, not later."""
         g0 = int(self.index[start])
         q_pos = torch.arange(g0, g0 + stop - start, device=self.doc.device)
         k_pos = torch.arange(k0, k1, device=self.doc.device)
