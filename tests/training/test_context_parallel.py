@@ -1,7 +1,9 @@
 """Context parallelism: the load-balanced split, the global label shift, and CP=2 == CP=1 on tiny-llama.
 
 The 2-rank tests spawn two gloo processes; each runs its shard, the gradients are summed over the
-group, and rank 0 compares loss and gradients with one process running the whole batch (SDPA).
+group (by FSDP2 in the sharded cases, one of them through ``training.parallel``'s dp_shard x cp
+mesh and ``in_root``), and rank 0 compares loss, gradients and gathered token logprobs with one
+process running the whole batch (SDPA).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.sft.packing import collate_packed, collate_padded
 from posttrain.training import context_parallel as cp
-from posttrain.training.loss import IGNORE_INDEX, causal_lm_nll_sum, shifted_targets, token_logprobs
+from posttrain.training import parallel
+from posttrain.training.config import FsdpConfig
+from posttrain.training.loss import IGNORE_INDEX, causal_lm_nll_sum, in_root, shifted_targets, token_logprobs
 
 TOL = 1e-5
 
@@ -168,6 +172,10 @@ def _shard_blocks(model, world: int) -> None:
         layer.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
+def _logprobs(model, batch, group):
+    return cp.cp_token_logprobs(model, batch, group, chunk_size=256)
+
+
 def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[dict], out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -182,12 +190,17 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if case.get("fsdp"):  # the cp ranks also shard the blocks (FSDP2), as the dp_shard x cp mesh does
             _shard_blocks(model, world)
+        cp_group = group
+        if case.get("parallel"):  # training.parallel's mesh (dp_shard 1 x cp 2) and FSDP2 on blocks + root
+            par = parallel.Parallel(rank=rank, world=world, cp=world, mesh=parallel.build_mesh(world, cp=world))
+            model = parallel.shard_model(model, par, FsdpConfig(enabled=True))
+            cp_group = par.cp_group()
         model.train()
         batch = _batch(case)
-        nll, count = cp.cp_nll_sum(model, batch, group, chunk_size=256, query_block=case.get("query_block"))
+        nll, count = in_root(model, cp.cp_nll_sum, model, batch, cp_group, 256, 0, case.get("query_block"))
         (nll / count).backward()
         loss = nll.detach().reshape(1)
-        dist.all_reduce(loss, group=group)
+        dist.all_reduce(loss, group=cp_group)
         grads = {}
         for k, p in model.named_parameters():
             assert p.grad is not None, (case["name"], k)
@@ -195,9 +208,9 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cases: list[d
                 grads[k] = p.grad.full_tensor()
             else:
                 grads[k] = p.grad
-                dist.all_reduce(grads[k], group=group)
+                dist.all_reduce(grads[k], group=cp_group)
         with torch.no_grad():  # the RL passes: local logprobs, gathered back into row order
-            logprobs, keep, shard = cp.cp_token_logprobs(model, batch, group, chunk_size=256)
+            logprobs, keep, shard = in_root(model, _logprobs, model, batch, cp_group)
             full = cp.gather_sequence(logprobs, shard, batch["input_ids"].shape[1])  # [B, T]
             full_keep = cp.gather_sequence(keep, shard, batch["input_ids"].shape[1])
             assert torch.equal(shard.take(full), logprobs)
@@ -252,6 +265,7 @@ def test_cp2_equals_cp1_on_packed_documents_across_ranks(tmp_path, tiny_llama_di
         {"name": "padded-rows", "mode": "pad", "lengths": [150, 97, 201], "seed": 1},
         {"name": "packed-checkpointing", "mode": "pack", "lengths": [130, 190], "seed": 2, "checkpointing": True},
         {"name": "packed-fsdp", "mode": "pack", "lengths": [200, 157], "seed": 4, "fsdp": True},
+        {"name": "packed-parallel-fsdp", "mode": "pack", "lengths": [180, 201], "seed": 5, "parallel": True},
     ]
     _assert_equal_to_cp1(_run_two_ranks(tmp_path, tiny_llama_dir, cases))
 
