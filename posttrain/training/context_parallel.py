@@ -166,9 +166,8 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, *, pad_id:
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
     positions = batch.get("position_ids")
-    if positions is None:  # one document per row; left padding keeps positions from 0
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0) if mask is not None else \
-            torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    if positions is None:  # one document per row, positions as transformers makes them (CP=1 == CP=N)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     if mask is None:
         mask = torch.ones_like(ids)
     targets = shifted_targets(labels).masked_fill(mask == 0, IGNORE_INDEX)  # [B, T], before the split

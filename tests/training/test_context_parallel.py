@@ -124,6 +124,20 @@ def test_cp_size_one_equals_sdpa(tiny_llama_dir) -> None:
         torch.testing.assert_close(p.grad, want[k], rtol=0, atol=TOL, msg=k)
 
 
+def test_left_padded_rows_match_sdpa(tiny_llama_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    right = _batch({"mode": "pad", "lengths": [30, 45, 12], "seed": 6})
+    lengths = right["attention_mask"].sum(1)
+    batch = {k: torch.stack([row.roll(int(right["input_ids"].shape[1] - n)) for row, n in zip(v, lengths)])
+             for k, v in right.items()}  # the same rows, padding moved to the left
+    ref, n_ref = causal_lm_nll_sum(model, batch, 64)
+    nll, n = cp.cp_nll_sum(model, batch, None, 64)
+    assert n == n_ref
+    torch.testing.assert_close(nll, ref, rtol=0, atol=TOL * n)
+
+
 def test_plain_passes_after_enabling_cp_are_sdpa(tiny_llama_dir) -> None:
     from transformers import AutoModelForCausalLM
 
