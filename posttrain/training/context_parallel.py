@@ -34,6 +34,7 @@ over all ranks stay as they are (cp ranks hold disjoint tokens). The RL passes u
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -135,8 +136,11 @@ class CPShard:
             x = torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)], 1)
         return x[:, self.index.to(x.device)]
 
+    @functools.cached_property
     def blocks(self) -> list[tuple[int, int, int, int]]:
-        """``(local start, local stop, first key, key stop)`` per query block; keys in global row order."""
+        """``(local start, local stop, first key, key stop)`` per query block; keys in row order.
+
+        Computed once per batch (not per layer): the only host reads of the shard's tensors."""
         out = []
         for first in (0, self.chunk):
             for start in range(first, first + self.chunk, self.query_block):
@@ -282,7 +286,7 @@ def cp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, T, D] in row order
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
-    for block in cp_shard.blocks():
+    for block in cp_shard.blocks:
         if grad:
             outs.append(checkpoint(_attend_block, query, key, value, cp_shard, block, dropout, scaling,
                                    use_reentrant=False))

@@ -95,7 +95,7 @@ def test_query_blocks_see_exactly_their_documents_past(query_block: int) -> None
     for rank in range(2):
         _, shard = cp.shard_batch(batch, 2, rank, query_block=query_block)
         covered = []
-        for start, stop, k0, k1 in shard.blocks():
+        for start, stop, k0, k1 in shard.blocks:
             mask = shard.mask(start, stop, k0, k1)[0, 0]  # [q, k1 - k0]
             for i, q in enumerate(shard.index[start:stop].tolist()):
                 covered.append(q)
