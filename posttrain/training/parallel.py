@@ -228,6 +228,10 @@ def shard_model(model: Any, par: Parallel, cfg: FsdpConfig) -> Any:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+            # MoE experts no token of this rank reached have no grad here but may elsewhere: reduce zeros,
+            # or the ranks' reduce-scatters would not match (one untouched by every rank then steps with a
+            # zero gradient, where one process would skip it: only AdamW's decay of old moments differs)
+            module.set_reduce_scatter_unused_params(True, recurse=False)
     setattr(model, FSDP_ROOT_METHOD, types.MethodType(lambda self, fn, *args: fn(*args), model))
     register_fsdp_forward_method(model, FSDP_ROOT_METHOD)
     return model

@@ -79,11 +79,13 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, arith_jsonl,
 @pytest.mark.slow
 @pytest.mark.parametrize("model,extra", [
     ("tiny-nemotron-h", ("lora.enabled=true", "lora.r=4", "train.freeze_router=true")),
+    ("tiny-nemotron-h", ("train.freeze_router=true",)),  # full fine-tuning of the MoE, router frozen
     ("tiny-llama", ("train.freeze_layers=1",)),
 ])
 def test_fsdp_lora_and_frozen_layers_equal_one_process(tmp_path, arith_jsonl, model, extra) -> None:
-    """LoRA on NemotronH with its MoE router frozen, and frozen lower layers: 2 sharded ranks = 1 plain
-    process; the export merges the gathered LoRA pieces layer by layer as merge_and_unload does."""
+    """LoRA on NemotronH with its MoE router frozen, the MoE fully fine-tuned with its router frozen, and
+    frozen lower layers: 2 sharded ranks = 1 plain process; the export merges the gathered LoRA pieces
+    layer by layer as merge_and_unload does, and writes NemotronH's own checkpoint names."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = [a for a in _args(arith_jsonl, one, 3, *extra) if not a.startswith("model.name=")]
     _run(1, [f"model.name={model}", *args, "train.fsdp.enabled=false"])
