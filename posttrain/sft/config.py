@@ -67,6 +67,11 @@ class TrainConfig(Config):
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (and at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    context_parallel: int = Field(1, ge=1, description=(
+        "split every micro-batch's rows over this many processes (2N load-balanced chunks, exact causal "
+        "attention over all-gathered K/V, global RoPE positions, loss over the global token count); must "
+        "divide the number of processes, the rest are data-parallel (composes with fsdp: dp_shard x cp). "
+        "Llama/Qwen2-style attention models and NemotronH; other recurrent layers are refused"))
     fsdp: FsdpConfig = FsdpConfig()
 
 

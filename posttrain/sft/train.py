@@ -7,6 +7,9 @@ same token mean whatever the micro-batch split, the packing, or the number of pr
 Gradients are summed over processes (``training/parallel.py``, gloo on CPU, NCCL on GPU): one
 all-reduce per tensor with replicated weights, or FSDP2's reduce-scatter with
 ``train.fsdp.enabled`` (parameters, gradients and AdamW state sharded over the processes).
+With ``train.context_parallel=N`` the N ranks of one cp group take the *same* micro-batches and
+each computes the NLL of its share of every row (``training/context_parallel.py``); their tokens
+are disjoint, so the same sums over all processes still give the whole step's loss and gradient.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from posttrain.metrics import MetricsLogger
 from posttrain.sft import data as sft_data
 from posttrain.sft.config import SFTConfig
 from posttrain.sft.packing import Mode, Step, collate, plan_steps, resolve_packing
-from posttrain.training import parallel
+from posttrain.training import context_parallel, parallel
 from posttrain.training.checkpoint import latest_checkpoint, save_checkpoint
-from posttrain.training.loss import causal_lm_nll_sum
+from posttrain.training.loss import causal_lm_nll_sum, in_root
 from posttrain.training.model import count_params, prepare_for_training
 from posttrain.training.parallel import Parallel
 from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
@@ -51,10 +54,14 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, step: Step, samples: 
     loss_tokens = sum(samples[i].n_loss_tokens for mb in step for i in mb)  # global, same on every rank
     tokens = sum(len(samples[i].input_ids) for mb in step for i in mb)
     nll_total = torch.zeros((), dtype=torch.float32)
-    for mb in step[d.dp_rank :: d.dp_size]:
+    for mb in step[d.dp_rank :: d.dp_size]:  # the ranks of one cp group take the same micro-batches
         batch = collate([(samples[i].input_ids, samples[i].loss_mask) for i in mb], mode, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        nll, _ = causal_lm_nll_sum(model, batch, cfg.train.loss_chunk_size)
+        if d.cp > 1:  # this rank's share of every row; the other cp ranks hold the rest
+            nll, _ = in_root(model, context_parallel.cp_nll_sum, model, batch, d.cp_group(),
+                             cfg.train.loss_chunk_size, pad_id)
+        else:
+            nll, _ = causal_lm_nll_sum(model, batch, cfg.train.loss_chunk_size)
         (nll / loss_tokens).backward()
         nll_total += nll.detach().float().cpu()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,7 +100,7 @@ def build_optimizer(model: Any, cfg: SFTConfig, total_steps: int) -> tuple[Any, 
 
 def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run SFT; returns the run folder. ``stop_after`` ends early after that step (preemption drills, tests)."""
-    d = parallel.init_from_env()
+    d = parallel.init_from_env(cfg.train.context_parallel)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run_dir)
@@ -105,6 +112,8 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     mode = resolve_packing(cfg.train.packing, model)
     model = prepare_for_training(model, cfg.train, cfg.lora)
     trainable, total = count_params(model)  # before sharding: the whole model's counts
+    if d.cp > 1:  # attention over the cp group (refuses layers it cannot split exactly)
+        context_parallel.enable_context_parallel(model)
     if cfg.train.fsdp.enabled:
         model = parallel.shard_model(model, d, cfg.train.fsdp)
     if cfg.train.micro_batches_per_step % d.dp_size:
@@ -124,9 +133,10 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     if d.main:
         write_resolved(cfg, run_dir)
         log.info("%d samples (%s; %d overlong dropped), %s, %d steps x %d micro-batches of <= %d tokens, "
-                 "%d processes, %.2fM of %.2fM params trainable", len(dataset.samples), dataset.modes,
-                 dataset.dropped_overlong, mode, len(steps), cfg.train.micro_batches_per_step,
-                 cfg.train.micro_batch_tokens, d.world, trainable / 1e6, total / 1e6)
+                 "%d processes (%d data-parallel x %d context-parallel), %.2fM of %.2fM params trainable",
+                 len(dataset.samples), dataset.modes, dataset.dropped_overlong, mode, len(steps),
+                 cfg.train.micro_batches_per_step, cfg.train.micro_batch_tokens, d.world, d.dp_size, d.cp,
+                 trainable / 1e6, total / 1e6)
     _loop(model, optimizer, scheduler, steps, dataset.samples, mode, tokenizer, cfg, d, device, start, stop_after)
     if stop_after is None or stop_after >= len(steps):
         if cfg.train.fsdp.enabled:  # every rank takes part: gathered one tensor at a time

@@ -5,8 +5,8 @@ One ``Parallel`` value says where this process stands. Its device mesh has three
 
 - ``dp_shard``: data parallelism; with ``train.fsdp.enabled`` also the dim FSDP2 shards
   parameters, gradients and optimizer state over (``fully_shard`` per decoder block, then the root);
-- ``cp``: context parallelism (size 1 until ``training/context_parallel.py`` is wired in): ranks
-  of one cp group hold pieces of the same sequences. Get the group with ``par.cp_group()``
+- ``cp``: context parallelism (``train.context_parallel``; wired into SFT, not yet into the RL
+  trainer): ranks of one cp group hold pieces of the same sequences. Get the group with ``par.cp_group()``
   (``par.mesh["cp"].get_group()``); with cp > 1 FSDP shards over the flattened ``dp_shard x cp``
   (``par.shard_mesh()``), as torchtitan does, so cp ranks also share the weight memory;
 - ``dp_replicate``: size 1 (HSDP, replicate across nodes and shard within, is not built yet).
@@ -100,11 +100,19 @@ def _make(cp: int) -> Parallel:
     return Parallel(rank=dist.get_rank(), world=world, device=device, cp=cp, mesh=mesh)
 
 
+def check_context_parallel(cp: int, world: int) -> None:
+    """Raise ConfigError unless ``cp`` (``train.context_parallel``) divides the ``world`` processes."""
+    if cp < 1 or world % cp:
+        raise ConfigError(f"train.context_parallel={cp} must divide the number of processes ({world}): launch a "
+                          f"multiple of {cp} processes (torchrun --nproc_per_node) or set train.context_parallel "
+                          f"to a divisor of {world}")
+
+
 def init_from_env(cp: int = 1) -> Parallel:
     """torchrun sets WORLD_SIZE/RANK (env://); a single process otherwise (no group, no mesh)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        if cp != 1:
-            raise ValueError(f"context parallelism needs cp processes (cp={cp}, one process)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_context_parallel(cp, world)  # before joining the group: every rank fails alike, none hangs
+    if world == 1:
         return Parallel()
     if not dist.is_initialized():
         dist.init_process_group(_backend())

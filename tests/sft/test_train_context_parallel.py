@@ -1,0 +1,50 @@
+"""``train.context_parallel=2`` in the SFT driver: 2 gloo ranks splitting every packed row equal one
+process running the whole rows (weights, losses), with FSDP2 over ``dp_shard x cp`` and without."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.errors import ConfigError
+from posttrain.sft.config import SFTConfig
+from posttrain.training import parallel
+
+from test_fsdp import ATOL, _args, _losses, _max_diff, _run, _weights  # same runs, same Adam bound
+
+
+def test_context_parallel_must_divide_the_processes(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
+    with pytest.raises(ConfigError, match=r"train.context_parallel=2 must divide the number of processes \(3\)"):
+        parallel.init_from_env(2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"train.context_parallel=2 must divide the number of processes \(1\)"):
+        parallel.init_from_env(2)
+    assert SFTConfig().train.context_parallel == 1
+
+
+def _cp_args(data, run_dir, *extra: str) -> list[str]:
+    # packed rows of 256 tokens -> 4 chunks of 64: the arith documents cross the rank seams
+    return _args(data, run_dir, 3, "train.packing=pack", *extra)
+
+
+def test_sft_context_parallel_with_fsdp_equals_one_process(tmp_path, arith_jsonl) -> None:
+    """3 steps: 2 ranks (dp_shard 1 x cp 2, FSDP2 over both) = 1 process on whole rows."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(1, _cp_args(arith_jsonl, one, "train.fsdp.enabled=false"))
+    _run(2, _cp_args(arith_jsonl, two, "train.context_parallel=2"))
+    diff = _max_diff(_weights(one / "model"), _weights(two / "model"))
+    print(f"cp=2 + fsdp vs 1 process: max weight diff {diff:.2e}, losses {_losses(one)} vs {_losses(two)}")
+    assert diff < ATOL
+    assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_context_parallel_replicated_equals_one_process(tmp_path, arith_jsonl) -> None:
+    """Without FSDP: replicated weights, gradients all-reduced over the cp ranks (disjoint tokens)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(1, _cp_args(arith_jsonl, one, "train.fsdp.enabled=false"))
+    _run(2, _cp_args(arith_jsonl, two, "train.fsdp.enabled=false", "train.context_parallel=2"))
+    diff = _max_diff(_weights(one / "model"), _weights(two / "model"))
+    print(f"cp=2 replicated vs 1 process: max weight diff {diff:.2e}, losses {_losses(one)} vs {_losses(two)}")
+    assert diff < ATOL
+    assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)
