@@ -116,16 +116,21 @@ def _base_config(model: Any) -> Any:
 
 
 def gathered_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(HF name, full tensor)`` one at a time, LoRA merged (``W + scaling * B @ A``), tied head skipped.
+    """``(HF name, full tensor)`` one at a time, LoRA merged (``W + scaling * B @ A``), tied copies skipped.
 
+    A tensor is left out only when it *is* one already written (the same object or the same local
+    storage, e.g. Llama's tied ``lm_head.weight``); the config's ``tie_word_embeddings`` is not asked:
+    transformers 5.19 keeps NemotronH's head separate although its config says tied, and skipping
+    it by the flag exported a model that reloads with a fresh head.
     A collective: every rank iterates in step (each ``full_tensor()`` is an all-gather); at most one
     LoRA-wrapped layer's base weight and adapter are held gathered at once.
     """
     peft = hasattr(model, "peft_config")
-    base = model.get_base_model() if peft else model
-    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight  # the config's flag can say otherwise
+    aliases = _aliased_names(model.state_dict(keep_vars=True))
     pending: dict[str, dict[str, torch.Tensor]] = {}  # LoRA module -> its gathered pieces
     for name, tensor in model.state_dict().items():
+        if name in aliases:
+            continue  # HF folders store a tied tensor once (the head as the embedding)
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
         tensor = tensor.detach()
@@ -142,11 +147,25 @@ def gathered_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
                     del pending[module]
                 continue
             name = name.replace(".base_layer.", ".")
-        if tied and name == "lm_head.weight":
-            continue  # HF folders store a tied head once, as the embedding
         yield name, tensor
     if pending:
         raise RuntimeError(f"LoRA modules with missing pieces: {sorted(pending)[:3]}")
+
+
+def _aliased_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict names whose tensor is an earlier name's tensor (same object, or same local storage,
+    offset, shape and strides: a truly tied weight, also after FSDP made both DTensors)."""
+    seen: dict[Any, str] = {}
+    out: set[str] = set()
+    for name, tensor in state.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride()) \
+            if local.numel() else ("object", id(tensor))
+        if key in seen or ("object", id(tensor)) in seen:
+            out.add(name)
+            continue
+        seen[key] = seen[("object", id(tensor))] = name
+    return out
 
 
 def _lora_piece(name: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@ is exact and the export, cut into parts, is a folder transformers loads."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from posttrain.training.checkpoint import latest_checkpoint
@@ -47,3 +48,23 @@ def test_round_trip_and_export_in_parts(tmp_path, tiny_llama_dir) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for key, value in loaded.items():
         assert torch.equal(value, want[key]), key
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-nemotron-h"])
+def test_export_keeps_every_real_weight(tmp_path, name, tiny_llama_dir, tiny_nemotron_dir) -> None:
+    """NemotronH's config says tie_word_embeddings but its head is its own tensor (transformers 5.19):
+    the export writes it, and only a truly tied head (Llama's) is left to the embedding. Reloaded,
+    the logits equal the source model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = {"tiny-llama": tiny_llama_dir, "tiny-nemotron-h": tiny_nemotron_dir}[name]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert (head is embed) == (name == "tiny-llama")
+    with torch.no_grad():
+        head.add_(0.05)  # a trained head: differs from the start model's (and, untied, from the embedding)
+    out = export_gathered(model, AutoTokenizer.from_pretrained(folder), tmp_path / "model", Parallel())
+    again = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(1, 41)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
