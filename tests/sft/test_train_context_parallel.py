@@ -39,12 +39,20 @@ def test_sft_context_parallel_with_fsdp_equals_one_process(tmp_path, arith_jsonl
 
 
 @pytest.mark.slow
-def test_sft_context_parallel_replicated_equals_one_process(tmp_path, arith_jsonl) -> None:
-    """Without FSDP: replicated weights, gradients all-reduced over the cp ranks (disjoint tokens)."""
+@pytest.mark.parametrize("nproc,model,extra", [
+    (2, "tiny-llama", ("train.fsdp.enabled=false",)),  # replicated: gradients all-reduced over the cp ranks
+    (4, "tiny-llama", ()),  # dp_shard 2 x cp 2: each cp pair takes one of the step's 2 micro-batches
+    (2, "tiny-nemotron-h", ("train.freeze_router=true",)),  # Mamba2 state handed from rank to rank
+])
+def test_sft_context_parallel_meshes_equal_one_process(tmp_path, arith_jsonl, nproc, model, extra) -> None:
+    """Other meshes and NemotronH: ``nproc`` ranks with ``context_parallel=2`` = 1 plain process."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _run(1, _cp_args(arith_jsonl, one, "train.fsdp.enabled=false"))
-    _run(2, _cp_args(arith_jsonl, two, "train.fsdp.enabled=false", "train.context_parallel=2"))
+    plain = [a for a in _cp_args(arith_jsonl, one, *extra) if not a.startswith("model.name=")]
+    _run(1, [f"model.name={model}", *plain, "train.fsdp.enabled=false"])
+    split = [a for a in _cp_args(arith_jsonl, two, *extra) if not a.startswith("model.name=")]
+    _run(nproc, [f"model.name={model}", *split, "train.context_parallel=2"])
     diff = _max_diff(_weights(one / "model"), _weights(two / "model"))
-    print(f"cp=2 replicated vs 1 process: max weight diff {diff:.2e}, losses {_losses(one)} vs {_losses(two)}")
+    print(f"{model} on {nproc} ranks, cp=2 {extra}: max weight diff {diff:.2e}, "
+          f"losses {_losses(one)} vs {_losses(two)}")
     assert diff < ATOL
     assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)
