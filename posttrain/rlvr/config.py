@@ -94,7 +94,17 @@ class RLTrainConfig(Config):
         "trainer workers (trainer-0..) in one torch.distributed group; each trains a token-balanced "
         "share of every batch and gradients are summed, so the update equals one worker's"))
     num_cpus: float = Field(1.0, gt=0, description="CPU cores Ray reserves per trainer worker")
+    context_parallel: int = Field(1, ge=1, description=(
+        "split every row of the logprob and loss passes over this many trainer workers (exact attention "
+        "across them, see the SFT key); must divide train.workers, the rest are data-parallel"))
     fsdp: FsdpConfig = FsdpConfig()
+
+    @model_validator(mode="after")
+    def _check_context_parallel(self) -> RLTrainConfig:
+        if self.workers % self.context_parallel:
+            raise ValueError(f"train.context_parallel={self.context_parallel} must divide train.workers "
+                             f"({self.workers}): raise train.workers to a multiple of it or lower it")
+        return self
 
 
 class SandboxPoolConfig(Config):

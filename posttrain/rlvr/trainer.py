@@ -21,10 +21,10 @@ from posttrain.config import ModelConfig
 from posttrain.rlvr import distributed
 from posttrain.rlvr.batch import TrainBatch, micro_batches
 from posttrain.rlvr.config import LossConfig, RLTrainConfig
-from posttrain.rlvr.logprobs import completion_logprobs
+from posttrain.rlvr.logprobs import completion_logprobs, cp_completion_logprobs
 from posttrain.rlvr.policy_loss import policy_loss
 from posttrain.rollout.types import WeightUpdate
-from posttrain.training import parallel
+from posttrain.training import context_parallel, parallel
 from posttrain.training.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.training.config import LoraConfig
 from posttrain.training.model import prepare_for_training
@@ -73,6 +73,14 @@ class PolicyTrainer:
 
     # ----------------------------------------------------------------- training
 
+    def _logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
+        """``[B, Tc]`` policy logprobs of ``batch``; with context parallelism each cp rank runs its share of the
+        rows and gets the whole values back, with gradient through its own tokens only."""
+        if self.world is not None and self.world.cp > 1:
+            return cp_completion_logprobs(self.model, batch, self.world.cp_group(), temperature,
+                                          self.train_cfg.loss_chunk_size)
+        return completion_logprobs(self.model, batch, temperature, self.train_cfg.loss_chunk_size)
+
     def logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         """[B, Tc] current-policy logprobs, no grad, micro-batched."""
         if self._filler is None:
@@ -84,7 +92,7 @@ class PolicyTrainer:
                     self._idle_pass(temperature, backward=False)
                     continue
                 sub = batch.select(rows)
-                out[rows] = completion_logprobs(self.model, sub, temperature, self.train_cfg.loss_chunk_size).cpu()
+                out[rows] = self._logprobs(sub, temperature).cpu()
         return out
 
     def _set_filler(self, batch: TrainBatch) -> None:
@@ -146,7 +154,7 @@ class PolicyTrainer:
                 self._idle_pass(temperature, backward=True)
                 continue
             sub = mini.select(rows)
-            new = completion_logprobs(self.model, sub, temperature, self.train_cfg.loss_chunk_size)
+            new = self._logprobs(sub, temperature)  # cp > 1: the same loss on every cp rank, own tokens' grad
             sub_old = old[rows].to(new.device) if old is not None else new.detach()
             out = policy_loss(new, sub_old, sub.rollout_logprobs.to(new.device), sub.advantages.to(new.device),
                               sub.mask.to(new.device), self.loss_cfg, total_tokens=total)
@@ -175,8 +183,8 @@ class PolicyTrainer:
         if self.world is not None:
             if not self.sharded:  # FSDP summed them in backward
                 parallel.all_reduce_grads(params, self.world)
-            if seqs is not None:
-                seqs = int(parallel.all_sum([seqs], self.world)[0])
+            if seqs is not None:  # the cp ranks of a data-parallel rank counted the same sequences
+                seqs = int(parallel.all_sum([seqs], self.world)[0]) // self.world.cp
         if seqs:  # None: token mean, already normalised; 0: nothing counted, the gradients are zero
             for p in params:
                 if p.grad is not None:
@@ -187,7 +195,8 @@ class PolicyTrainer:
         if self.world is None:
             return metrics
         merged: dict[str, float] = {}
-        for part in parallel.all_gather_objects(metrics, self.world):
+        # one rank per cp group: its cp peers computed the same metrics on the same rows (cp is the inner dim)
+        for part in parallel.all_gather_objects(metrics, self.world)[:: self.world.cp]:
             merged = _merge(merged, part, weight=1.0)
         return merged
 
@@ -200,7 +209,9 @@ class PolicyTrainer:
     def join_group(self, address: str, rank: int, size: int, timeout_s: float) -> None:
         """Become rank ``rank`` of ``size`` data-parallel workers (blocks until all have joined); with
         ``train.fsdp.enabled`` the model is sharded over them now (a fresh optimizer: no step was taken)."""
-        self.world = parallel.init_tcp(address, rank, size, timeout_s)
+        self.world = parallel.init_tcp(address, rank, size, timeout_s, cp=self.train_cfg.context_parallel)
+        if self.world.cp > 1:  # attention over the cp group (refuses layers it cannot split exactly)
+            context_parallel.enable_context_parallel(self.model)
         if self.train_cfg.fsdp.enabled:
             if self.steps_done:
                 raise RuntimeError("join_group with FSDP must come before the first step")

@@ -383,6 +383,10 @@ def cp_token_logprobs(model: Any, batch: dict[str, torch.Tensor], group: Any, *,
     values = token_logprobs(hidden[keep], head.weight, targets[keep], head.bias, temperature, chunk_size)
     out = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device)
     out[keep] = values
+    if hidden.requires_grad and not values.numel():
+        # no target on this rank (e.g. all labels in the other ranks' chunks): its backward must still run
+        # through the trunk, whose K/V exchanges (and FSDP reduce-scatters) the other ranks wait on
+        out = out + 0.0 * hidden.sum()
     return out, keep, shard
 
 

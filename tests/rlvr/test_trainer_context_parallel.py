@@ -1,0 +1,70 @@
+"""``train.context_parallel=2`` in the RL trainer: 2 workers splitting every row (logprob, old-logprob and
+loss passes) make the update of one in-process trainer, replicated and FSDP2-sharded (gloo, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.rlvr.config import RLTrainConfig
+from posttrain.rlvr.trainer import PolicyTrainer
+from posttrain.training.config import FsdpConfig
+
+from test_trainer_group import ADAM_STEPS_ATOL, ADV, ROWS, config, in_process, make_batch, max_diff
+
+# two minibatches (the old-logprob pass runs), sequence means (the count is the minibatch's), a masked row
+AGGREGATION, MINIBATCHES = "seq_mean_token_mean", 2
+
+
+def test_context_parallel_must_divide_the_workers() -> None:
+    with pytest.raises(ValueError, match=r"train.context_parallel=2 must divide train.workers \(3\)"):
+        RLTrainConfig(workers=3, context_parallel=2)
+
+
+def _cp_config(fsdp: bool):
+    cfg = config(AGGREGATION, workers=2, minibatches=MINIBATCHES)
+    train = cfg.train.model_copy(update={"context_parallel": 2, "fsdp": FsdpConfig(enabled=fsdp)})
+    return cfg.model_copy(update={"train": train})
+
+
+def _worker(rank: int, address: str, fsdp: bool, batches: list, out: str) -> None:
+    cfg = _cp_config(fsdp)
+    trainer = PolicyTrainer(cfg.start_model(), cfg.train, cfg.lora, cfg.loss_config(), cfg.run.seed)
+    trainer.join_group(address, rank, 2, 120.0)
+    metrics = [trainer.train_step(b, 1.0) for b in batches]
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
+    if rank == 0:
+        torch.save({"weights": weights, "metrics": metrics}, out)
+    trainer.leave_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_context_parallel_workers_make_the_update_of_one(tmp_path, tiny_llama_dir, fsdp) -> None:
+    import torch.multiprocessing as mp
+
+    plain = in_process(config(AGGREGATION, minibatches=MINIBATCHES))
+    batches = [make_batch(plain, ROWS, ADV, off_row=2), make_batch(plain, ROWS[:4], ADV[:4])]
+    want = [plain.train_step(b, 1.0) for b in batches]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "rank0.pt"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(address, fsdp, batches, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    diff = max_diff(got["weights"], plain.model.state_dict())
+    print(f"cp=2 RL trainer (fsdp={fsdp}) vs in-process: max weight diff {diff:.2e}; "
+          f"{json.dumps([{k: m[k] for k in ('loss/pg', 'tokens/trained')} for m in got['metrics']])}")
+    assert diff < ADAM_STEPS_ATOL
+    for g, w in zip(got["metrics"], want):
+        assert g["tokens/trained"] == w["tokens/trained"]
+        assert g["mismatch/masked_sequences"] == w["mismatch/masked_sequences"]
+        for key in ("loss/pg", "loss/is_weight_mean", "train/grad_norm", "mismatch/logprob_abs_mean",
+                    "mismatch/logprob_abs_max", "mismatch/seq_error_max"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
