@@ -42,6 +42,33 @@ def _preview(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _memory_plan(cfg: SFTConfig, args: argparse.Namespace) -> str:
+    """The per-rank memory plan of this config (training/memory_plan.py), from the model's config only."""
+    import os
+
+    from posttrain.models import cache_root
+    from posttrain.training import memory_plan as mp
+
+    try:
+        hf = mp.load_hf_config(cfg.model.name, cache_root())
+    except FileNotFoundError as exc:
+        return f"memory plan: skipped ({exc})"
+    lora = cfg.lora
+    targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (
+        ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj")
+        if hf.get("model_type") == "nemotron_h" else ())
+    world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "float32"  # auto: float32 on CPU (bf16 on CUDA)
+    step = mp.StepShape(
+        tokens=cfg.train.micro_batch_tokens, dtype=dtype, world=world,
+        cp=getattr(cfg.train, "context_parallel", 1), fsdp=cfg.train.fsdp.enabled,
+        lora_r=lora.r if lora.enabled else 0, lora_targets=targets, freeze_layers=cfg.train.freeze_layers,
+        freeze_router=cfg.train.freeze_router, gradient_checkpointing=cfg.train.gradient_checkpointing,
+        loss_chunk=cfg.train.loss_chunk_size)
+    device = mp.parse_bytes(args.device_memory) if args.device_memory else None
+    return mp.plan(hf, step).table(device)
+
+
 def _sft(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if overrides and overrides[0] == "preview":
@@ -52,6 +79,7 @@ def _sft(args: argparse.Namespace) -> int:
     cfg = _load(args, overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
+        print(_memory_plan(cfg, args))
         return 0
     from posttrain.sft.train import train
 
@@ -67,7 +95,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "rendered samples with the loss mask. posttrain sft keys: every config key.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
     p.add_argument("--config", help="YAML preset, e.g. configs/sft/smollm2_reasoning.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the per-rank memory plan, and stop")
+    p.add_argument("--world", type=int, metavar="N", help=(
+        "dry-run: processes the memory plan assumes (default: $WORLD_SIZE or 1), e.g. 32 for 4 nodes x 8 GPUs"))
+    p.add_argument("--device-memory", metavar="SIZE", help=(
+        "dry-run: memory per device, e.g. 80GB or 141GiB: the plan says whether a rank fits"))
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
     p.add_argument("--stop-after", type=int, metavar="STEP", help=(
         "end after this step's checkpoint, as a preempted run would (resume drills, tests)"))
