@@ -15,7 +15,9 @@ from posttrain.rlvr.config import RLTrainConfig
 from posttrain.rlvr.trainer import PolicyTrainer
 from posttrain.training.config import FsdpConfig
 
-from test_trainer_group import ADAM_STEPS_ATOL, ADV, ROWS, config, in_process, make_batch, max_diff
+from posttrain.rlvr.trainer_group import TrainerGroup
+from test_trainer_group import (ADAM_STEPS_ATOL, ADV, ROWS, config, in_process, make_batch, max_diff,  # noqa: F401
+                                ray_cluster, saved_weights)
 
 # two minibatches (the old-logprob pass runs), sequence means (the count is the minibatch's), a masked row
 AGGREGATION, MINIBATCHES = "seq_mean_token_mean", 2
@@ -68,3 +70,19 @@ def test_context_parallel_workers_make_the_update_of_one(tmp_path, tiny_llama_di
         for key in ("loss/pg", "loss/is_weight_mean", "train/grad_norm", "mismatch/logprob_abs_mean",
                     "mismatch/logprob_abs_max", "mismatch/seq_error_max"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_context_parallel_trainer_group(ray_cluster, tiny_llama_dir, tmp_path) -> None:
+    """The same through the Ray workers the RL loop runs (``TrainerGroup``: trainer-0 and trainer-1, one cp pair)."""
+    plain = in_process(config(AGGREGATION, minibatches=MINIBATCHES))
+    batches = [make_batch(plain, ROWS, ADV, off_row=2), make_batch(plain, ROWS[:4], ADV[:4])]
+    want = [plain.train_step(b, 1.0) for b in batches]
+    with TrainerGroup(_cp_config(fsdp=False)) as group:
+        got = [group.train_step(b, 1.0) for b in batches]
+        checkpoint = group.save(str(tmp_path / "cp"), 2, {}, 1)
+    diff = max_diff(saved_weights(checkpoint), plain.model.state_dict())
+    print(f"cp=2 TrainerGroup vs in-process: max weight diff {diff:.2e}")
+    assert diff < ADAM_STEPS_ATOL
+    assert [m["tokens/trained"] for m in got] == [w["tokens/trained"] for w in want]
+    assert got[0]["loss/pg"] == pytest.approx(want[0]["loss/pg"], rel=1e-4, abs=1e-6)
