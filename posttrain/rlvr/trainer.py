@@ -2,7 +2,8 @@
 
 A plain class so it can be tested directly; the RLVR loop runs it as the Ray actors
 ``trainer-0..`` of a :class:`posttrain.rlvr.trainer_group.TrainerGroup` (data parallel: each
-worker trains a share of every batch, gradients are summed). One optimizer step per batch of
+worker trains a share of every batch, gradients are summed; with ``train.context_parallel=N``
+groups of N workers take the same share and each runs its part of every row). One optimizer step per batch of
 rollouts by default (``minibatches=1``): then the rollouts are exactly on-policy for the
 trainer, the "old" logprobs are the current ones (detached) and no extra forward pass is
 needed; with more minibatches the old logprobs are computed once up front and the PPO clip

@@ -5,8 +5,8 @@ One ``Parallel`` value says where this process stands. Its device mesh has three
 
 - ``dp_shard``: data parallelism; with ``train.fsdp.enabled`` also the dim FSDP2 shards
   parameters, gradients and optimizer state over (``fully_shard`` per decoder block, then the root);
-- ``cp``: context parallelism (``train.context_parallel``; wired into SFT, not yet into the RL
-  trainer): ranks of one cp group hold pieces of the same sequences. Get the group with ``par.cp_group()``
+- ``cp``: context parallelism (``train.context_parallel``; SFT and the RL trainer workers):
+  ranks of one cp group hold pieces of the same sequences. Get the group with ``par.cp_group()``
   (``par.mesh["cp"].get_group()``); with cp > 1 FSDP shards over the flattened ``dp_shard x cp``
   (``par.shard_mesh()``), as torchtitan does, so cp ranks also share the weight memory;
 - ``dp_replicate``: size 1 (HSDP, replicate across nodes and shard within, is not built yet).
