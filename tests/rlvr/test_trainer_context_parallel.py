@@ -14,12 +14,20 @@ from posttrain.rlvr.config import RLTrainConfig
 from posttrain.rlvr.trainer import PolicyTrainer
 from posttrain.training.config import FsdpConfig
 
+from posttrain.orchestration import cluster
 from posttrain.rlvr.trainer_group import TrainerGroup
-from test_trainer_group import (ADAM_STEPS_ATOL, ADV, ROWS, config, in_process, make_batch, max_diff,  # noqa: F401
-                                ray_cluster, saved_weights)
+from test_trainer_group import (ADAM_STEPS_ATOL, ADV, RAY_TEMP_DIR, ROWS, config, in_process, make_batch, max_diff,
+                                saved_weights)
 
 # two minibatches (the old-logprob pass runs), sequence means (the count is the minibatch's), a masked row
 AGGREGATION, MINIBATCHES = "seq_mean_token_mean", 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster.init_ray(temp_dir=RAY_TEMP_DIR, num_cpus=4)
+    yield
+    cluster.shutdown_ray()
 
 
 def test_context_parallel_must_divide_the_workers() -> None:
