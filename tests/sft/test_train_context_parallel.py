@@ -56,3 +56,16 @@ def test_sft_context_parallel_meshes_equal_one_process(tmp_path, arith_jsonl, np
           f"losses {_losses(one)} vs {_losses(two)}")
     assert diff < ATOL
     assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_context_parallel_checkpoint_resumes_in_one_process(tmp_path, arith_jsonl) -> None:
+    """Sharded over the flattened dp_shard x cp mesh, saved after step 2, resumed by one plain process."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run(1, _cp_args(arith_jsonl, whole))  # fsdp.enabled in one process: unsharded model, sharded checkpoints
+    _run(2, _cp_args(arith_jsonl, split, "train.context_parallel=2"), "--stop-after", "2")
+    _run(1, _cp_args(arith_jsonl, split), "--resume")
+    diff = _max_diff(_weights(whole / "model"), _weights(split / "model"))
+    print(f"cp=2 checkpoint resumed in 1 process: max weight diff {diff:.2e}")
+    assert diff < ATOL
+    assert _losses(whole)[-1] == pytest.approx(_losses(split)[-1], rel=1e-5)
