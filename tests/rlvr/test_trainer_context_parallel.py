@@ -35,16 +35,16 @@ def test_context_parallel_must_divide_the_workers() -> None:
         RLTrainConfig(workers=3, context_parallel=2)
 
 
-def _cp_config(fsdp: bool):
-    cfg = config(AGGREGATION, workers=2, minibatches=MINIBATCHES)
+def _cp_config(fsdp: bool, workers: int = 2):
+    cfg = config(AGGREGATION, workers=workers, minibatches=MINIBATCHES)
     train = cfg.train.model_copy(update={"context_parallel": 2, "fsdp": FsdpConfig(enabled=fsdp)})
     return cfg.model_copy(update={"train": train})
 
 
-def _worker(rank: int, address: str, fsdp: bool, batches: list, out: str) -> None:
-    cfg = _cp_config(fsdp)
+def _worker(rank: int, address: str, fsdp: bool, world: int, batches: list, out: str) -> None:
+    cfg = _cp_config(fsdp, world)
     trainer = PolicyTrainer(cfg.start_model(), cfg.train, cfg.lora, cfg.loss_config(), cfg.run.seed)
-    trainer.join_group(address, rank, 2, 120.0)
+    trainer.join_group(address, rank, world, 120.0)
     metrics = [trainer.train_step(b, 1.0) for b in batches]
     weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
     if rank == 0:
@@ -53,8 +53,8 @@ def _worker(rank: int, address: str, fsdp: bool, batches: list, out: str) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_context_parallel_workers_make_the_update_of_one(tmp_path, tiny_llama_dir, fsdp) -> None:
+@pytest.mark.parametrize("fsdp,world", [(False, 2), (True, 2), (True, 4)])  # 4: dp_shard 2 x cp 2
+def test_context_parallel_workers_make_the_update_of_one(tmp_path, tiny_llama_dir, fsdp, world) -> None:
     import torch.multiprocessing as mp
 
     plain = in_process(config(AGGREGATION, minibatches=MINIBATCHES))
@@ -65,10 +65,10 @@ def test_context_parallel_workers_make_the_update_of_one(tmp_path, tiny_llama_di
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     out = tmp_path / "rank0.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(address, fsdp, batches, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(address, fsdp, world, batches, str(out)), nprocs=world, join=True)
     got = torch.load(out)
     diff = max_diff(got["weights"], plain.model.state_dict())
-    print(f"cp=2 RL trainer (fsdp={fsdp}) vs in-process: max weight diff {diff:.2e}; "
+    print(f"cp=2 RL trainer ({world} workers, fsdp={fsdp}) vs in-process: max weight diff {diff:.2e}; "
           f"{json.dumps([{k: m[k] for k in ('loss/pg', 'tokens/trained')} for m in got['metrics']])}")
     assert diff < ADAM_STEPS_ATOL
     for g, w in zip(got["metrics"], want):
