@@ -261,6 +261,13 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return tokenizer
 
 
+def head_is_tied(model: Any) -> bool:
+    """Whether the LM head *is* the input embedding (not what the config says: transformers 5.19 keeps
+    NemotronH's head separate although its config says ``tie_word_embeddings: true``)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
 def torch_dtype(dtype: str, device: str) -> Any:
     import torch
 

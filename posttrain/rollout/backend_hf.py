@@ -109,12 +109,13 @@ class HFBackend:
             self._merge_lora(update.path)
 
     def _load(self, state: dict[str, Any]) -> None:
+        tied = models.head_is_tied(self.model)  # a truly tied head comes as the embedding; any other must be sent
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]
+        missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
         if unexpected or missing:
             raise RolloutError(f"weight update does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
-        if getattr(self.model.config, "tie_word_embeddings", False):
+        if tied:
             self.model.tie_weights()
 
     def _merge_lora(self, folder: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
+from posttrain.models import head_is_tied
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -118,17 +119,10 @@ def load_model_weights(model: Any, folder: str | Path) -> None:
     for shard in shards:
         weights.update(load_file(shard))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and _head_is_tied(model))]
+    missing = [k for k in missing if not (k == "lm_head.weight" and head_is_tied(model))]
     if missing or unexpected:
         raise RuntimeError(f"{folder}: weights do not match the model (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}); was it saved from another architecture?")
-
-
-def _head_is_tied(model: Any) -> bool:
-    """Whether the LM head *is* the input embedding (not what the config says: transformers 5.19 keeps
-    NemotronH's head separate although its config says ``tie_word_embeddings: true``)."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embed is not None and head.weight is embed.weight
 
 
 def load_checkpoint(ckpt: Checkpoint, model: Any, optimizer: Any, scheduler: Any = None) -> dict[str, Any]:

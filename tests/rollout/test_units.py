@@ -96,3 +96,21 @@ def test_request_seeds_follow_the_prompt_not_the_shard():
     seeds = {request_seed(0, p, i) for p in range(50) for i in range(16)}
     assert len(seeds) == 50 * 16
     assert request_seed(1, 0, 0) != request_seed(0, 0, 0)
+
+
+@pytest.mark.parametrize(("fixture", "refused"), [("tiny_llama_dir", False), ("tiny_nemotron_dir", True)])
+def test_hf_update_without_head_is_refused_unless_the_head_is_the_embedding(request, fixture, refused):
+    """tiny-llama's head is its embedding, so an update may leave it out; NemotronH's config says
+    tied but transformers keeps a separate head: an update without it would keep a stale head."""
+    from posttrain.config import ModelConfig
+    from posttrain.rollout.backend_hf import HFBackend
+    from posttrain.rollout.types import RolloutError
+
+    backend = HFBackend(request.getfixturevalue(fixture), ModelConfig(name="unused"), RolloutConfig())
+    state = {k: v.clone() for k, v in backend.model.state_dict().items() if k != "lm_head.weight"}
+    if refused:
+        with pytest.raises(RolloutError, match="lm_head.weight"):
+            backend._load(state)
+    else:
+        backend._load(state)
+        assert backend.model.get_output_embeddings().weight is backend.model.get_input_embeddings().weight
