@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from worker_result import run_worker  # bench/ is the script's folder
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,15 +75,7 @@ def run_one(model: str, tokens: int, cp: int, loss_chunk: int, timeout: float, p
     args = [__file__, "--worker", model, str(tokens), str(loss_chunk)]
     cmd = ([sys.executable, *args] if cp == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp), "--master_port", str(port), *args])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": model, "tokens": tokens, "cp": cp, "error": f"timeout {timeout:.0f}s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"model": model, "tokens": tokens, "cp": cp, "error": tail[0][:200]}
+    return run_worker(cmd, {"model": model, "tokens": tokens, "cp": cp}, timeout)
 
 
 def table(results: list[dict]) -> str:

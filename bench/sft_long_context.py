@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from worker_result import run_worker  # bench/ is the script's folder
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,15 +93,7 @@ def worker(model: str, tokens: int, method: str) -> None:
 
 def run_one(model: str, tokens: int, method: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", model, str(tokens), method]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": model, "tokens": tokens, "method": method, "error": f"timeout {timeout:.0f}s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"model": model, "tokens": tokens, "method": method, "error": tail[0][:200]}
+    return run_worker(cmd, {"model": model, "tokens": tokens, "method": method}, timeout)
 
 
 def table(results: list[dict]) -> str:

@@ -20,6 +20,8 @@ from posttrain.training import context_parallel as cp
 from posttrain.training import mamba_packing as mp
 from posttrain.training.loss import causal_lm_nll_sum
 
+from test_mamba_packing import _make_stateful  # the same stateful set-up as the packing tests
+
 TOL = 1e-5
 
 
@@ -30,16 +32,6 @@ def _batch(case: dict) -> dict[str, torch.Tensor]:
         ids = torch.randint(3, 4000, (n,), generator=g).tolist()
         docs.append((ids, [0] * (n // 5) + [1] * (n - n // 5)))
     return collate_packed(docs) if case["mode"] == "pack" else collate_padded(docs, pad_id=0)
-
-
-def _make_stateful(model) -> None:
-    """Slow decay and larger B, C, x: at random init the SSM state is ~1e-8 of the output, which
-    would let a missing state carry pass a 1e-5 check; here it moves outputs by ~1e-3."""
-    with torch.no_grad():
-        for mixer in (m for m in model.modules() if mp.supports(m)):
-            mixer.A_log.fill_(-4.6)  # A = -0.01
-            mixer.dt_bias.fill_(0.5)  # dt ~ 0.97
-            mixer.in_proj.weight.mul_(8)
 
 
 def _reference(model_dir: str, batch: dict[str, torch.Tensor], stateful: bool = False
