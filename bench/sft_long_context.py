@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 
-from worker_result import run_worker  # bench/ is the script's folder
+from worker_result import publish, run_worker  # bench/ is the script's folder
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,10 +126,7 @@ def main() -> int:
             for method in args.methods:
                 results.append(run_one(model, tokens, method, args.timeout))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    print(table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    publish(table(results), results, args.json)
     return 0
 
 

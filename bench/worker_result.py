@@ -22,3 +22,11 @@ def run_worker(cmd: list[str], row: dict[str, Any], timeout: float) -> dict[str,
             return json.loads(line[7:])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
     return {**row, "error": tail[0][:200]}
+
+
+def publish(table: str, results: list[dict[str, Any]], json_path: str | None) -> None:
+    """Print the bench's table; with ``json_path`` also keep every row there."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(results, fh, indent=1)

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from math import comb
 from pathlib import Path
@@ -212,24 +213,22 @@ def _k_values(text: str) -> tuple[int, ...]:
     return ks
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"a positive number of seconds, e.g. 10 (got {text!r})")
-    return value
+def _positive(convert: Callable[[str], float], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)``, finite and > 0 (a whole number >= 1 for int), else a clear error."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{what} (got {text!r})")
+        return value
+
+    return parse
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number >= 1 (got {text!r})")
-    return value
+_seconds = _positive(float, "a positive number of seconds, e.g. 10")
+_workers = _positive(int, "a whole number >= 1")
 
 
 def _extractors(text: str) -> tuple[str, ...]:
