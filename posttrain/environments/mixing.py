@@ -71,8 +71,10 @@ def pass_rates_from_scores(ids: Sequence[str], scores: Sequence[Score], threshol
 class CurriculumConfig:
     """Easy -> hard by measured pass rate.
 
-    The target pass rate moves linearly from ``start_pass_rate`` to ``end_pass_rate`` over
-    ``steps``; a prompt's weight is a Gaussian of (its pass rate - target) with width
+    The target pass rate moves linearly from ``start_pass_rate`` to ``end_pass_rate`` as the run
+    progresses: over ``steps`` updates, or by the fraction of the run done when the loop says so
+    (:meth:`MixedSampler.set_progress`: a run capped by ``max_minutes`` moves by its clock, not by
+    a step count it will never reach); a prompt's weight is a Gaussian of (its pass rate - target) with width
     ``width``. Unmeasured prompts count as ``prior`` until scored.
     """
 
@@ -97,6 +99,7 @@ class EnvSampler:
         self.rng = random.Random(seed)
         self.pass_rate: dict[str, float] = {}
         self.step = 0
+        self.progress: float | None = None  # fraction of the run done, when the loop knows it better than steps
         self._order: list[int] = []
 
     def draw(self, n: int) -> list[Sample]:
@@ -114,7 +117,7 @@ class EnvSampler:
 
     def target(self) -> float:
         c = self.curriculum
-        progress = min(1.0, self.step / max(1, c.steps))
+        progress = self.progress if self.progress is not None else min(1.0, self.step / max(1, c.steps))
         return c.start_pass_rate + (c.end_pass_rate - c.start_pass_rate) * progress
 
     def weight(self, sample: Sample) -> float:
@@ -132,13 +135,14 @@ class EnvSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self.rng), "pass_rate": dict(self.pass_rate), "step": self.step,
-                "order": list(self._order)}
+                "order": list(self._order), "progress": self.progress}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         restore_rng(self.rng, state["rng"])
         self.pass_rate = dict(state["pass_rate"])
         self.step = int(state["step"])
         self._order = list(state["order"])
+        self.progress = state.get("progress")  # absent in checkpoints written before it existed
 
 
 class MixedSampler:
@@ -157,6 +161,14 @@ class MixedSampler:
 
     def update(self, env_name: str, pass_rates: Mapping[str, float]) -> None:
         self.samplers[env_name].update(pass_rates)
+
+    def set_progress(self, fraction: float) -> None:
+        """Tell every curriculum how far the run is (0 = start, 1 = end), e.g. the larger of the
+        steps done and the wall-time budget used."""
+        if not math.isfinite(fraction):
+            raise ValueError(f"progress must be a finite fraction (got {fraction})")
+        for sampler in self.samplers.values():
+            sampler.progress = min(1.0, max(0.0, fraction))
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self.rng), "envs": {k: s.state_dict() for k, s in self.samplers.items()}}

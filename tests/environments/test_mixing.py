@@ -119,3 +119,25 @@ def test_errors_are_counted_by_kind_not_by_their_text():
     assert (m["env/code/errors/invalid"], m["env/code/errors/infra"]) == (1, 1)
     assert m["env/code/error_rate"] == pytest.approx(2 / 3)
     assert pass_rates_from_scores(["a"] * 3, scores) == {"a": pytest.approx(1 / 3)}
+
+
+def test_curriculum_moves_by_run_progress_when_steps_never_come():
+    """A time-capped run (steps: 1000, max_minutes: 8) stops after a few dozen updates: the schedule
+    follows the fraction of the run the loop reports, not the step count it will never reach."""
+    samples = make_samples("p", 100)
+    table = {f"p{i}": i / 99 for i in range(100)}
+    samplers = {"m": EnvSampler(samples, CurriculumConfig(enabled=True, steps=1000), seed=0)}
+    mixed = MixedSampler(samplers, {"m": 1.0})
+    samplers["m"].pass_rate = dict(table)
+    for _ in range(30):  # 3% of the steps: by steps alone the target would barely move
+        mixed.update("m", {})
+    assert samplers["m"].target() > 0.85
+    mixed.set_progress(1.0)  # the wall-time budget is used up
+    assert samplers["m"].target() == pytest.approx(0.2)
+    late = [table[s.id] for _, s in mixed.next_batch(400)]
+    assert sum(late) / len(late) < 0.35
+    resumed = EnvSampler(samples, CurriculumConfig(enabled=True, steps=1000))
+    resumed.load_state_dict(samplers["m"].state_dict())
+    assert resumed.target() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="finite"):
+        mixed.set_progress(float("nan"))
