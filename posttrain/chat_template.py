@@ -11,6 +11,13 @@ ChatML (`<|im_start|>role ... <|im_end|>`) with the reasoning controls of Nemotr
   last user message.
 - Assistant turns sit inside ``{% generation %}`` markers, so
   ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives assistant-only masks.
+- ``tools`` (OpenAI function schemas) go into the system turn, Hermes/Qwen style; an assistant's
+  ``tool_calls`` render inside its generation markers as ``<tool_call>`` blocks (exactly
+  :func:`posttrain.tool_calls.format_call`), and consecutive ``tool`` messages render as one user
+  turn of ``<tool_response>`` blocks -- as Nemotron 3 Nano's template does. Tool turns are not user
+  turns for ``truncate_history_thinking``: reasoning is kept across the turns of one tool episode.
+- :func:`continuation` is the text between a generated assistant turn and the next generation
+  prompt, so a multi-turn rollout extends its token ids without ever re-rendering the conversation.
 
 ``<think>``/``</think>`` are plain text here (several tokens for SmolLM2's tokenizer): no
 embedding rows are added to pretrained models, and every tokenizer renders them the same way.
@@ -18,6 +25,7 @@ embedding rows are added to pretrained models, and every tokenizer renders them 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -25,7 +33,12 @@ from typing import Any
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+IM_END = "<|im_end|>"
 Messages = list[dict[str, Any]]
+Tools = list[dict[str, Any]]
+# continuation() renders the observation after this fixed exchange and keeps what follows its end
+_ANCHOR: Messages = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+_ANCHOR_END = "<|im_start|>assistant\n<think></think>.<|im_end|>"
 
 
 @lru_cache(maxsize=1)
@@ -55,11 +68,21 @@ def template_kwargs(
     return kw
 
 
-def render(tokenizer: Any, messages: Messages, *, add_generation_prompt: bool = False, **kwargs: Any) -> str:
-    """Messages -> prompt text with our template (whatever template the tokenizer carries)."""
-    _check_messages(messages)
+def render(
+    tokenizer: Any,
+    messages: Messages,
+    *,
+    tools: Tools | None = None,
+    add_generation_prompt: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Messages (and optional ``tools``) -> prompt text with our template (whatever the tokenizer carries).
+
+    ``kwargs``: ``enable_thinking``, ``reasoning_budget``, ``truncate_history_thinking``.
+    """
     return tokenizer.apply_chat_template(
-        messages,
+        _prepared(messages),
+        tools=_checked_tools(tools),
         chat_template=template_text(),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
@@ -67,15 +90,18 @@ def render(tokenizer: Any, messages: Messages, *, add_generation_prompt: bool = 
     )
 
 
-def encode_with_assistant_mask(tokenizer: Any, messages: Messages, **kwargs: Any) -> tuple[list[int], list[int]]:
+def encode_with_assistant_mask(
+    tokenizer: Any, messages: Messages, *, tools: Tools | None = None, **kwargs: Any
+) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and a 0/1 mask that is 1 exactly on assistant tokens.
 
-    The mask covers each assistant turn's content, reasoning and closing ``<|im_end|>`` (so the
-    model learns to stop), never the ``<|im_start|>assistant`` header or other roles.
+    The mask covers each assistant turn's content, reasoning, tool calls and closing ``<|im_end|>``
+    (so the model learns to call and to stop), never the ``<|im_start|>assistant`` header, the tools
+    block of the system turn, tool responses or other roles.
     """
-    _check_messages(messages)
     out = tokenizer.apply_chat_template(
-        messages,
+        _prepared(messages),
+        tools=_checked_tools(tools),
         chat_template=template_text(),
         tokenize=True,
         return_dict=True,
@@ -83,6 +109,43 @@ def encode_with_assistant_mask(tokenizer: Any, messages: Messages, **kwargs: Any
         **template_kwargs(**kwargs),
     )
     return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def continuation(
+    tokenizer: Any,
+    observation_messages: Messages,
+    *,
+    ended_with_eos: bool,
+    enable_thinking: bool = True,
+    reasoning_budget: int | None = None,
+) -> str:
+    """The text after a generated assistant turn, up to and including the next generation prompt.
+
+    A multi-turn rollout appends the tokens of this text to prompt + generated ids instead of
+    re-rendering the conversation (a re-render can tokenise the model's own text differently).
+    ``ended_with_eos``: the turn ended with ``<|im_end|>``; if not (cut at max tokens) the text
+    starts by closing it. ``enable_thinking`` is the conversation's state so far (see
+    :func:`thinking_enabled`); ``/think`` / ``/no_think`` in user observations still switch it.
+    ``reasoning_budget`` is announced in the last user message of the observation, if any.
+    Equal to the template's own rendering (tests): ``render(conv + obs, add_generation_prompt=True)
+    == render(conv[:-1], add_generation_prompt=True) + generated + continuation(obs)`` for tool
+    observations, and for user ones with ``truncate_history_thinking=False``.
+    """
+    obs = list(observation_messages) if isinstance(observation_messages, (list, tuple)) else None
+    if not obs or any(not isinstance(m, dict) or m.get("role") not in ("tool", "user") for m in obs):
+        raise ValueError(f"observation_messages must be a non-empty list of tool/user messages "
+                         f"(got {observation_messages!r:.120})")
+    text = render(tokenizer, _ANCHOR + obs, add_generation_prompt=True, enable_thinking=enable_thinking,
+                  reasoning_budget=reasoning_budget, truncate_history_thinking=False)
+    cut = text.index(_ANCHOR_END) + len(_ANCHOR_END)
+    return ("" if ended_with_eos else IM_END) + text[cut:]
+
+
+def continuation_ids(tokenizer: Any, observation_messages: Messages, **kwargs: Any) -> list[int]:
+    """Token ids of :func:`continuation` (same kwargs), tokenised on its own: no special tokens
+    added. Token-exact with the full render's ids because the text starts at ``<|im_end|>`` or
+    right after it, where every tokenizer splits (tested on SmolLM2)."""
+    return list(tokenizer.encode(continuation(tokenizer, observation_messages, **kwargs), add_special_tokens=False))
 
 
 def thinking_enabled(messages: Messages, default: bool = True) -> bool:
@@ -151,11 +214,57 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def _check_messages(messages: Messages) -> None:
+def _prepared(messages: Messages) -> Messages:
+    """Checked messages with assistant ``tool_calls`` as ``{"name", "arguments"}`` (JSON-string
+    arguments decoded), so every accepted call form renders like :func:`tool_calls.format_call`."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{i}] must be a dict with a string 'role' (got {m!r:.80})")
-        if "content" not in m and "reasoning_content" not in m:
+        if "content" not in m and "reasoning_content" not in m and not m.get("tool_calls"):
             raise ValueError(f"messages[{i}] ({m['role']}) has no 'content'")
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_call_dict(i, j, c) for j, c in enumerate(_listed(i, m["tool_calls"]))]}
+        out.append(m)
+    return out
+
+
+def _listed(i: int, calls: Any) -> list[Any]:
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f"messages[{i}].tool_calls must be a list of calls (got {type(calls).__name__})")
+    return list(calls)
+
+
+def _call_dict(i: int, j: int, call: Any) -> dict[str, Any]:
+    """One call of any accepted form (``{"name", "arguments"}``, OpenAI ``{"function": {...}}``, a
+    ``ToolCall``) as ``{"name", "arguments"}``."""
+    if not isinstance(call, dict) and hasattr(call, "name") and hasattr(call, "arguments"):
+        call = {"name": call.name, "arguments": call.arguments}
+    fn = call.get("function") if isinstance(call, dict) else None
+    fn = fn if isinstance(fn, dict) else call
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ValueError(f"messages[{i}].tool_calls[{j}] needs a string 'name' (got {call!r:.120}); use "
+                         "{'name': ..., 'arguments': {...}} or {'type': 'function', 'function': {...}}")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            decoded = json.loads(args)
+        except ValueError:
+            decoded = None
+        args = decoded if isinstance(decoded, dict) else args  # an undecodable string renders as written
+    return {"name": fn["name"], "arguments": {} if args is None else args}
+
+
+def _checked_tools(tools: Tools | None) -> Tools | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list of function schemas (got {type(tools).__name__})")
+    for k, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"tools[{k}] must be {{'type': 'function', 'function': {{'name', 'description', "
+                             f"'parameters'}}}} or {{'name', ...}} (got {tool!r:.120})")
+    return list(tools) or None
