@@ -9,7 +9,9 @@ Every environment is built the same way: ``cls(**options)``, where ``options`` i
 ``environments[i].options`` mapping of the run config. Unknown or bad options are the
 environment's own ``TypeError``/``ValueError``, reported with the environment's name. An
 environment that leaves out optional hooks of the protocol gets their defaults here, so the
-stages call every hook directly. :func:`opened` is how a stage holds environments: it closes
+stages call every hook directly. A multi-turn environment (``reset``/``step`` instead of ``score``,
+see :mod:`posttrain.environments.multiturn`) is accepted too, and also gets ``tools``,
+``max_turns`` and ``gold_episode`` when it leaves them out. :func:`opened` is how a stage holds environments: it closes
 them on the way out, also on error.
 """
 
@@ -27,6 +29,7 @@ from pydantic import Field
 
 from posttrain.config import Config
 from posttrain.environments.base import HOOKS, DefaultHooks, Environment
+from posttrain.environments.multiturn import is_multiturn
 from posttrain.errors import EnvironmentLoadError
 
 ENTRY_POINT_GROUP = "posttrain.environments"
@@ -40,7 +43,12 @@ _BUILTINS: dict[str, str] = {
     "reasoning_gym": "posttrain.environments.reasoning_gym_env:ReasoningGymEnv",
     "genrm_preference": "posttrain.genrm.preference_env:PreferenceEnv",
     "genrm": "posttrain.genrm.environment:GenRMEnv",
+    "python_tool": "posttrain.environments.python_tool_env:PythonToolEnv",
+    "guess_number": "posttrain.environments.guess_number_env:GuessNumberEnv",
+    "http": "posttrain.environments.http_env:HttpEnv",
 }
+# What a multi-turn environment (reset/step, no score) may leave out, and the default it gets.
+MULTITURN_DEFAULTS: dict[str, Any] = {"tools": (), "max_turns": 8}
 
 
 class EnvConfig(Config):
@@ -90,11 +98,15 @@ def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
         env = cls(**cfg.options)
     except (TypeError, ValueError) as exc:
         raise EnvironmentLoadError(f"environment {cfg.name!r}: bad options {cfg.options}: {exc}") from exc
-    missing = [a for a in ("name", "samples", "score") if not hasattr(env, a)]
+    if is_multiturn(env):
+        required, protocol = ("name", "samples", "reset", "step"), "posttrain.environments.multiturn"
+    else:
+        required, protocol = ("name", "samples", "score"), "posttrain.environments.base"
+    missing = [a for a in required if not hasattr(env, a)]
     if missing:
-        raise EnvironmentLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} "
-                                   "(see posttrain.environments.base)")
-    return with_default_hooks(env, cfg.name)
+        raise EnvironmentLoadError(f"environment {cfg.name!r} lacks {', '.join(missing)} (see {protocol})")
+    env = with_default_hooks(env, cfg.name)
+    return with_multiturn_defaults(env, cfg.name) if is_multiturn(env) else env
 
 
 def with_default_hooks(env: Any, name: str = "") -> Environment:
@@ -108,6 +120,28 @@ def with_default_hooks(env: Any, name: str = "") -> Environment:
         except AttributeError:  # __slots__ and the like
             raise EnvironmentLoadError(f"environment {name!r} lacks {hook} and cannot take the default: define it, "
                                        "or inherit posttrain.environments.base.DefaultHooks") from None
+    return env
+
+
+def _no_gold_episode(self: Any, sample: Any) -> None:
+    """No scripted episode: ``env check`` runs only the garbage episodes."""
+    return None
+
+
+def with_multiturn_defaults(env: Any, name: str = "") -> Any:
+    """A multi-turn ``env`` with ``tools``, ``max_turns`` and ``gold_episode`` (MULTITURN_DEFAULTS, no script)."""
+    defaults = dict(MULTITURN_DEFAULTS, gold_episode=_no_gold_episode)
+    for attr, default in defaults.items():
+        if hasattr(env, attr):
+            continue
+        try:
+            setattr(env, attr, types.MethodType(default, env) if callable(default) else default)
+        except AttributeError:
+            raise EnvironmentLoadError(f"environment {name!r} lacks {attr} and cannot take the default: define "
+                                       "it (see posttrain.environments.multiturn)") from None
+    max_turns = env.max_turns
+    if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
+        raise EnvironmentLoadError(f"environment {name!r}: max_turns must be an integer >= 1 (got {max_turns!r})")
     return env
 
 

@@ -37,6 +37,7 @@ class CodeResult:
     seconds: float
     detail: str = ""
     log: str = ""  # first bytes of the program's stdout/stderr
+    output: str = ""  # run_program only: what the program printed (stdout and stderr, a traceback), bounded
 
     @property
     def reward(self) -> float | None:
@@ -211,6 +212,67 @@ def check_io(program: str, cases: Sequence[tuple[str, str]], *, limits: Limits |
     except SandboxError as exc:
         kind, detail = INFRA, str(exc)
     return CodeResult(kind == PASSED, kind, time.monotonic() - start, detail, log_text)
+
+
+# Runs the tool's code as __main__ with stderr on stdout, a traceback printed there (this wrapper's own
+# frame left out) and, like a notebook, the value of a last bare expression shown. Trusted text: the
+# candidate is only ever a string literal in it.
+_EXECUTE = """import ast as _a, sys as _s, traceback as _t
+_s.stderr = _s.stdout
+_g = {{"__name__": "__main__", "__builtins__": __builtins__}}
+try:
+    _m = _a.parse({source!r}, "<code>")
+    _e = _m.body.pop() if _m.body and isinstance(_m.body[-1], _a.Expr) else None
+    exec(compile(_m, "<code>", "exec"), _g)
+    if _e is not None:
+        _v = eval(compile(_a.Expression(_e.value), "<code>", "eval"), _g)
+        if _v is not None:
+            print(repr(_v))
+except SystemExit:
+    raise
+except BaseException as _x:
+    _b = None if isinstance(_x, SyntaxError) or _x.__traceback__ is None else _x.__traceback__.tb_next
+    _t.print_exception(type(_x), _x, _b, file=_s.stdout)
+    raise SystemExit(1)
+"""
+
+
+def run_program(program: str, *, stdin: str = "", max_output_chars: int = 4000, limits: Limits | None = None,
+                isolation: Isolation | None = None) -> CodeResult:
+    """Run ``program`` as a script (a tool call's code) and return what it printed in ``output``.
+
+    ``kind`` says how it ended: passed (ran to the end), runtime_error (raised, traceback in the
+    output), timeout, memory, output_limit, crash, or infra (the sandbox failed: not the program's
+    doing). The output is cut to ``max_output_chars`` with a marker: a flood costs only that call.
+    """
+    start = time.monotonic()
+    stdout, log_text = "", ""
+    try:
+        with Sandbox(limits, isolation) as sandbox:
+            reply = sandbox.start(_EXECUTE.format(source=program), None)
+            if reply.get("status") != "ready":
+                kind, detail = _setup_failure(reply)
+            else:
+                reply = sandbox.request({"stdin": stdin})
+                status, out = reply.get("status"), reply.get("stdout")
+                stdout = out if isinstance(out, str) else ""
+                if status == "ok":
+                    kind, detail = PASSED, ""
+                else:
+                    kind = RUNTIME if status == "raised" else _FAILURE_KINDS.get(str(status), CRASH)
+                    detail = f"{reply.get('type', '')} {reply.get('message', status)}".strip()[:500]
+            log_text = sandbox.log_text()
+    except SandboxError as exc:
+        kind, detail = INFRA, str(exc)[:500]
+    return CodeResult(kind == PASSED, kind, time.monotonic() - start, detail, log_text,
+                      truncated(stdout, max_output_chars))
+
+
+def truncated(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, with a marker that says how much was left out."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n... [output truncated: {len(text) - limit} more characters]"
 
 
 def humaneval_program(problem: dict[str, Any], completion: str) -> str:

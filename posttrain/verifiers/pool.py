@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 import weakref
@@ -27,7 +28,7 @@ from typing import Any
 
 import ray
 
-from posttrain.verifiers.code import INFRA, CodeResult, check_function, check_humaneval, check_io
+from posttrain.verifiers.code import INFRA, CodeResult, check_function, check_humaneval, check_io, run_program
 from posttrain.verifiers.sandbox import Limits, detect_isolation
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,28 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class CodeJob:
     """One program to score: a HumanEval-shaped ``problem`` and a ``completion``, I/O ``cases``, or
-    ``function`` tests (``check_function`` keywords: entry_point, test, helpers) of the program."""
+    ``function`` tests (``check_function`` keywords: entry_point, test, helpers) of the program.
+    Or, with ``execute``, one program to run as a tool call (``run_program``): its printed output comes
+    back in ``CodeResult.output``, cut to ``max_output_chars``, under the runner's limits with the wall
+    limit lowered to ``timeout_s`` (a tool call gets less time than a whole scoring run)."""
 
     completion: str
     problem: dict[str, Any] | None = None
     cases: tuple[tuple[str, str], ...] = ()
     function: dict[str, str] | None = None
+    execute: bool = False
+    timeout_s: float | None = None
+    max_output_chars: int = 4000
 
 
 def run_job(job: CodeJob, limits: Limits | None = None, isolation: Any = None) -> CodeResult:
-    """Score one job in this process (the sandbox still isolates the program)."""
+    """Score (or, ``execute``, run) one job in this process (the sandbox still isolates the program)."""
+    if job.execute:
+        limits = limits or Limits()
+        if job.timeout_s is not None and job.timeout_s < limits.wall_s:
+            limits = dataclasses.replace(limits, wall_s=job.timeout_s,
+                                         cpu_s=max(1, min(limits.cpu_s, math.ceil(job.timeout_s))))
+        return run_program(job.completion, max_output_chars=job.max_output_chars, limits=limits, isolation=isolation)
     if job.function is not None:
         return check_function(job.completion, limits=limits, isolation=isolation, **job.function)
     if job.problem is not None:
