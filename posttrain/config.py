@@ -123,6 +123,22 @@ class RolloutConfig(Config):
         return self.threads_per_engine or max(1, math.ceil(self.cpus_per_engine))
 
 
+class EpisodeConfig(Config):
+    """Limits of multi-turn episodes (``posttrain.rollout.episodes``); single-turn environments ignore them."""
+
+    max_turns: int = Field(8, ge=1, le=4096, description=(
+        "assistant turns per episode at most; an environment's own max_turns may lower it. An episode cut "
+        "here before the environment said done scores 0 as invalid"))
+    max_episode_tokens: int = Field(2048, ge=1, description=(
+        "tokens after the first prompt (model turns + observations) per episode; each turn's max_new_tokens "
+        "is capped by what is left (and by rollout.max_model_len). An episode that runs out ends truncated: "
+        "finish_reason length, reward 0 invalid"))
+    step_timeout_s: float = Field(60.0, gt=0, description=(
+        "one environment reset() or step() (a tool call); past it the episode ends at reward 0, env_error"))
+    concurrency: int = Field(64, ge=1, description=(
+        "episodes in flight at once; while some wait on their environment the others keep the engines busy"))
+
+
 class ChatConfig(Config):
     """`posttrain chat`: one prompt, one streamed answer."""
 

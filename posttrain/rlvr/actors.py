@@ -14,11 +14,12 @@ import math
 import os
 from typing import Any
 
-from posttrain.config import ModelConfig
+from posttrain.config import EpisodeConfig, ModelConfig
 from posttrain.environments.base import Environment, StageResources
 from posttrain.orchestration.placement import StagePlacement
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.trainer_group import TrainerGroup
+from posttrain.rollout.episodes import EpisodeJob, EpisodeResult
 from posttrain.rollout.pool import LogprobCheck, RolloutPool
 from posttrain.rollout.types import EngineCrashedError, Rollout
 
@@ -114,6 +115,11 @@ class Engines:
 
     def generate(self, prompts: list[Any], gen: Any, n: int) -> list[list[Rollout]]:
         return self._retry(lambda: self.pool.generate(prompts, gen, n), "generate")
+
+    def play(self, jobs: list[EpisodeJob], gen: Any, n: int, limits: EpisodeConfig) -> list[list[list[EpisodeResult]]]:
+        """Multi-turn episodes (see ``RolloutPool.play``); after an engine died, all are replayed from
+        their start on fresh engines (an episode's tokens would otherwise mix two engines' samples)."""
+        return self._retry(lambda: self.pool.play(jobs, gen, n, limits), "episodes")
 
     def sync(self, probe: Rollout | None = None) -> Any:
         return self._retry(lambda: _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir, probe), "sync")

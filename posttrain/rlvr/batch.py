@@ -5,6 +5,10 @@ A row is ``prompt_ids + token_ids`` right-padded to the longest row. Per-token q
 completion token ``j`` of rollout ``i``, which the model predicts at sequence position
 ``len(prompt_i) + j - 1``. ``targets_index`` holds those positions so the trainer can gather
 exactly the logits it needs.
+
+An episode's completion interleaves model turns and observations (tool results, the
+environment's replies): its ``loss_mask`` keeps ``mask`` at 0 on observation tokens, so the
+policy loss, importance ratios, mismatch and token counts see model tokens only.
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ def build_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, keep: tor
         positions[i, :c] = torch.arange(p - 1, p + c - 1)
         completion[i, :c] = torch.tensor(r.token_ids, dtype=torch.long)
         mask[i, :c] = float(bool(keep[i]))
+        if r.loss_mask is not None:  # an episode: observation tokens never train
+            if len(r.loss_mask) != c:
+                raise ValueError(f"rollout {i}: {c} tokens but a loss_mask of {len(r.loss_mask)}")
+            mask[i, :c] *= torch.tensor(r.loss_mask, dtype=torch.float32)
         rollout_lp[i, :c] = torch.tensor(r.logprobs, dtype=torch.float32)
     return TrainBatch(input_ids, attention, positions, completion, mask, rollout_lp, advantages.float())
 

@@ -10,7 +10,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import JUDGE_S, TRAINER_CALL_S, Config, GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.config import (
+    JUDGE_S,
+    TRAINER_CALL_S,
+    Config,
+    EpisodeConfig,
+    GenerationConfig,
+    ModelConfig,
+    RolloutConfig,
+)
 from posttrain.environments.registry import EnvConfig
 from posttrain.training.config import FsdpConfig, LoraConfig
 
@@ -162,6 +170,8 @@ class RLVRConfig(Config):
     run: RunConfig = RunConfig()
     sandbox: SandboxPoolConfig = SandboxPoolConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    episodes: EpisodeConfig = Field(EpisodeConfig(), description=(
+        "limits of multi-turn environments' episodes (turns, tokens, tool-call timeout, episodes in flight)"))
     run_dir: str = Field("runs/rlvr", description="run folder: config, metrics, events, checkpoints")
 
     def loss_config(self) -> LossConfig:

@@ -3,6 +3,8 @@
     for step:
         prompts   <- mixed sampler (fixed env ratios, optional curriculum)
         rollouts  <- rollout engines (vLLM actors rollout-0..), n per prompt        [gen]
+                     (multi-turn environments: n episodes per prompt, token-exact,
+                     tool/env tokens masked from the loss, scored by their env as they end)
         rewards   <- each environment scores its answers (code on sandbox-N actors;
                      a GenRM judges a whole group at once)                          [score]
         adv       <- group-relative advantages; masks for dead groups / overlong
@@ -46,7 +48,7 @@ from posttrain.rlvr.batch import build_batch
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.evaluate import evaluate
 from posttrain.rlvr.policy_loss import overlong_mask
-from posttrain.rlvr.scoring import score_rollouts
+from posttrain.rlvr.scoring import play_and_score
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
 from posttrain.training.checkpoint import latest_checkpoint
@@ -122,12 +124,12 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     drawn = sampler.next_batch(cfg.run.prompts_per_step)  # [(env name, sample)]
     # a fresh sampling seed per step (reproducible, so a resumed run draws the same rollouts)
     gen = cfg.generation.model_copy(update={"seed": cfg.generation.seed + 1_000_003 * (step + 1)})
-    with timer("gen"):
-        groups = engines.generate([s.messages for _, s in drawn], gen, n)
-    rollouts = [r for group in groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
-    with timer("score"):
-        scores = score_rollouts(envs, drawn, groups, cfg.run.score_concurrency, cfg.run.score_timeout_s,
-                                cfg.timeouts.judge_s)
+    # single-turn prompts: generate [gen] then score [score]; multi-turn ones play episodes that
+    # their environment scores as they end [gen]
+    played = play_and_score(envs, drawn, engines, gen, n, cfg.episodes, concurrency=cfg.run.score_concurrency,
+                            timeout=cfg.run.score_timeout_s, group_timeout=cfg.timeouts.judge_s, timer=timer)
+    rollouts = [r for group in played.groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
+    scores = played.scores
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     adv = group_advantages(rewards, n, baseline=cfg.algorithm.baseline, scale=cfg.algorithm.scale,
                            drop_zero_variance=cfg.algorithm.drop_zero_variance)
@@ -135,6 +137,7 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     if cfg.algorithm.overlong_filter:
         keep &= overlong_mask([r.finish_reason for r in rollouts]).bool()
     keep &= torch.tensor([s.kind.trained for s in scores])  # infra failures say nothing about the completion
+    keep &= torch.tensor([r.model_tokens > 0 for r in rollouts])  # an episode that failed before its first turn
     # Only rollouts that carry gradient go to the trainer: a dropped one would still cost a
     # forward and backward pass (most groups are all-0 or all-1 early and late in training).
     kept = [i for i in range(len(rollouts)) if keep[i]]
@@ -147,12 +150,13 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     with timer("sync"):
         sync = engines.sync(rollouts[kept[0]]) if kept else None  # no update: the engines are current
     _update_curriculum(sampler, drawn, scores, n)
-    metrics = {**train_metrics, **timer.seconds, **_step_metrics(envs, drawn, rollouts, scores, n, adv, keep)}
+    metrics = {**train_metrics, **timer.seconds, **_step_metrics(envs, drawn, rollouts, scores, n, adv, keep),
+               **played.metrics}
     if sync is not None:
         metrics["sync/max_abs_logprob_diff"] = sync.max_abs_logprob_diff
         metrics["sync/seconds"] = sync.seconds
     metrics["rollout/engine_restarts"] = float(engines.restarts)
-    gen_tokens = sum(len(r.token_ids) for r in rollouts)
+    gen_tokens = sum(r.model_tokens for r in rollouts)
     metrics["rollout/gen_tokens"] = float(gen_tokens)
     metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timer.seconds["time/gen_s"], 1e-9)
     return metrics
@@ -167,7 +171,7 @@ def _step_metrics(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sampl
     out["reward/mean"] = sum(s.reward for s in scores) / len(scores)
     out["rollout/zero_variance_groups"] = float(adv.zero_variance_groups)
     out["rollout/kept_fraction"] = float(keep.float().mean())
-    out["rollout/completion_tokens_mean"] = sum(len(r.token_ids) for r in rollouts) / len(rollouts)
+    out["rollout/completion_tokens_mean"] = sum(r.model_tokens for r in rollouts) / len(rollouts)
     out["rollout/reasoning_tokens_mean"] = sum(r.reasoning_tokens for r in rollouts) / len(rollouts)
     out["rollout/truncated_fraction"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
     out["verifier/errors"] = float(sum(s.kind is not ScoreKind.OK for s in scores))
@@ -193,7 +197,7 @@ def _make_sampler(cfg: RLVRConfig, envs: dict[str, Environment]) -> MixedSampler
 
 def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -> dict[str, float]:
     result = evaluate(engines, envs, cfg.generation, cfg.run.eval_prompts, cfg.run.seed,
-                      cfg.run.score_concurrency, cfg.run.score_timeout_s, cfg.timeouts.judge_s)
+                      cfg.run.score_concurrency, cfg.run.score_timeout_s, cfg.timeouts.judge_s, cfg.episodes)
     log.info("eval: %s", " ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.endswith("/prompts")))
     return result
 

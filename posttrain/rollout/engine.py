@@ -28,6 +28,7 @@ from posttrain.rollout.types import (
     ModelDoesNotFitError,
     Rollout,
     SamplingSpec,
+    TokenRequest,
     TopTokens,
     WeightUpdate,
 )
@@ -99,6 +100,28 @@ class RolloutEngine:
         samples = self.backend.generate(prompt_ids, spec, thinking)
         return [[self._rollout(first_index + p, i, prompt_ids[p], s, thinking[p], gen)
                  for i, s in enumerate(per_prompt)] for p, per_prompt in enumerate(samples)]
+
+    def generate_ids(self, requests: list[TokenRequest], gen: GenerationConfig) -> list[GeneratedTokens]:
+        """One completion per token-id prompt (the turns of episodes): no rendering here, the caller
+        owns the tokens. Each request brings its seed index and max_tokens; ``gen`` the sampling."""
+        if not requests:
+            return []
+        too_long = [r for r in requests if r.max_tokens < 1 or len(r.prompt_ids) + r.max_tokens > self.cfg.max_model_len]
+        if too_long:
+            r = too_long[0]
+            raise ConfigError(f"request {r.index}: {len(r.prompt_ids)} prompt tokens + max_tokens={r.max_tokens} must fit "
+                              f"rollout.max_model_len={self.cfg.max_model_len} (and max_tokens >= 1)")
+        spec = SamplingSpec(n=1, max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                            seed=gen.seed, reasoning_budget=gen.reasoning_budget, budget_grace=self.cfg.budget_grace,
+                            indices=tuple(r.index for r in requests),
+                            max_tokens_each=tuple(r.max_tokens for r in requests))
+        samples = self.backend.generate([list(r.prompt_ids) for r in requests], spec, [r.thinking for r in requests])
+        out = [s[0] for s in samples]
+        for r, s in zip(requests, out):
+            if r.thinking:
+                budget = gen.reasoning_budget if gen.reasoning_budget is not None else _NO_BUDGET
+                s.reasoning_tokens = count_reasoning_tokens(self._spec(budget), self._decode, s.token_ids)
+        return out
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """Teacher-forced logprobs of ``seq[start:]`` under the current weights (raw, temperature 1)."""

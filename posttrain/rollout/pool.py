@@ -8,17 +8,19 @@ dead engine surfaces as :class:`EngineCrashedError` naming it, never as a hang.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Literal
 
 from posttrain.chat_template import Messages
-from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
+from posttrain.config import EpisodeConfig, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.orchestration import cluster
 from posttrain.rollout.engine import EngineInfo, RolloutEngine
-from posttrain.rollout.types import (EngineCrashedError, EngineTimeoutError, Rollout, RolloutError, SyncReport,
-                                     WeightUpdate)
+from posttrain.rollout.episodes import Dispatcher, EngineCall, EpisodeJob, EpisodeResult, play_jobs
+from posttrain.rollout.types import (EngineCrashedError, EngineTimeoutError, GeneratedTokens, Rollout, RolloutError,
+                                     SyncReport, TokenRequest, WeightUpdate)
 from posttrain.rollout.weight_sync import ShmPublisher, sequence_logprobs, staged_files
 
 
@@ -42,7 +44,8 @@ class RolloutPool:
                  placement: Any = None) -> None:
         """``placement``: a StagePlacement with a bundle per engine under the role ``name_prefix``."""
         cluster.init_ray()
-        self.cfg = cfg
+        self.cfg, self.model = cfg, model
+        self._tokenizer: Any = None
         self.names = [f"{name_prefix}-{r}" for r in range(cfg.num_engines)]
         self.actors: list[Any] = []
         self.publisher = ShmPublisher(cfg.sync_dir)
@@ -73,6 +76,46 @@ class RolloutPool:
                 names.append(name)
         parts = self._gather(refs, names, self.cfg.call_timeout_s, "generate")
         return [group for part in parts for group in part]
+
+    def play(self, jobs: list[EpisodeJob], gen: GenerationConfig, n: int, limits: EpisodeConfig) -> list[list[list[EpisodeResult]]]:
+        """Multi-turn episodes, ``n`` per sample of every job, ``[job][sample][episode]``; an engine takes
+        the next ready turns whenever it is free (see :class:`~posttrain.rollout.episodes.Dispatcher`)."""
+        return asyncio.run(play_jobs(jobs, n, self.dispatcher(gen), self.tokenizer, gen, limits, self.cfg.max_model_len))
+
+    def dispatcher(self, gen: GenerationConfig) -> Dispatcher:
+        """An async ``generate(request)`` over all engines, for one event loop."""
+        return Dispatcher([self._engine_call(a, name, gen) for a, name in zip(self.actors, self.names)])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engines' tokenizer, here in the controller (episodes tokenise their observations here)."""
+        if self._tokenizer is None:
+            from posttrain import models
+
+            self._tokenizer = models.tokenizer_for(self.model.model_copy(update={"name": models.resolve(self.model.name)}))
+        return self._tokenizer
+
+    def _engine_call(self, actor: Any, name: str, gen: GenerationConfig) -> EngineCall:
+        async def call(requests: list[TokenRequest]) -> list[GeneratedTokens]:
+            return await self._awaited(actor.generate_ids.remote(requests, gen), name, "generate")
+
+        return call
+
+    async def _awaited(self, ref: Any, name: str, what: str) -> Any:
+        """A Ray call's result awaited on the event loop (no ``ray.get`` in async code), errors as in ``_gather``."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.cfg.call_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineTimeoutError(f"rollout engine {name}: {what} gave no answer within {self.cfg.call_timeout_s:g} s "
+                                     "(rollout.call_timeout_s)") from None
+        except RayActorError as exc:
+            raise EngineCrashedError(f"rollout engine {name} died during {what}; the pool cannot continue, "
+                                     "start a new one") from exc
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, Exception) else exc.as_instanceof_cause()) from None
 
     def score(self, sequences: list[list[int]], starts: list[int], engine: int = 0) -> list[list[float]]:
         """Teacher-forced logprobs from one engine (all engines hold the same weights)."""

@@ -42,6 +42,27 @@ class SamplingSpec:
     reasoning_budget: int | None = None  # enforced only when the prompt opened <think>
     budget_grace: float = 0.1
     top_logprobs: int = 0  # also return the k most likely tokens at every generated position
+    # Token-id requests (episodes) set these per prompt: its seed index in place of first_index + p, so a
+    # request's sample does not depend on how the pool batched it, and its own max_tokens.
+    indices: tuple[int, ...] | None = None
+    max_tokens_each: tuple[int, ...] | None = None
+
+    def index(self, p: int) -> int:
+        """Seed index of prompt ``p`` of this call."""
+        return self.indices[p] if self.indices is not None else self.first_index + p
+
+    def max_tokens_of(self, p: int) -> int:
+        return self.max_tokens_each[p] if self.max_tokens_each is not None else self.max_tokens
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One generation from token ids (a turn of an episode): n=1, the prompt already rendered."""
+
+    prompt_ids: list[int]
+    thinking: bool  # the prompt opened <think>: the reasoning budget applies
+    index: int  # seed index, unique in the step (see SamplingSpec.indices)
+    max_tokens: int
 
 
 def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -57,6 +78,7 @@ class GeneratedTokens:
     logprobs: list[float]  # [len(token_ids)]: log p(token | prefix) under the sampling policy
     finish_reason: FinishReason
     top_logprobs: list[dict[int, float]] | None = None  # per position {token id: logprob}, when asked
+    reasoning_tokens: int = 0  # tokens inside <think> (engine.generate_ids fills it)
 
 
 TopTokens = list[tuple[str, dict[str, float]]]  # per generated position: (its token's text, {text: logprob})
@@ -79,6 +101,15 @@ class Rollout:
     reasoning_tokens: int  # tokens inside <think> (as the budget counts them)
     engine: str = ""  # actor name that produced it, e.g. "rollout-1"
     top_tokens: TopTokens | None = None  # GenerationConfig.top_logprobs > 0: the likeliest tokens per position
+    # An episode: token_ids interleave model turns and observations (logprob 0.0 on those);
+    # loss_mask is 1 exactly on model tokens. None = every token is a model token (one turn).
+    loss_mask: list[int] | None = None
+    turns: int = 1
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the policy generated (observation tokens left out)."""
+        return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,177 @@
+"""Token-exact multi-turn episodes (``posttrain.rollout.episodes``) with scripted engines: what the
+engine is asked at every turn, masks, limits, hostile environments, interleaving, seeds."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain import chat_template
+from posttrain.config import EpisodeConfig, GenerationConfig
+from posttrain.environments.base import ScoreKind
+from posttrain.rlvr.batch import build_batch
+from posttrain.rollout.episodes import TURN_STRIDE, Dispatcher, run_episodes
+from posttrain.rollout.types import GeneratedTokens, RolloutError, TokenRequest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "rlvr"))
+from multiturn_toy_env import CounterEnv, HostileEnv  # noqa: E402
+
+GEN = GenerationConfig(max_new_tokens=16, temperature=1.0, enable_thinking=False)
+LIMITS = EpisodeConfig(max_turns=8, max_episode_tokens=1024, step_timeout_s=5.0)
+
+
+class ScriptedEngine:
+    """A batch engine whose completion depends only on the request's seed index (as vLLM's seeded
+    requests do); it records every request, and can end turns with ``<|im_end|>`` or leave them cut."""
+
+    def __init__(self, tokenizer, close_turns: bool = True) -> None:
+        self.tokenizer, self.close_turns = tokenizer, close_turns
+        self.requests: list[TokenRequest] = []
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    async def __call__(self, requests: list[TokenRequest]) -> list[GeneratedTokens]:
+        await asyncio.sleep(0)
+        self.requests += requests
+        return [self.complete(r) for r in requests]
+
+    def complete(self, r: TokenRequest) -> GeneratedTokens:
+        words = ["alpha", "beta", "gamma", "delta", "tool"]
+        text = " ".join(words[(r.index // (k + 1)) % len(words)] for k in range(3 + r.index % 4))
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + ([self.end] if self.close_turns else [])
+        cut = ids[: r.max_tokens]
+        finish = "stop" if self.close_turns and len(cut) == len(ids) else "length"
+        return GeneratedTokens(cut, [-0.25 - 0.01 * i for i in range(len(cut))], finish)
+
+
+def play(env, tokenizer, engine, n=2, limits=LIMITS, samples=None, engines=1):
+    samples = samples if samples is not None else env.samples("train", 0)
+    generate = Dispatcher([engine] * engines)
+    return asyncio.run(run_episodes(env, samples, n, generate, tokenizer, GEN, limits)), generate
+
+
+@pytest.mark.parametrize("close_turns", [True, False])
+def test_each_turn_prompt_is_the_last_prompt_plus_generated_plus_observation_ids(tokenizer, close_turns):
+    env, engine = CounterEnv(turns=3, size=2), ScriptedEngine(tokenizer, close_turns)
+    results, _ = play(env, tokenizer, engine)
+    assert len(engine.requests) == 2 * 2 * 3
+    for group in results:
+        for e in group:
+            r = e.rollout
+            asked = sorted((q for q in engine.requests if q.index // TURN_STRIDE == r.prompt_index * 2 + r.sample_index),
+                           key=lambda q: q.index)
+            assert [q.index % TURN_STRIDE for q in asked] == [0, 1, 2] and e.turns == r.turns == 3
+            first = chat_template.render(tokenizer, env.samples("train", 0)[r.prompt_index].messages,
+                                         add_generation_prompt=True, enable_thinking=False, tools=env.tools)
+            assert asked[0].prompt_ids == r.prompt_ids == tokenizer.encode(first, add_special_tokens=False)
+            for t in range(2):  # turn t+1 = turn t's prompt + its completion + the tool answer's ids
+                out = engine.complete(asked[t])
+                obs = chat_template.continuation_ids(tokenizer, [{"role": "tool", "content": f"count={t + 1}"}],
+                                                     ended_with_eos=close_turns, enable_thinking=False)
+                assert asked[t + 1].prompt_ids == asked[t].prompt_ids + out.token_ids + obs
+            last = engine.complete(asked[2])
+            assert r.prompt_ids + r.token_ids == asked[2].prompt_ids + last.token_ids  # what the trainer sees
+            model = [i for i, m in enumerate(r.loss_mask) if m]
+            assert len(model) == sum(len(engine.complete(q).token_ids) for q in asked) == r.model_tokens
+            assert all(r.logprobs[i] == 0.0 for i, m in enumerate(r.loss_mask) if not m)
+            assert e.score.kind is ScoreKind.OK and r.finish_reason == ("stop" if close_turns else "length")
+
+
+def test_the_batch_trains_model_tokens_only(tokenizer):
+    results, _ = play(CounterEnv(turns=3, size=2), tokenizer, ScriptedEngine(tokenizer))
+    rollouts = [e.rollout for group in results for e in group]
+    batch = build_batch(rollouts, torch.ones(len(rollouts)), torch.ones(len(rollouts)), pad_id=0)
+    for i, r in enumerate(rollouts):
+        c = len(r.token_ids)
+        assert batch.input_ids[i, : len(r.prompt_ids) + c].tolist() == r.prompt_ids + r.token_ids
+        assert batch.mask[i, :c].tolist() == [float(m) for m in r.loss_mask] and batch.mask[i, c:].sum() == 0
+        assert batch.rollout_logprobs[i, :c].tolist() == pytest.approx(r.logprobs)
+        assert 0 < batch.mask[i].sum() < c  # observations are in the row, not in the loss
+    assert batch.num_tokens == sum(r.model_tokens for r in rollouts)
+    dropped = build_batch(rollouts, torch.ones(len(rollouts)), torch.zeros(len(rollouts)), pad_id=0)
+    assert dropped.num_tokens == 0
+
+
+def test_samples_do_not_depend_on_batching_or_concurrency(tokenizer):
+    env = CounterEnv(turns=3, size=4)
+    a, _ = play(env, tokenizer, ScriptedEngine(tokenizer), n=3)
+    b, generate = play(env, tokenizer, ScriptedEngine(tokenizer), n=3, engines=3,
+                       limits=LIMITS.model_copy(update={"concurrency": 2}))
+    assert [[e.rollout.token_ids for e in g] for g in a] == [[e.rollout.token_ids for e in g] for g in b]
+    assert len(generate.batches) > 3  # really batched differently
+
+
+def test_episode_token_limit_truncates_with_reward_zero(tokenizer):
+    engine = ScriptedEngine(tokenizer)
+    results, _ = play(CounterEnv(turns=50, size=1), tokenizer, engine, n=1,
+                      limits=LIMITS.model_copy(update={"max_episode_tokens": 40, "max_turns": 50}))
+    e = results[0][0]
+    assert e.truncated and e.score.reward == 0 and e.score.kind is ScoreKind.INVALID
+    assert e.rollout.finish_reason == "length" and len(e.rollout.token_ids) <= 40
+    assert all(len(q.prompt_ids) - len(e.rollout.prompt_ids) + q.max_tokens <= 40 for q in engine.requests)
+
+
+def test_max_turns_ends_the_episode_invalid(tokenizer):
+    results, _ = play(CounterEnv(turns=50, size=1), tokenizer, ScriptedEngine(tokenizer), n=1,
+                      limits=LIMITS.model_copy(update={"max_turns": 4}))
+    e = results[0][0]
+    assert e.turns == 4 and e.score.kind is ScoreKind.INVALID and "max_turns" in e.score.error
+    assert not e.truncated and e.rollout.finish_reason == "stop"
+
+
+def test_a_hostile_environment_costs_only_its_episode(tokenizer):
+    env = HostileEnv(turns=3)
+    results, _ = play(env, tokenizer, ScriptedEngine(tokenizer), n=2,
+                      limits=LIMITS.model_copy(update={"step_timeout_s": 0.5}))
+    by_kind = {s.answer: group for s, group in zip(env.samples("train", 0), results)}
+    for kind in ("raise", "hang", "junk", "flood", "bad_reset"):
+        for e in by_kind[kind]:
+            assert e.score.reward == 0 and e.score.kind is ScoreKind.ENV_ERROR, (kind, e.score)
+    assert all(e.truncated and e.score.kind is ScoreKind.INVALID for e in by_kind["long"])
+    assert by_kind["bad_reset"][0].rollout.model_tokens == 0
+    assert by_kind["hang"][0].turns == 2 and "timeout" in by_kind["hang"][0].score.error
+    fair = [e for s, group in zip(env.samples("train", 0), results) if s.answer == "ok" for e in group]
+    assert len(fair) == 4 and all(e.score.kind is ScoreKind.OK and e.turns == 3 for e in fair)
+
+
+class SlowToolEnv(CounterEnv):
+    """Sample 0's second tool call waits until every other episode has finished (or 5 s): it can
+    only return early if the other episodes kept generating while it waited."""
+
+    def __init__(self, others: int) -> None:
+        super().__init__(turns=3, size=others + 1)
+        self.others_done, self.done_event = 0, asyncio.Event()
+        self.waited_out = False
+
+    async def step(self, episode, turn):
+        obs = await super().step(episode, turn)
+        if episode.sample.id.endswith("/0") and episode.turn == 2:
+            try:
+                await asyncio.wait_for(self.done_event.wait(), 5.0)
+            except asyncio.TimeoutError:
+                self.waited_out = True
+        elif obs.done:
+            self.others_done += 1
+            if self.others_done == self.size - 1:
+                self.done_event.set()
+        return obs
+
+
+def test_a_slow_tool_does_not_stop_other_episodes(tokenizer):
+    env, engine = SlowToolEnv(others=5), ScriptedEngine(tokenizer)
+    results, generate = play(env, tokenizer, engine, n=1, limits=LIMITS.model_copy(update={"step_timeout_s": 30}))
+    assert not env.waited_out  # the others finished all their turns while episode 0 waited on its tool
+    slow = results[0][0]
+    assert slow.score.kind is ScoreKind.OK and slow.turns == 3
+    assert len(engine.requests) == 6 * 3 and generate.batches[0] == 6  # first turns went out together
+
+
+def test_an_engine_failure_is_raised_not_scored(tokenizer):
+    async def broken(requests):
+        raise RolloutError("engine died")
+
+    with pytest.raises(RolloutError, match="engine died"):
+        play(CounterEnv(size=2), tokenizer, broken)
