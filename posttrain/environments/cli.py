@@ -42,24 +42,39 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from posttrain.environments.multiturn import is_multiturn
+
     with _opened(args) as env:
         samples = list(env.samples(args.split, args.seed))
-    print(f"{env.name}: {len(samples)} {args.split} samples (seed {args.seed})")
-    for s in samples[: args.n]:
+        multiturn = is_multiturn(env)
+        golds = [env.gold_episode(s) if multiturn else None for s in samples[: args.n]]
+    kind = f", multi-turn (at most {env.max_turns} turns)" if multiturn else ""
+    print(f"{env.name}: {len(samples)} {args.split} samples (seed {args.seed}){kind}")
+    for tool in (env.tools if multiturn else ()):
+        print(f"[tool] {json.dumps(tool)}")
+    for s, gold in zip(samples[: args.n], golds):
         print(f"--- {s.id}  info={json.dumps(s.info, default=str)[:200]}")
         for m in s.messages:
             print(f"[{m['role']}] {m['content']}")
-        print(f"[gold] {str(s.answer)[:500]}")
+        if gold is not None:
+            for i, turn in enumerate(gold):
+                print(f"[gold turn {i + 1}] {turn[:500]}")
+        else:
+            print(f"[gold] {str(s.answer)[:500]}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from posttrain.environments.check import check_environment, reward_histogram, sample_with_model
 
+    from posttrain.environments.multiturn import is_multiturn
+
     with _opened(args) as env:
         report = check_environment(env, n=args.n, seed=args.seed)
         print("\n".join(report.lines()))
-        if args.model:
+        if args.model and is_multiturn(env):
+            print("--model samples single-turn environments only; multi-turn episodes run in `posttrain rlvr`")
+        elif args.model:
             _, scores = sample_with_model(env, args.model, args.n, seed=args.seed)
             print(f"reward distribution of {len(scores)} completions sampled from {args.model}:")
             print("\n".join(reward_histogram(scores)))
