@@ -22,6 +22,7 @@ tokens) before the environment said ``done`` scores 0 as ``invalid``.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -136,10 +137,9 @@ def checked_observation(obs: Any) -> Observation:
     episode ends at reward 0 + env_error. Metrics keep only finite numbers."""
     if not isinstance(obs, Observation):
         return ended(ScoreKind.ENV_ERROR, f"step() returned a {type(obs).__name__}, not an Observation")
-    metrics = {str(k): float(v) for k, v in (obs.metrics or {}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == float(v)
-               and abs(float(v)) != float("inf")}
-    errors = tuple(str(e)[:300] for e in (obs.errors or ()))[:16]
+    metrics = _finite_metrics(obs.metrics)
+    raw_errors = obs.errors if isinstance(obs.errors, (list, tuple)) else ([obs.errors] if obs.errors else [])
+    errors = tuple(str(e)[:300] for e in raw_errors[:16])
     if obs.done:
         score = Score.failed(ScoreKind.INVALID, "episode ended without a score") if obs.score is None else checked(obs.score)
         return Observation([], True, score, metrics, errors)
@@ -148,6 +148,20 @@ def checked_observation(obs: Any) -> Observation:
         return ended(ScoreKind.ENV_ERROR, problem)
     return Observation([{"role": m["role"], "content": m["content"], **({"name": m["name"]} if isinstance(
         m.get("name"), str) else {})} for m in obs.messages], False, None, metrics, errors)
+
+
+def _finite_metrics(metrics: Any) -> dict[str, float]:
+    """The finite numbers of an environment's metrics dict (anything else is dropped, never raised on)."""
+    out: dict[str, float] = {}
+    for key, value in (metrics.items() if isinstance(metrics, dict) else ()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)  # an int past 1e308 overflows
+            except OverflowError:
+                continue
+            if math.isfinite(number):
+                out[str(key)[:100]] = number
+    return out
 
 
 def ended(kind: ScoreKind, error: str) -> Observation:
