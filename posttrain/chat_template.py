@@ -123,13 +123,14 @@ def continuation(
 
     A multi-turn rollout appends the tokens of this text to prompt + generated ids instead of
     re-rendering the conversation (a re-render can tokenise the model's own text differently).
-    ``ended_with_eos``: the turn ended with ``<|im_end|>``; if not (cut at max tokens) the text
-    starts by closing it. ``enable_thinking`` is the conversation's state so far (see
+    ``ended_with_eos``: the generated ids end with ``<|im_end|>`` (the EOS); if not (cut at max
+    tokens) the text starts by closing the turn. ``enable_thinking`` is the conversation's state so far (see
     :func:`thinking_enabled`); ``/think`` / ``/no_think`` in user observations still switch it.
-    ``reasoning_budget`` is announced in the last user message of the observation, if any.
+    ``reasoning_budget`` is announced in the last user message of the observation, if any (a full
+    render would move it there from the earlier user message; tool turns never carry it).
     Equal to the template's own rendering (tests): ``render(conv + obs, add_generation_prompt=True)
     == render(conv[:-1], add_generation_prompt=True) + generated + continuation(obs)`` for tool
-    observations, and for user ones with ``truncate_history_thinking=False``.
+    observations, and for user ones with ``truncate_history_thinking=False`` and no budget.
     """
     obs = list(observation_messages) if isinstance(observation_messages, (list, tuple)) else None
     if not obs or any(not isinstance(m, dict) or m.get("role") not in ("tool", "user") for m in obs):
@@ -144,7 +145,8 @@ def continuation(
 def continuation_ids(tokenizer: Any, observation_messages: Messages, **kwargs: Any) -> list[int]:
     """Token ids of :func:`continuation` (same kwargs), tokenised on its own: no special tokens
     added. Token-exact with the full render's ids because the text starts at ``<|im_end|>`` or
-    right after it, where every tokenizer splits (tested on SmolLM2)."""
+    right after it, where a tokenizer with ``<|im_end|>`` as a special token splits (tested on
+    SmolLM2's, which the tiny test models share)."""
     return list(tokenizer.encode(continuation(tokenizer, observation_messages, **kwargs), add_special_tokens=False))
 
 
