@@ -29,7 +29,7 @@ def _preview(args: argparse.Namespace, overrides: list[str]) -> int:
     marks = ("\x1b[42m", "\x1b[0m") if color else ("[[", "]]")
     shown = 0
     for i, row in enumerate(rows):
-        example = data.make_example(i, row[cfg.data.messages_field], cfg.data, tokenizer)
+        example = data.make_example(i, row[cfg.data.messages_field], cfg.data, tokenizer, row.get("tools"))
         if args.mode and example.mode != args.mode:
             continue
         sample = data.tokenize(example, tokenizer)

@@ -13,6 +13,7 @@ the choice does not depend on data order or on the number of processes):
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,13 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     if rows and cfg.messages_field not in rows[0]:
         raise DataError(f"data.path {path!r} has no column {cfg.messages_field!r} (columns: "
                         f"{', '.join(rows[0])}); set data.messages_field")
-    return [{cfg.messages_field: r[cfg.messages_field]} for r in rows]
+    return [{cfg.messages_field: r[cfg.messages_field], **({"tools": row_tools(r["tools"])} if r.get("tools") else {})}
+            for r in rows]
+
+
+def row_tools(tools: Any) -> list[dict[str, Any]]:
+    """A row's ``tools`` column: OpenAI function schemas, as a list or as its JSON text (hub datasets)."""
+    return json.loads(tools) if isinstance(tools, str) else list(tools)
 
 
 def row_errors(index: int, messages: Any, fld: str = "messages") -> list[str]:
@@ -93,7 +100,7 @@ def row_errors(index: int, messages: Any, fld: str = "messages") -> list[str]:
         for key in ("content", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 errors.append(f"{at}.{key}: expected a string, got {type(m[key]).__name__}")
-        if m.get("content") is None and not m.get("reasoning_content"):
+        if m.get("content") is None and not m.get("reasoning_content") and not m.get("tool_calls"):
             errors.append(f"{at}: has no content")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         errors.append(f"{where}: no assistant message, so nothing to learn from")
@@ -126,28 +133,32 @@ def split_assistant(message: dict[str, Any]) -> tuple[str, str]:
     return reasoning.strip(), content.strip()
 
 
-def make_example(index: int, messages: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any) -> Example:
-    """Apply the reasoning-budget transform drawn for row ``index`` (see module docstring)."""
+def make_example(index: int, messages: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any,
+                 tools: list[dict[str, Any]] | None = None) -> Example:
+    """Apply the reasoning-budget transform drawn for row ``index`` (see module docstring).
+    ``tools`` (the row's function schemas) are rendered into the system turn."""
     last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
     reasoning, answer = split_assistant(messages[last])
     msgs = [dict(m) for m in messages]
+    calls = {"tool_calls": messages[last]["tool_calls"]} if messages[last].get("tool_calls") else {}
+    base = {"tools": tools} if tools else {}
     if not reasoning:
-        msgs[last] = {"role": "assistant", "content": answer}
-        return Example(index, msgs, "plain")
+        msgs[last] = {"role": "assistant", "content": answer, **calls}
+        return Example(index, msgs, "plain", base)
     rng = random.Random(f"{cfg.seed}:{index}")
     draw = rng.random()
     if draw < cfg.reasoning_off_share:
-        msgs[last] = {"role": "assistant", "content": answer}
-        return Example(index, msgs, "off", {"enable_thinking": False})
+        msgs[last] = {"role": "assistant", "content": answer, **calls}
+        return Example(index, msgs, "off", {**base, "enable_thinking": False})
     if draw < cfg.reasoning_off_share + cfg.budget_cut_share:
         ids = tokenizer.encode(reasoning, add_special_tokens=False)
         if len(ids) >= 2:
             budget = max(1, min(len(ids) - 1, round(len(ids) * rng.uniform(*cfg.budget_fraction))))
             cut = tokenizer.decode(ids[:budget]).strip()
-            msgs[last] = {"role": "assistant", "reasoning_content": cut, "content": answer}
-            return Example(index, msgs, "cut", {"reasoning_budget": budget})
-    msgs[last] = {"role": "assistant", "reasoning_content": reasoning, "content": answer}
-    return Example(index, msgs, "full")
+            msgs[last] = {"role": "assistant", "reasoning_content": cut, "content": answer, **calls}
+            return Example(index, msgs, "cut", {**base, "reasoning_budget": budget})
+    msgs[last] = {"role": "assistant", "reasoning_content": reasoning, "content": answer, **calls}
+    return Example(index, msgs, "full", base)
 
 
 def tokenize(example: Example, tokenizer: Any) -> Tokenized:
@@ -168,7 +179,7 @@ def build(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> Dataset:
     check_rows(rows, cfg.messages_field)
     samples, dropped, modes = [], 0, {}
     for i, row in enumerate(rows):
-        sample = tokenize(make_example(i, row[cfg.messages_field], cfg, tokenizer), tokenizer)
+        sample = tokenize(make_example(i, row[cfg.messages_field], cfg, tokenizer, row.get("tools")), tokenizer)
         if len(sample.input_ids) > max_tokens:
             if cfg.overlong == "error":
                 raise DataError(f"row {i}: {len(sample.input_ids)} tokens > train.micro_batch_tokens="

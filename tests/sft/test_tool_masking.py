@@ -3,6 +3,8 @@ tools block of the system turn or the tool responses."""
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 
 from posttrain import chat_template as ct
@@ -63,3 +65,17 @@ def test_tool_call_trains_and_tool_output_does_not(tokenizer):
     assert on == ASSISTANT_TEXT
     assert "<tool_response>\n7006652\n</tool_response>" in off and "<tools>" in off and '"description"' in off
     assert "<tool_call>" not in off.split("What is 1234 * 5678?")[1]  # only the system's instruction shows one
+
+
+def test_build_renders_a_rows_tools(tokenizer, tmp_path):
+    """A jsonl row with a ``tools`` column (a list or its JSON text) trains through ``data.build``."""
+    final_call = {"role": "assistant", "content": None, "tool_calls": TRACE[2]["tool_calls"]}
+    rows = [{"messages": TRACE, "tools": TOOLS}, {"messages": TRACE, "tools": json.dumps(TOOLS)},
+            {"messages": TRACE[:3] + [TRACE[3], final_call]}]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = data.build(DataConfig(path=str(path), reasoning_off_share=0.0, budget_cut_share=0.0), tokenizer, 4096)
+    first, second, third = built.samples
+    assert first.input_ids == second.input_ids and "<tools>" in tokenizer.decode(first.input_ids)
+    assert tokenizer.decode([t for t, m in zip(first.input_ids, first.loss_mask) if m]) == ASSISTANT_TEXT
+    assert tokenizer.decode(third.input_ids).count("<tool_call>\n{\"name\": \"python\"") == 2
