@@ -4,7 +4,6 @@ tools block of the system turn or the tool responses."""
 from __future__ import annotations
 
 import json
-
 from dataclasses import replace
 
 from posttrain import chat_template as ct
