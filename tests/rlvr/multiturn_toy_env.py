@@ -6,6 +6,7 @@ import asyncio
 
 from posttrain.environments.base import DefaultHooks, Sample, Score
 from posttrain.environments.multiturn import AssistantTurn, Episode, Observation
+from posttrain.rollout.types import GeneratedTokens, TokenRequest
 
 COUNT_TOOL = {"type": "function", "function": {
     "name": "count", "description": "Count one up.", "parameters": {"type": "object", "properties": {}}}}
@@ -73,3 +74,31 @@ class HostileEnv(CounterEnv):
         if kind == "long":
             return Observation([{"role": "tool", "content": "word " * 6000}])
         return await super().step(episode, turn)
+
+
+class ScriptedEngine:
+    """A batch engine whose completion depends only on the request's seed index (as vLLM's seeded
+    requests do): words, sometimes a tool call or a malformed one. It records every request, and ends
+    turns with ``<|im_end|>`` or (``close_turns=False``) leaves them cut as at max_new_tokens."""
+
+    def __init__(self, tokenizer, close_turns: bool = True) -> None:
+        self.tokenizer, self.close_turns = tokenizer, close_turns
+        self.requests: list[TokenRequest] = []
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    async def __call__(self, requests: list[TokenRequest]) -> list[GeneratedTokens]:
+        await asyncio.sleep(0)
+        self.requests += requests
+        return [self.complete(r) for r in requests]
+
+    def complete(self, r: TokenRequest) -> GeneratedTokens:
+        words = ["alpha", "beta", "gamma", "delta", "tool"]
+        text = " ".join(words[(r.index // (k + 1)) % len(words)] for k in range(3 + r.index % 4))
+        if r.index % 3 == 0:
+            text = '<tool_call>{"name":"count","arguments":{}}</tool_call>'
+        elif r.index % 5 == 1:
+            text += "\n<tool_call>{not json</tool_call>"
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + ([self.end] if self.close_turns else [])
+        cut = ids[: r.max_tokens]
+        finish = "stop" if self.close_turns and len(cut) == len(ids) else "length"
+        return GeneratedTokens(cut, [-0.25 - 0.01 * i for i in range(len(cut))], finish)

@@ -15,36 +15,13 @@ from posttrain.config import EpisodeConfig, GenerationConfig
 from posttrain.environments.base import ScoreKind
 from posttrain.rlvr.batch import build_batch
 from posttrain.rollout.episodes import TURN_STRIDE, Dispatcher, run_episodes
-from posttrain.rollout.types import GeneratedTokens, RolloutError, TokenRequest
+from posttrain.rollout.types import RolloutError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "rlvr"))
-from multiturn_toy_env import CounterEnv, HostileEnv  # noqa: E402
+from multiturn_toy_env import CounterEnv, HostileEnv, ScriptedEngine  # noqa: E402
 
 GEN = GenerationConfig(max_new_tokens=16, temperature=1.0, enable_thinking=False)
 LIMITS = EpisodeConfig(max_turns=8, max_episode_tokens=1024, step_timeout_s=5.0)
-
-
-class ScriptedEngine:
-    """A batch engine whose completion depends only on the request's seed index (as vLLM's seeded
-    requests do); it records every request, and can end turns with ``<|im_end|>`` or leave them cut."""
-
-    def __init__(self, tokenizer, close_turns: bool = True) -> None:
-        self.tokenizer, self.close_turns = tokenizer, close_turns
-        self.requests: list[TokenRequest] = []
-        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    async def __call__(self, requests: list[TokenRequest]) -> list[GeneratedTokens]:
-        await asyncio.sleep(0)
-        self.requests += requests
-        return [self.complete(r) for r in requests]
-
-    def complete(self, r: TokenRequest) -> GeneratedTokens:
-        words = ["alpha", "beta", "gamma", "delta", "tool"]
-        text = " ".join(words[(r.index // (k + 1)) % len(words)] for k in range(3 + r.index % 4))
-        ids = self.tokenizer.encode(text, add_special_tokens=False) + ([self.end] if self.close_turns else [])
-        cut = ids[: r.max_tokens]
-        finish = "stop" if self.close_turns and len(cut) == len(ids) else "length"
-        return GeneratedTokens(cut, [-0.25 - 0.01 * i for i in range(len(cut))], finish)
 
 
 def play(env, tokenizer, engine, n=2, limits=LIMITS, samples=None, engines=1):
@@ -70,14 +47,16 @@ def test_each_turn_prompt_is_the_last_prompt_plus_generated_plus_observation_ids
             for t in range(2):  # turn t+1 = turn t's prompt + its completion + the tool answer's ids
                 out = engine.complete(asked[t])
                 obs = chat_template.continuation_ids(tokenizer, [{"role": "tool", "content": f"count={t + 1}"}],
-                                                     ended_with_eos=close_turns, enable_thinking=False)
+                                                     ended_with_eos=out.token_ids[-1] == engine.end,
+                                                     enable_thinking=False)
                 assert asked[t + 1].prompt_ids == asked[t].prompt_ids + out.token_ids + obs
             last = engine.complete(asked[2])
             assert r.prompt_ids + r.token_ids == asked[2].prompt_ids + last.token_ids  # what the trainer sees
             model = [i for i, m in enumerate(r.loss_mask) if m]
             assert len(model) == sum(len(engine.complete(q).token_ids) for q in asked) == r.model_tokens
             assert all(r.logprobs[i] == 0.0 for i, m in enumerate(r.loss_mask) if not m)
-            assert e.score.kind is ScoreKind.OK and r.finish_reason == ("stop" if close_turns else "length")
+            assert e.score.kind is ScoreKind.OK and r.finish_reason == last.finish_reason
+            assert close_turns or r.finish_reason == "length"
 
 
 def test_the_batch_trains_model_tokens_only(tokenizer):
@@ -119,7 +98,7 @@ def test_max_turns_ends_the_episode_invalid(tokenizer):
                       limits=LIMITS.model_copy(update={"max_turns": 4}))
     e = results[0][0]
     assert e.turns == 4 and e.score.kind is ScoreKind.INVALID and "max_turns" in e.score.error
-    assert not e.truncated and e.rollout.finish_reason == "stop"
+    assert not e.truncated
 
 
 def test_a_hostile_environment_costs_only_its_episode(tokenizer):
