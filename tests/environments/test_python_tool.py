@@ -242,3 +242,37 @@ def test_reset_copies_the_prompt(env):
     episode = asyncio.run(env.reset(sample))
     assert isinstance(episode, Episode) and episode.messages == sample.messages
     assert episode.messages is not sample.messages
+
+
+@pytest.mark.slow  # a local Ray cluster takes 10-20 s to start
+def test_tool_code_runs_on_the_stage_sandbox_actors():
+    """Through a VerifierPool (the stage's sandbox-N actors): output, a hang bounded by the tool's wall limit
+    (not the pool's longer one), and the same actor answering the next call."""
+    ray = pytest.importorskip("ray")
+    import shutil
+    import tempfile
+
+    from posttrain.verifiers.pool import VerifierPool
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/ptt-")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=temp_dir, namespace="python-tool-test",
+             configure_logging=False, log_to_driver=False)
+    env, pool = PythonToolEnv(size=2, tool_timeout_s=1.5), None
+    try:
+        pool = VerifierPool(num_workers=1, limits=Limits(wall_s=10), call_timeout_s=30)
+        env.start(StageResources(code_runner=pool))
+        sample = env.samples("train", 0)[0]
+        start = time.monotonic()
+        hang, good, final = run(env, call("while True:\n    pass"), call(f"print({sample.info['expression']})"),
+                                answer(f"\\boxed{{{sample.answer}}}"), sample=sample)
+        assert hang.messages[0]["content"] == "error: timed out after 1.5s" and time.monotonic() - start < 15
+        assert good.messages[0]["content"] == sample.answer + "\n" and final.score.reward == 1.0
+    finally:
+        env.close()
+        if pool is not None:
+            pool.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
