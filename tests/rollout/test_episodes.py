@@ -14,7 +14,7 @@ from posttrain import chat_template
 from posttrain.config import EpisodeConfig, GenerationConfig
 from posttrain.environments.base import ScoreKind
 from posttrain.rlvr.batch import build_batch
-from posttrain.rollout.episodes import TURN_STRIDE, Dispatcher, run_episodes
+from posttrain.rollout.episodes import TURN_STRIDE, Dispatcher, EpisodeJob, run_episodes
 from posttrain.rollout.types import RolloutError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "rlvr"))
@@ -154,3 +154,27 @@ def test_an_engine_failure_is_raised_not_scored(tokenizer):
 
     with pytest.raises(RolloutError, match="engine died"):
         play(CounterEnv(size=2), tokenizer, broken)
+
+
+@pytest.mark.slow
+def test_vllm_samples_follow_the_request_index_not_the_batch(ray_cluster, tiny_llama_dir, tokenizer):
+    """A turn's sample depends on its seed index only, whatever else its batch holds; each request
+    keeps its own max_tokens. Then whole episodes through the pool's Ray dispatcher."""
+    import ray
+
+    from posttrain.config import ModelConfig, RolloutConfig
+    from posttrain.rollout.pool import RolloutPool
+    from posttrain.rollout.types import TokenRequest
+
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, enable_thinking=False)
+    ids = tokenizer.encode("<|im_start|>user\nSay something.<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    with RolloutPool(ModelConfig(name=str(tiny_llama_dir)), RolloutConfig(max_model_len=512)) as pool:
+        assert pool.infos[0].backend == "vllm"
+        a, b = TokenRequest(ids, False, 7, 12), TokenRequest(ids[:-1], False, 4099, 5)
+        together = ray.get(pool.actors[0].generate_ids.remote([a, b], gen))
+        alone = ray.get(pool.actors[0].generate_ids.remote([b, TokenRequest(ids, False, 8, 12)], gen))
+        assert together[1].token_ids == alone[0].token_ids and len(alone[0].token_ids) <= 5
+        assert together[0].token_ids != alone[1].token_ids  # another index, another sample
+        env = CounterEnv(turns=2, size=2)
+        results = pool.play([EpisodeJob(env, env.samples("train", 0), [0, 1])], gen, 2, LIMITS)[0]
+    assert all(e.turns == 2 and e.score.kind is ScoreKind.OK and e.rollout.model_tokens > 0 for g in results for e in g)
