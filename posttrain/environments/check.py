@@ -23,6 +23,7 @@ from posttrain.environments.base import Environment, Sample, Score, ScoreKind, s
 from posttrain.environments.multiturn import (AssistantTurn, Episode, MultiTurnEnvironment, is_multiturn,
                                               reset_safely, step_safely)
 from posttrain.errors import DataError
+from posttrain.tool_calls import assistant_message, assistant_turn
 
 GARBAGE: dict[str, str] = {
     "empty": "",
@@ -107,8 +108,6 @@ def check_environment(env: Environment, n: int = 10, seed: int = 0, concurrency:
 
 def text_turn(text: str) -> AssistantTurn:
     """An assistant turn parsed from ``text`` as the rollout parses a generated turn (thinking off)."""
-    from posttrain.tool_calls import assistant_turn
-
     return assistant_turn(text, thinking=False, finish_reason="stop")
 
 
@@ -132,9 +131,9 @@ async def play_episode(env: MultiTurnEnvironment, sample: Sample, turns: Sequenc
         if i >= len(turns) and not repeat:
             return Score.failed(ScoreKind.INVALID, f"the scripted episode ended after {len(turns)} turns "
                                                    "and the environment had not ended it")
-        text = turns[min(i, len(turns) - 1)]
-        obs = await step_safely(env, episode, text_turn(text), timeout)
-        episode.messages.append({"role": "assistant", "content": text})
+        turn = text_turn(turns[min(i, len(turns) - 1)])
+        episode.messages.append(assistant_message(turn))  # as the rollout records it, before the step
+        obs = await step_safely(env, episode, turn, timeout)
         episode.messages.extend(obs.messages)
         episode.turn += 1
         if obs.done:

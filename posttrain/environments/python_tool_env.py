@@ -19,6 +19,7 @@ from typing import Any
 from posttrain.environments.base import DefaultHooks, Sample, Score, ScoreKind, StageResources, user_prompt
 from posttrain.environments.multiturn import AssistantTurn, Episode, Observation, ToolCall
 from posttrain.environments.tools import Tool, ToolBox, ToolError
+from posttrain.tool_calls import format_call
 
 SYSTEM_PROMPT = (
     "You can run Python code with the `python` tool. Call it with one argument, `code`: a Python "
@@ -159,8 +160,6 @@ class PythonToolEnv(DefaultHooks):
 
     def gold_episode(self, sample: Sample) -> list[str]:
         """Call python to print the value, then answer it boxed."""
-        from posttrain.tool_calls import format_call
-
         code = f"print({sample.info['expression']})"
         return [format_call(ToolCall("python", {"code": code})), f"The answer is \\boxed{{{sample.answer}}}."]
 
