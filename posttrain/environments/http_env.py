@@ -102,6 +102,7 @@ class HttpEnv(DefaultHooks):
     (the ``model`` field of the response sent to /verify)."""
 
     name = "http"
+    eval_metrics = ("tool_calls", "tool_errors")
 
     def __init__(self, base_url: str, dataset: str, test_dataset: str | None = None, test_fraction: float = 0.1,
                  limit: int | None = None, tools: list[dict[str, Any]] | None = None, max_turns: int = 8,
@@ -195,6 +196,7 @@ class HttpEnv(DefaultHooks):
         return handler
 
     async def _verify(self, episode: Episode, metrics: dict[str, float] | None = None) -> Observation:
+        metrics = metrics or {"tool_calls": 0.0, "tool_errors": 0.0}  # every episode reports both
         row = episode.sample.answer
         response = {"id": _id("resp"), "object": "response", "created_at": time.time(), "model": self.model_name,
                     "output": episode.state["output"], "parallel_tool_calls": True, "tool_choice": "auto",
@@ -204,7 +206,7 @@ class HttpEnv(DefaultHooks):
             return ended(ScoreKind.ENV_ERROR, f"/verify answered a {type(reply).__name__}, not an object")
         if reply.get("mask_sample") is True:  # the server says its own infrastructure failed
             reason = str(reply.get("failure_reason") or reply.get("failure_kind") or "mask_sample")
-            return Observation(done=True, metrics=metrics or {},
+            return Observation(done=True, metrics=metrics,
                                score=Score.failed(ScoreKind.INFRA, f"/verify masked the sample: {reason[:200]}"))
         reward = reply.get("reward")
         if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
@@ -212,7 +214,7 @@ class HttpEnv(DefaultHooks):
         # numeric fields (bools too: NeMo-Gym servers report accuracy flags) become score metrics
         extra = {k: float(v) for k, v in reply.items()
                  if k not in ("reward", "mask_sample") and isinstance(v, (int, float)) and math.isfinite(float(v))}
-        return Observation(done=True, score=Score(float(reward), dict(list(extra.items())[:16])), metrics=metrics or {})
+        return Observation(done=True, score=Score(float(reward), dict(list(extra.items())[:16])), metrics=metrics)
 
     async def _post(self, episode: Episode, path: str, body: Any, timeout: float) -> Any:
         """POST and parse a JSON reply; any failure raises (step_safely ends the episode as env_error)."""

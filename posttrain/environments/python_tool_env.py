@@ -142,11 +142,12 @@ class PythonToolEnv(DefaultHooks):
             metrics = {"tool_calls": float(results.calls), "tool_errors": float(len(results.errors))}
             return Observation(results.messages, metrics=metrics, errors=tuple(results.errors))
         result = await self._checkers.acheck(turn.content, str(episode.sample.answer))
+        none = {"tool_calls": 0.0, "tool_errors": 0.0}  # every episode reports both (means over all episodes)
         if result.reward is None:  # the checker could not judge (worker failed)
-            return Observation(done=True, score=Score.failed(ScoreKind.INFRA, result.detail))
+            return Observation(done=True, score=Score.failed(ScoreKind.INFRA, result.detail), metrics=none)
         if result.kind in ("correct", "wrong_answer"):
-            return Observation(done=True, score=Score(result.reward))
-        return Observation(done=True, score=Score(0.0, error=result.kind, kind=ScoreKind.INVALID))
+            return Observation(done=True, score=Score(result.reward), metrics=none)
+        return Observation(done=True, score=Score(0.0, error=result.kind, kind=ScoreKind.INVALID), metrics=none)
 
     async def _run_python(self, arguments: dict[str, Any]) -> str:
         from posttrain.verifiers.pool import CodeJob

@@ -88,6 +88,7 @@ def test_tool_output_then_boxed_answer_scores_one(env):
     assert not tool_obs.done and tool_obs.messages == [{"role": "tool", "name": "python", "content": sample.answer + "\n"}]
     assert tool_obs.metrics == {"tool_calls": 1.0, "tool_errors": 0.0} and tool_obs.errors == ()
     assert final.done and final.score.reward == 1.0 and final.score.kind == ScoreKind.OK
+    assert final.metrics == {"tool_calls": 0.0, "tool_errors": 0.0}  # present in every episode's sums
 
 
 def test_last_expression_is_shown_and_silence_is_explained(env):
