@@ -128,27 +128,30 @@ class EpisodeJob:
 async def play_jobs(jobs: Sequence[EpisodeJob], n: int, generate: GenerateTurn, tokenizer: Any,
                     gen: GenerationConfig, limits: EpisodeConfig,
                     max_model_len: int | None = None) -> list[list[list[EpisodeResult]]]:
-    """Every job's episodes on one loop, sharing the engines: ``[job][sample][episode]``."""
+    """Every job's episodes on one loop, sharing the engines and ``limits.concurrency``: ``[job][sample][episode]``."""
+    gate = asyncio.Semaphore(limits.concurrency)
     return list(await asyncio.gather(*(run_episodes(job.env, job.samples, n, generate, tokenizer, gen, limits,
-                                                    indices=job.indices, max_model_len=max_model_len)
+                                                    indices=job.indices, max_model_len=max_model_len, gate=gate)
                                        for job in jobs)))
 
 
 async def run_episodes(env: MultiTurnEnvironment, samples: Sequence[Sample], n: int, generate: GenerateTurn,
                        tokenizer: Any, gen: GenerationConfig, limits: EpisodeConfig, *,
-                       indices: Sequence[int] | None = None, max_model_len: int | None = None) -> list[list[EpisodeResult]]:
+                       indices: Sequence[int] | None = None, max_model_len: int | None = None,
+                       gate: asyncio.Semaphore | None = None) -> list[list[EpisodeResult]]:
     """``n`` episodes per sample, interleaved; ``[sample][episode]`` results.
 
     ``indices``: each sample's position in the step (default 0..), which numbers its episodes for
     the sampling seeds and the rollouts' ``prompt_index``; ``max_model_len``: the engines' limit of
-    prompt + completion tokens (a turn never asks for more). Engine failures raise; environment
+    prompt + completion tokens (a turn never asks for more); ``gate``: episodes in flight, shared with
+    other calls (default: ``limits.concurrency`` for this call). Engine failures raise; environment
     failures end their episode at reward 0.
     """
     indices = list(indices) if indices is not None else list(range(len(samples)))
     if len(indices) != len(samples):
         raise ValueError(f"{len(samples)} samples but {len(indices)} indices")
     max_turns = min(limits.max_turns, _env_max_turns(env, limits.max_turns))
-    gate = asyncio.Semaphore(limits.concurrency)
+    gate = gate if gate is not None else asyncio.Semaphore(limits.concurrency)
 
     async def one(p: int, j: int) -> EpisodeResult:
         async with gate:
