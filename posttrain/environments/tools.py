@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.environments.multiturn import AssistantTurn, ToolCall
+from posttrain.verifiers.code import truncated as truncate  # one marker for sandbox output and tool answers
 
 Handler = Callable[[dict[str, Any]], Awaitable[str]]
 
@@ -48,13 +49,6 @@ class ToolResults:
     messages: list[dict[str, str]] = field(default_factory=list)
     calls: int = 0  # well-formed calls answered (whether or not they failed)
     errors: list[str] = field(default_factory=list)  # one line per failed or malformed call
-
-
-def truncate(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters with a marker saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n... [output truncated: {len(text) - limit} more characters]"
 
 
 def argument_problem(validator: Any, arguments: Any) -> str | None:
