@@ -81,6 +81,17 @@ def test_episode_on_a_real_engine_is_token_exact(engine):
     assert [r.logprobs[j] for j in model] == [x for _, out in calls for x in out.logprobs]
 
 
+def test_generate_ids_keeps_each_request_s_max_tokens_and_counts_reasoning(engine):
+    from posttrain.rollout.types import TokenRequest
+
+    text = chat_template.render(engine.tokenizer, [{"role": "user", "content": "Hi."}], add_generation_prompt=True)
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    gen = GenerationConfig(max_new_tokens=64, temperature=1.0, reasoning_budget=4)
+    out = engine.generate_ids([TokenRequest(ids, True, 0, 12), TokenRequest(ids, False, 1, 3)], gen)
+    assert len(out[0].token_ids) <= 12 and len(out[1].token_ids) <= 3
+    assert 1 <= out[0].reasoning_tokens and out[1].reasoning_tokens == 0
+
+
 def test_engine_and_trainer_logprobs_agree_on_a_three_turn_episode(engine, tiny_llama_dir):
     from posttrain.rlvr.trainer import PolicyTrainer
 

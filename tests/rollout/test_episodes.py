@@ -20,20 +20,45 @@ from posttrain.rollout.types import RolloutError
 sys.path.insert(0, str(Path(__file__).parents[1] / "rlvr"))
 from multiturn_toy_env import CounterEnv, HostileEnv, ScriptedEngine  # noqa: E402
 
-GEN = GenerationConfig(max_new_tokens=16, temperature=1.0, enable_thinking=False)
+GEN = GenerationConfig(max_new_tokens=32, temperature=1.0, enable_thinking=False)
 LIMITS = EpisodeConfig(max_turns=8, max_episode_tokens=1024, step_timeout_s=5.0)
 
 
-def play(env, tokenizer, engine, n=2, limits=LIMITS, samples=None, engines=1):
+def play(env, tokenizer, engine, n=2, limits=LIMITS, samples=None, engines=1, gen=GEN):
     samples = samples if samples is not None else env.samples("train", 0)
     generate = Dispatcher([engine] * engines)
-    return asyncio.run(run_episodes(env, samples, n, generate, tokenizer, GEN, limits)), generate
+    return asyncio.run(run_episodes(env, samples, n, generate, tokenizer, gen, limits)), generate
 
 
-@pytest.mark.parametrize("close_turns", [True, False])
-def test_each_turn_prompt_is_the_last_prompt_plus_generated_plus_observation_ids(tokenizer, close_turns):
+class SnapshotEnv(CounterEnv):
+    """Keeps what the episode's messages were at every step."""
+
+    def __init__(self) -> None:
+        super().__init__(turns=3, size=1, role="user")
+        self.seen: list[list[dict]] = []
+
+    async def step(self, episode, turn):
+        self.seen.append([dict(m) for m in episode.messages])
+        return await super().step(episode, turn)
+
+
+def test_the_environment_sees_the_conversation_as_messages(tokenizer):
+    env = SnapshotEnv()
+    results, _ = play(env, tokenizer, ScriptedEngine(tokenizer), n=1)
+    assert [[m["role"] for m in seen] for seen in env.seen] == [
+        ["user", "assistant"], ["user", "assistant", "user", "assistant"],
+        ["user", "assistant", "user", "assistant", "user", "assistant"]]
+    assert env.seen[2][2]["content"] == "count=1" and env.seen[2][4]["content"] == "count=2"
+    calls = [m for seen in env.seen for m in seen[-1:] if m.get("tool_calls")]
+    assert calls and calls[0]["tool_calls"] == [{"name": "count", "arguments": {}}]
+    assert results[0][0].tool_calls == len(calls)
+
+
+@pytest.mark.parametrize("close_turns, thinking", [(True, False), (False, False), (True, True)])
+def test_each_turn_prompt_is_the_last_prompt_plus_generated_plus_observation_ids(tokenizer, close_turns, thinking):
     env, engine = CounterEnv(turns=3, size=2), ScriptedEngine(tokenizer, close_turns)
-    results, _ = play(env, tokenizer, engine)
+    gen = GEN.model_copy(update={"enable_thinking": thinking})
+    results, _ = play(env, tokenizer, engine, gen=gen)
     assert len(engine.requests) == 2 * 2 * 3
     for group in results:
         for e in group:
@@ -42,19 +67,20 @@ def test_each_turn_prompt_is_the_last_prompt_plus_generated_plus_observation_ids
                            key=lambda q: q.index)
             assert [q.index % TURN_STRIDE for q in asked] == [0, 1, 2] and e.turns == r.turns == 3
             first = chat_template.render(tokenizer, env.samples("train", 0)[r.prompt_index].messages,
-                                         add_generation_prompt=True, enable_thinking=False, tools=env.tools)
+                                         add_generation_prompt=True, enable_thinking=thinking, tools=env.tools)
             assert asked[0].prompt_ids == r.prompt_ids == tokenizer.encode(first, add_special_tokens=False)
             for t in range(2):  # turn t+1 = turn t's prompt + its completion + the tool answer's ids
                 out = engine.complete(asked[t])
                 obs = chat_template.continuation_ids(tokenizer, [{"role": "tool", "content": f"count={t + 1}"}],
                                                      ended_with_eos=out.token_ids[-1] == engine.end,
-                                                     enable_thinking=False)
+                                                     enable_thinking=thinking)
                 assert asked[t + 1].prompt_ids == asked[t].prompt_ids + out.token_ids + obs
             last = engine.complete(asked[2])
             assert r.prompt_ids + r.token_ids == asked[2].prompt_ids + last.token_ids  # what the trainer sees
             model = [i for i, m in enumerate(r.loss_mask) if m]
             assert len(model) == sum(len(engine.complete(q).token_ids) for q in asked) == r.model_tokens
             assert all(r.logprobs[i] == 0.0 for i, m in enumerate(r.loss_mask) if not m)
+            assert all(q.thinking == thinking for q in asked) and (r.reasoning is not None) == thinking
             assert e.score.kind is ScoreKind.OK and r.finish_reason == last.finish_reason
             assert close_turns or r.finish_reason == "length"
 
