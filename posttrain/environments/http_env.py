@@ -133,6 +133,7 @@ class HttpEnv(DefaultHooks):
     def samples(self, split: str, seed: int) -> list[Sample]:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
+        source = self.test_dataset if split == "test" and self.test_dataset is not None else self.dataset
         if self.test_dataset is not None:
             rows = self._rows if split == "train" else read_rows(self.test_dataset, self.limit)
         else:
@@ -144,7 +145,7 @@ class HttpEnv(DefaultHooks):
                 messages = chat_messages(row["responses_create_params"].get("input"))
                 tools = self._row_tools(row)
             except DataError as exc:
-                raise DataError(f"{self.dataset} row {i}: {exc}") from None
+                raise DataError(f"{source} row {i}: {exc}") from None
             if self.system and not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": self.system})
             out.append(Sample(id=f"http/{split}/{i}", messages=messages, answer=row, info={"tools": tools}))
