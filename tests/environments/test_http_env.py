@@ -267,3 +267,12 @@ def test_options_and_dataset_errors(server, dataset, tmp_path):
     assert env.samples("train", 0)[0].messages == [{"role": "system", "content": "Be brief."},
                                                    {"role": "user", "content": "Hi there"}]
     assert env.tools[0]["function"]["name"] == "get_value"
+
+
+def test_a_separate_test_dataset(server, dataset, tmp_path):
+    held_out = tmp_path / "test.jsonl"
+    held_out.write_text(json.dumps(row("pear")) + "\n" + json.dumps({"responses_create_params": {"input": []}}) + "\n")
+    env = HttpEnv(server.url, dataset, test_dataset=str(held_out))
+    assert len(env.samples("train", 0)) == 5
+    with pytest.raises(DataError, match="test.jsonl row 1: responses_create_params.input"):
+        env.samples("test", 0)
