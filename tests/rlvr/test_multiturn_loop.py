@@ -108,6 +108,20 @@ def test_engine_and_trainer_logprobs_agree_on_a_three_turn_episode(engine, tiny_
     assert (batch.rollout_logprobs[0, : len(r.token_ids)][~mask] == 0).all()
 
 
+def test_observation_tokens_reach_neither_the_loss_nor_the_mismatch_checks():
+    from posttrain.rlvr.policy_loss import policy_loss
+
+    logp = torch.full((1, 6), -5.0)
+    rollout = logp.clone()
+    rollout[0, 2:4] = 0.0  # an episode's observation tokens carry logprob 0 and mask 0
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]])
+    out = policy_loss(logp.clone().requires_grad_(), logp, rollout, torch.ones(1), mask, LossConfig())
+    assert out.metrics["mismatch/masked_sequences"] == 0 and out.metrics["mismatch/seq_error_max"] == 1.0
+    assert out.metrics["tokens/trained"] == 4 and out.metrics["loss/is_weight_mean"] == 1.0
+    unmasked = policy_loss(logp.clone().requires_grad_(), logp, rollout, torch.ones(1), torch.ones(1, 6), LossConfig())
+    assert unmasked.metrics["mismatch/masked_sequences"] == 1  # what a mask on observations prevents
+
+
 class ScriptedEngines:
     """In place of the loop's Engines: single-turn prompts get fixed completions, episodes run on a
     scripted engine through the real Dispatcher."""
