@@ -81,7 +81,7 @@ def test_module_class_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("nope", {}, "unknown environment 'nope'; known: code, genrm, genrm_preference, instruction_following"),
+        ("nope", {}, "unknown environment 'nope'; known: code, genrm, genrm_preference, guess_number, http, instruction_following"),
         ("no_such_module_xyz:Env", {}, "cannot import 'no_such_module_xyz'"),
         ("posttrain.environments.base:Missing", {}, "has no attribute 'Missing'"),
         ("math", {"levels": [9]}, "levels must be a non-empty subset of 1..5"),
