@@ -210,7 +210,7 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
         pool = RolloutPool(cfg.model.model_copy(update={"name": model}), rl.rollout, name_prefix="eval")
         try:
             result = evaluate(pool, envs, rl.generation, cfg.sft_eval_prompts, rl.run.seed,
-                              rl.run.score_concurrency, rl.run.score_timeout_s, rl.timeouts.judge_s)
+                              rl.run.score_concurrency, rl.run.score_timeout_s, rl.timeouts.judge_s, rl.episodes)
         finally:
             pool.shutdown()
     logger = MetricsLogger(run_dir, stage="sft")

@@ -13,5 +13,6 @@ Heavy modules (vllm, torch, ray) load lazily; import what you use::
 
 Modules: ``engine`` (actor body, one interface), ``backend_vllm`` / ``backend_hf`` (the two
 backends), ``budget`` + ``vllm_budget`` (thinking budget), ``weight_sync`` (staging updates),
-``pool`` (N actors, sharding, deadlines), ``types`` (records and errors).
+``pool`` (N actors, sharding, deadlines, ``play`` for multi-turn episodes), ``episodes`` (token-exact
+multi-turn episodes interleaved on one event loop, ``Dispatcher``), ``types`` (records and errors).
 """

@@ -251,7 +251,8 @@ class _EpisodeRun:
             episode.messages.extend(obs.messages)
 
     def _first_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        tools = list(getattr(self.env, "tools", None) or [])
+        # a row may bring its own tools (http: NeMo-Gym rows carry them); else the environment's
+        tools = list(self.sample.info.get("tools") or getattr(self.env, "tools", None) or [])
         text = chat_template.render(self.tokenizer, messages, add_generation_prompt=True,
                                     enable_thinking=self.gen.enable_thinking, reasoning_budget=self.gen.reasoning_budget,
                                     tools=tools or None)
