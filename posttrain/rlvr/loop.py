@@ -85,6 +85,7 @@ def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str
             metrics_log.log(0, _evaluate(cfg, engines, envs))
         started = time.monotonic()
         for step in range(start_step, cfg.run.steps):
+            sampler.set_progress(run_progress(cfg, step, time.monotonic() - started))
             last = rl_step(cfg, step, sampler, envs, engines, trainer)
             out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
             done = step + 1 == cfg.run.steps or out_of_time
@@ -146,6 +147,7 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
             batch = build_batch([rollouts[i] for i in kept], adv.advantages[kept], torch.ones(len(kept)), pad_id=0)
             train_metrics = trainer.train_step(batch, cfg.generation.temperature)
         else:
+            log.warning("step %d trains nothing: %s", step + 1, _why_nothing_trains(rewards, n, adv.zero_variance_groups))
             train_metrics = {"tokens/trained": 0.0, "train/skipped_updates": 1.0}
     with timer("sync"):
         sync = engines.sync(rollouts[kept[0]]) if kept else None  # no update: the engines are current
@@ -160,6 +162,25 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     metrics["rollout/gen_tokens"] = float(gen_tokens)
     metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timer.seconds["time/gen_s"], 1e-9)
     return metrics
+
+
+def run_progress(cfg: RLVRConfig, step: int, elapsed_s: float) -> float:
+    """How far the run is, for the curriculum: the larger of the steps done and the share of
+    ``run.max_minutes`` used (a run capped by time never reaches its ``run.steps``)."""
+    done = step / cfg.run.steps
+    if cfg.run.max_minutes:
+        done = max(done, elapsed_s / (60 * cfg.run.max_minutes))
+    return min(1.0, done)
+
+
+def _why_nothing_trains(rewards: torch.Tensor, n: int, zero_variance_groups: int) -> str:
+    groups = rewards.numel() // n
+    if zero_variance_groups == groups:
+        solved = int((rewards.view(groups, n)[:, 0] >= 1.0).sum())
+        return (f"every group's rewards were equal ({solved} of {groups} groups all solved, the rest all at one "
+                "lower reward), so no advantage is non-zero; harder/easier prompts (curriculum, the solved "
+                "filter) or more samples per prompt give groups that differ")
+    return "every rollout was masked (cut at max_new_tokens with the overlong filter on, or scoring infra errors)"
 
 
 def _step_metrics(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]], rollouts: list[Rollout],

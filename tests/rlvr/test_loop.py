@@ -133,6 +133,37 @@ def test_the_judge_deadline_is_timeouts_judge_s(tmp_path):
 
 
 
+class AllSolvedEnv(SlowJudgeEnv):
+    """Every rollout solves its prompt: every group's rewards are equal."""
+
+    async def score_groups(self, samples, groups):
+        return [[Score(1.0) for _ in group] for group in groups]
+
+
+def test_a_step_that_trains_nothing_says_why(tmp_path, caplog):
+    from posttrain.rlvr.loop import _make_sampler, rl_step
+
+    cfg = config(tmp_path, 1).model_copy(update={"environments": [EnvConfig(name="solved")]})
+    envs = {"solved": AllSolvedEnv()}
+    with caplog.at_level("WARNING", logger="posttrain.rlvr.loop"):
+        metrics = rl_step(cfg, 0, _make_sampler(cfg, envs), envs, OneRolloutPerSample(), trainer=None)
+    assert metrics["train/skipped_updates"] == 1.0
+    groups = cfg.run.prompts_per_step
+    assert f"step 1 trains nothing: every group's rewards were equal ({groups} of {groups} groups all solved" in caplog.text
+
+
+def test_run_progress_follows_the_clock_when_time_caps_the_run(tmp_path):
+    """steps: 1000, max_minutes: 8 -- after 4 minutes and 30 steps the run is half done, not 3% done."""
+    from posttrain.rlvr.loop import run_progress
+
+    cfg = config(tmp_path, 1000)
+    cfg.run.max_minutes = 8
+    assert run_progress(cfg, 30, 4 * 60) == 0.5
+    assert run_progress(cfg, 30, 20 * 60) == 1.0
+    cfg.run.max_minutes = None
+    assert run_progress(cfg, 30, 4 * 60) == 0.03
+
+
 class KindEnv:
     """Scores in turn: a right answer; an answer problem whose detail text starts with 'infra'
     (a plug-in's wording, kind invalid); an infra failure (kind infra)."""
