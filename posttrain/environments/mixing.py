@@ -95,6 +95,8 @@ class EnvSampler:
         if not samples:
             raise ValueError("an environment sampler needs at least one sample")
         self.samples = list(samples)
+        self.all_samples = list(samples)  # before keep_only
+        self.kept_ids: list[str] | None = None  # keep_only's choice (None: every sample)
         self.curriculum = curriculum or CurriculumConfig()
         self.rng = random.Random(seed)
         self.pass_rate: dict[str, float] = {}
@@ -125,6 +127,14 @@ class EnvSampler:
         rate = self.pass_rate.get(sample.id, c.prior)
         return math.exp(-((rate - self.target()) ** 2) / (2 * c.width**2)) + 1e-6
 
+    def keep_only(self, ids: Sequence[str]) -> None:
+        """Draw from these samples only (the solved filter's survivors); kept in the state."""
+        wanted = set(ids)
+        kept = [s for s in self.all_samples if s.id in wanted]
+        if not kept:
+            raise ValueError("keep_only would leave no samples to draw")
+        self.samples, self.kept_ids, self._order = kept, [s.id for s in kept], []
+
     def update(self, pass_rates: Mapping[str, float]) -> None:
         """Fold in the pass rates measured this step; advance the curriculum."""
         a = self.curriculum.ema
@@ -135,9 +145,11 @@ class EnvSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self.rng), "pass_rate": dict(self.pass_rate), "step": self.step,
-                "order": list(self._order), "progress": self.progress}
+                "order": list(self._order), "progress": self.progress, "kept_ids": self.kept_ids}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("kept_ids") is not None:  # before the order: it indexes the kept samples
+            self.keep_only(state["kept_ids"])
         restore_rng(self.rng, state["rng"])
         self.pass_rate = dict(state["pass_rate"])
         self.step = int(state["step"])

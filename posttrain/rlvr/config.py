@@ -136,6 +136,17 @@ class TimeoutsConfig(Config):
         "past it that step's groups get reward 0 and error 'timeout' (all equal: nothing is learnt from them)"))
 
 
+class SolvedFilterConfig(Config):
+    """The recipe's pre-pass: prompts the starting policy always solves teach nothing (every group of
+    them has equal rewards), so they leave the training pool before step 1."""
+
+    enabled: bool = Field(False, description="sample the starting policy on training prompts and drop the always-solved")
+    samples: int = Field(4, ge=2, description="samples per prompt that measure its pass rate")
+    max_prompts: int = Field(256, ge=1, description=(
+        "prompts measured per environment (a seeded random subset; unmeasured prompts stay in the pool)"))
+    max_pass_rate: float = Field(1.0, gt=0.0, le=1.0, description="drop prompts whose measured pass rate is at least this")
+
+
 class RunConfig(Config):
     steps: int = Field(10, ge=1, description="RL steps")
     prompts_per_step: int = Field(8, ge=1, description="prompts per step, split over environments by weight")
@@ -148,6 +159,8 @@ class RunConfig(Config):
     score_concurrency: int = Field(8, ge=1, description="completions scored at once")
     score_timeout_s: float = Field(60.0, gt=0.0, description="per-completion scoring limit")
     curriculum: bool = Field(False, description="easy -> hard by measured pass rate within each environment")
+    solved_filter: SolvedFilterConfig = Field(SolvedFilterConfig(), description=(
+        "drop training prompts the starting policy always solves (k samples each) before step 1"))
     metrics_port: int | None = Field(None, ge=1, le=65535, description=(
         "port of Ray's Prometheus metrics (ray_posttrain_*): curl http://127.0.0.1:PORT/metrics"))
     max_minutes: float | None = Field(None, gt=0, description="stop (and checkpoint) after this much wall time")

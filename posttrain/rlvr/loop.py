@@ -1,5 +1,6 @@
 """The RLVR controller: one synchronous loop that reads like the algorithm.
 
+    prompts pool  <- drop the prompts the starting policy always solves (optional, once)
     for step:
         prompts   <- mixed sampler (fixed env ratios, optional curriculum)
         rollouts  <- rollout engines (vLLM actors rollout-0..), n per prompt        [gen]
@@ -49,6 +50,7 @@ from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.evaluate import evaluate
 from posttrain.rlvr.policy_loss import overlong_mask
 from posttrain.rlvr.scoring import play_and_score
+from posttrain.rlvr.solved_filter import drop_solved
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
 from posttrain.training.checkpoint import latest_checkpoint
@@ -83,6 +85,8 @@ def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str
         start_step = _restore(cfg, trainer, engines, sampler, envs, resume)
         if cfg.run.eval_every and start_step == 0:
             metrics_log.log(0, _evaluate(cfg, engines, envs))
+        if cfg.run.solved_filter.enabled and start_step == 0:  # after the eval: it measures the starting policy too
+            metrics_log.log(0, drop_solved(cfg, sampler, envs, engines))
         started = time.monotonic()
         for step in range(start_step, cfg.run.steps):
             sampler.set_progress(run_progress(cfg, step, time.monotonic() - started))
