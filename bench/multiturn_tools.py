@@ -134,7 +134,7 @@ def evaluate_model(model_dir: str, n_prompts: int, rl_config: str, seed: int = 0
     calls, malformed = sum(e.tool_calls for e in eps), sum(e.tool_call_errors for e in eps)
     return {"model": model_dir, "prompts": len(eps), "with_tool": with_tool["eval/python_tool/accuracy"],
             "no_tool": no_tool["eval/no_tool/accuracy"],
-            "well_formed_calls": calls / (calls + malformed) if calls + malformed else 0.0,
+            "well_formed_calls": calls / (calls + malformed) if calls + malformed else None,  # none written: "-"
             "called_tool": sum(e.tool_calls > 0 for e in eps) / max(len(eps), 1),
             "turns_mean": sum(e.turns for e in eps) / max(len(eps), 1),
             "step_errors_mean": sum(e.step_errors for e in eps) / max(len(eps), 1),
