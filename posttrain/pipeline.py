@@ -198,7 +198,7 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
     from posttrain.environments.base import StageResources
     from posttrain.environments.registry import opened
     from posttrain.metrics import MetricsLogger
-    from posttrain.rlvr.evaluate import evaluate
+    from posttrain.rlvr.evaluate import evaluate_modes
     from posttrain.rollout.pool import RolloutPool
     from posttrain.verifiers.sandbox import Limits
     from posttrain.verifiers.service import LocalRunner
@@ -209,8 +209,10 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
             env.start(StageResources(code_runner=LocalRunner(Limits(wall_s=rl.sandbox.wall_s))))
         pool = RolloutPool(cfg.model.model_copy(update={"name": model}), rl.rollout, name_prefix="eval")
         try:
-            result = evaluate(pool, envs, rl.generation, cfg.sft_eval_prompts, rl.run.seed,
-                              rl.run.score_concurrency, rl.run.score_timeout_s, rl.timeouts.judge_s, rl.episodes)
+            result = evaluate_modes(pool, envs, rl.generation, cfg.sft_eval_prompts, rl.run.seed,
+                                    rl.run.eval_without_thinking, concurrency=rl.run.score_concurrency,
+                                    timeout=rl.run.score_timeout_s, group_timeout=rl.timeouts.judge_s,
+                                    episodes=rl.episodes)
         finally:
             pool.shutdown()
     logger = MetricsLogger(run_dir, stage="sft")

@@ -155,6 +155,8 @@ class RunConfig(Config):
     eval_every: int | None = Field(None, ge=1, description=(
         "greedy eval on held-out prompts before training, every N steps and at the end; null = never"))
     eval_prompts: int = Field(50, ge=1, description="held-out prompts per environment for eval")
+    eval_without_thinking: bool = Field(True, description=(
+        "when generation thinks: evaluate again with thinking off (eval/<env>/no_think/...), both modes measured"))
     seed: int = 0
     score_concurrency: int = Field(8, ge=1, description="completions scored at once")
     score_timeout_s: float = Field(60.0, gt=0.0, description="per-completion scoring limit")

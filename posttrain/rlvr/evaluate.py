@@ -31,12 +31,29 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
         played = play_and_score({key: env}, [(key, s) for s in samples], engines, greedy, 1, episodes,
                                 concurrency=concurrency, timeout=timeout, group_timeout=group_timeout)
         scores, name = played.scores, env.name
+        rollouts = [r for group in played.groups for r in group]
         out.update({"eval/" + k[len("env/"):]: v for k, v in played.metrics.items()})
         out[f"eval/{name}/accuracy"] = sum(s.kind is ScoreKind.OK and s.reward >= 1.0 for s in scores) / len(scores)
         out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
         out[f"eval/{name}/prompts"] = float(len(scores))
+        if gen.enable_thinking:  # how long it reasons, and how often it closes its reasoning
+            out[f"eval/{name}/reasoning_tokens"] = sum(r.reasoning_tokens for r in rollouts) / max(1, len(rollouts))
+            out[f"eval/{name}/reasoning_closed"] = sum(r.reasoning_closed for r in rollouts) / max(1, len(rollouts))
         for metric in env.eval_metrics:
             values = [s.metrics[metric] for s in scores if metric in s.metrics]
             if values:
                 out[f"eval/{name}/{metric}"] = sum(values) / len(values)
+    return out
+
+
+def evaluate_modes(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,
+                   also_without_thinking: bool, **kwargs: Any) -> dict[str, float]:
+    """:func:`evaluate` as trained (thinking and budget from ``gen``) and, when ``also_without_thinking``
+    and ``gen`` thinks, again with thinking off, reported as ``eval/<env>/no_think/<metric>``: the
+    reasoning-budget recipe promises both modes, so both are measured."""
+    out = evaluate(engines, envs, gen, n_prompts, seed, **kwargs)
+    if also_without_thinking and gen.enable_thinking:
+        off = evaluate(engines, envs, gen.model_copy(update={"enable_thinking": False, "reasoning_budget": None}),
+                       n_prompts, seed, **kwargs)
+        out.update({f"{k.rsplit('/', 1)[0]}/no_think/{k.rsplit('/', 1)[1]}": v for k, v in off.items()})
     return out

@@ -47,7 +47,7 @@ from posttrain.rlvr.actors import Engines, StageActors, local_cpus
 from posttrain.rlvr.advantages import group_advantages
 from posttrain.rlvr.batch import build_batch
 from posttrain.rlvr.config import RLVRConfig
-from posttrain.rlvr.evaluate import evaluate
+from posttrain.rlvr.evaluate import evaluate_modes
 from posttrain.rlvr.policy_loss import overlong_mask
 from posttrain.rlvr.scoring import play_and_score
 from posttrain.rlvr.solved_filter import drop_solved
@@ -221,8 +221,9 @@ def _make_sampler(cfg: RLVRConfig, envs: dict[str, Environment]) -> MixedSampler
 
 
 def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -> dict[str, float]:
-    result = evaluate(engines, envs, cfg.generation, cfg.run.eval_prompts, cfg.run.seed,
-                      cfg.run.score_concurrency, cfg.run.score_timeout_s, cfg.timeouts.judge_s, cfg.episodes)
+    result = evaluate_modes(engines, envs, cfg.generation, cfg.run.eval_prompts, cfg.run.seed,
+                            cfg.run.eval_without_thinking, concurrency=cfg.run.score_concurrency,
+                            timeout=cfg.run.score_timeout_s, group_timeout=cfg.timeouts.judge_s, episodes=cfg.episodes)
     log.info("eval: %s", " ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.endswith("/prompts")))
     return result
 

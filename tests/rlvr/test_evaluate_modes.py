@@ -1,0 +1,52 @@
+"""Held-out evaluation in both reasoning modes: as trained (thinking, with its budget) and with thinking off."""
+
+from __future__ import annotations
+
+from posttrain.config import GenerationConfig
+from posttrain.environments.base import Sample, Score
+from posttrain.rlvr.evaluate import evaluate_modes
+from posttrain.rollout.types import Rollout
+
+
+class AnswersWhenThinking:
+    """Scores 1 when the completion came from a thinking prompt (it carries reasoning)."""
+
+    name = "mode"
+    eval_metrics = ()
+
+    def samples(self, split, seed):
+        return [Sample(f"{split}/{i}", [{"role": "user", "content": str(i)}]) for i in range(4)]
+
+    async def score(self, sample, completion):
+        return Score(float(completion == "thought"))
+
+
+class Engines:
+    def __init__(self):
+        self.asked = []
+
+    def generate(self, prompts, gen, n):
+        self.asked.append((gen.enable_thinking, gen.reasoning_budget, gen.temperature))
+        thinking = gen.enable_thinking
+        return [[Rollout(p, 0, [1], [2, 3], [0.0, 0.0], "x", "stop", "r" if thinking else None,
+                         "thought" if thinking else "direct", True, 7 if thinking else 0)]
+                for p in range(len(prompts))]
+
+
+def test_both_modes_are_measured_with_reasoning_length():
+    engines = Engines()
+    gen = GenerationConfig(enable_thinking=True, reasoning_budget=64, temperature=0.8)
+    out = evaluate_modes(engines, {"mode": AnswersWhenThinking()}, gen, 4, 0, True)
+    assert engines.asked == [(True, 64, 0.0), (False, None, 0.0)]  # greedy; the budget only with thinking
+    assert out["eval/mode/accuracy"] == 1.0 and out["eval/mode/no_think/accuracy"] == 0.0
+    assert out["eval/mode/reasoning_tokens"] == 7.0 and out["eval/mode/reasoning_closed"] == 1.0
+    assert "eval/mode/no_think/reasoning_tokens" not in out
+
+
+def test_one_mode_when_training_does_not_think_or_it_is_off():
+    engines = Engines()
+    out = evaluate_modes(engines, {"mode": AnswersWhenThinking()}, GenerationConfig(enable_thinking=False), 4, 0, True)
+    assert engines.asked == [(False, None, 0.0)] and not any("no_think" in k for k in out)
+    engines = Engines()
+    evaluate_modes(engines, {"mode": AnswersWhenThinking()}, GenerationConfig(enable_thinking=True), 4, 0, False)
+    assert len(engines.asked) == 1
