@@ -59,6 +59,21 @@ def test_two_steps_end_to_end(tmp_path, tiny_llama_dir):
     assert before["optimizer"]["state"]  # the optimizer really stepped
 
 
+def test_thinking_on_with_a_budget_through_real_actors(tmp_path, tiny_llama_dir):
+    """The recipe's RLVR: prompts open <think>, the engines enforce the reasoning budget while they
+    generate, only the answer after </think> is scored, and held-out eval measures both modes."""
+    cfg = config(tmp_path, 1)
+    budget = 6
+    cfg.generation.enable_thinking, cfg.generation.reasoning_budget = True, budget
+    cfg.run.eval_every, cfg.run.eval_prompts = 1, 4
+    last = main(cfg)
+    # a random model never closes its reasoning by itself: every rollout reasons and is cut at the budget
+    assert 0 < last["rollout/reasoning_tokens_mean"] <= budget * 1.1 + 1
+    assert 0 < last["eval/vowels/reasoning_tokens"] <= budget * 1.1 + 1 and last["eval/vowels/reasoning_closed"] == 1.0
+    assert "eval/vowels/no_think/accuracy" in last and "eval/vowels/no_think/reasoning_tokens" not in last
+    assert last["sync/max_abs_logprob_diff"] < 1e-3  # budget-forced tokens are scored like sampled ones
+
+
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_llama_dir):
     main(config(tmp_path / "straight", 2))
