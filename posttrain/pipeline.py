@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from posttrain.atomic import atomic_write_text
 from posttrain.config import SFT_STAGE_S, Config, ModelConfig, write_resolved
 from posttrain.errors import ConfigError
-from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig
+from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig, trained_prompt_style
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import SFTConfig
 
@@ -75,16 +75,9 @@ def stage_config(cfg: PipelineConfig, name: str, models: dict[str, str]) -> Any:
     section = cfg.rlvr if name == "rlvr" else cfg.rlhf
     update: dict[str, Any] = {"model": cfg.model, "run_dir": run_dir, "init_from": init_from}
     if name == "rlhf":
-        update["environments"] = [_with_judge(e, models, trained_prompt_style(cfg)) for e in section.environments]
+        style = trained_prompt_style(cfg.genrm.environments)
+        update["environments"] = [_with_judge(e, models, style) for e in section.environments]
     return section.model_copy(update=update)
-
-
-def trained_prompt_style(cfg: PipelineConfig) -> str:
-    """The judge prompt style the genrm stage trains with (its preference environments must agree)."""
-    styles = {e.options.get("prompt_style", "rubric") for e in cfg.genrm.environments if e.name == "genrm_preference"}
-    if len(styles) > 1:
-        raise ConfigError(f"genrm: the genrm_preference environments train different prompt styles {sorted(styles)}")
-    return styles.pop() if styles else "rubric"
 
 
 def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
@@ -136,7 +129,7 @@ def _local_cpus(cfg: PipelineConfig) -> int:
     from posttrain.environments.registry import opened
     from posttrain.rlvr.actors import local_cpus, stage_roles
 
-    need, style = 1, trained_prompt_style(cfg)
+    need, style = 1, trained_prompt_style(cfg.genrm.environments)
     for name in cfg.stages:
         if name != "sft":
             section = getattr(cfg, name)

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from posttrain.config import MAX_TOP_LOGPROBS, Config, GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.environments.registry import EnvConfig
+from posttrain.errors import ConfigError
 from posttrain.genrm.judge_format import PromptStyle, Scoring
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import TrainConfig as SFTTrainConfig
@@ -31,12 +32,31 @@ class WarmupConfig(Config):
     train: SFTTrainConfig = SFTTrainConfig(epochs=1, lr=2e-5, micro_batch_tokens=4096, gradient_checkpointing=False)
 
 
+class JudgeEvalConfig(Config):
+    """The judge's held-out quality before and after training, as RLHF will use it: every test pair of
+    the ``genrm_preference`` environments judged greedily in both orders, each pair decided by its two
+    verdicts together (``eval/genrm_judge/pairwise_accuracy_both_orders``, chance 0.5)."""
+
+    enabled: bool = Field(True, description="judge the test pairs with the starting model and the trained one")
+    limit: int | None = Field(None, ge=1, description="test pairs judged (None = all the environment's)")
+    scoring: Scoring = Field("expected", description="generate | expected, as judge.scoring in RLHF")
+
+
 class GenRMTrainConfig(RLVRConfig):
     """Turn a chat model into a GenRM: RL on ``genrm_preference`` (reward from the human labels)."""
 
     environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="genrm_preference")])
     warmup: WarmupConfig = WarmupConfig()
+    judge_eval: JudgeEvalConfig = JudgeEvalConfig()
     run_dir: str = Field("runs/genrm", description="run folder: warmup/ (SFT) and the RL run's files")
+
+
+def trained_prompt_style(environments: list[EnvConfig]) -> PromptStyle:
+    """The judge prompt style a GenRM trains with (its ``genrm_preference`` environments must agree)."""
+    styles = {e.options.get("prompt_style", "rubric") for e in environments if e.name == "genrm_preference"}
+    if len(styles) > 1:
+        raise ConfigError(f"genrm: the genrm_preference environments train different prompt styles {sorted(styles)}")
+    return styles.pop() if styles else "rubric"
 
 
 class GenRMEvalConfig(Config):

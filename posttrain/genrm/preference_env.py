@@ -117,18 +117,20 @@ class PreferenceEnv(DefaultHooks):
         self.prompt_style = check_prompt_style(prompt_style)
         self._pairs: dict[str, list[PreferencePair]] = {}
 
-    def pairs(self, split: str) -> list[PreferencePair]:
-        """The labelled pairs of ``split`` (loaded once)."""
+    def labelled(self, split: str) -> list[PreferencePair]:
+        """The labelled pairs of ``split`` as the dataset gives them (loaded once, never swapped)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
         if split not in self._pairs:
             source = self.test_source if split == "test" and self.test_source else self.source
             pairs = load_pairs(source, split, subset=self.subset, on_invalid=self.on_invalid, ties=self.ties)
-            pairs = pairs[: self.sizes[split]]
-            if self.both_orders:
-                pairs = [p for pair in pairs for p in (pair, swapped(pair))]
-            self._pairs[split] = pairs
+            self._pairs[split] = pairs[: self.sizes[split]]
         return self._pairs[split]
+
+    def pairs(self, split: str) -> list[PreferencePair]:
+        """The pairs the samples of ``split`` ask about: with ``both_orders`` each pair, then it swapped."""
+        pairs = self.labelled(split)
+        return [p for pair in pairs for p in (pair, swapped(pair))] if self.both_orders else list(pairs)
 
     def samples(self, split: str, seed: int) -> list[Sample]:
         return [Sample(id=f"{split}/{pair.id}", answer=labels(pair),

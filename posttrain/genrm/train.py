@@ -20,7 +20,7 @@ from posttrain.config import MAX_TOP_LOGPROBS
 from posttrain.environments.registry import opened
 from posttrain.errors import DataError
 from posttrain.genrm.backends import call_of
-from posttrain.genrm.config import GenRMEvalConfig, GenRMTrainConfig
+from posttrain.genrm.config import GenRMEvalConfig, GenRMTrainConfig, trained_prompt_style
 from posttrain.rlvr.config import RLVRConfig
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,60 @@ def train(cfg: GenRMTrainConfig, resume: bool = False) -> dict[str, float]:
     from posttrain.rlvr.loop import main
 
     init_from = cfg.init_from
+    if cfg.judge_eval.enabled:
+        log_judge_eval(cfg, init_from or cfg.model.name, before=True)
     if cfg.warmup.enabled:
         init_from = warmup(cfg)
     fields = {k: getattr(cfg, k) for k in RLVRConfig.model_fields}
-    return main(RLVRConfig(**{**fields, "init_from": init_from}), resume=resume, stage="genrm")
+    last = main(RLVRConfig(**{**fields, "init_from": init_from}), resume=resume, stage="genrm")
+    if cfg.judge_eval.enabled:
+        log_judge_eval(cfg, str(Path(cfg.run_dir) / "model"), before=False)
+    return last
+
+
+JUDGE_EVAL = "eval/genrm_judge/"
+
+
+def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
+    """``cfg.judge_eval`` of ``model`` into the run's metrics (``eval/genrm_judge/...``): at step 0 before
+    training, at the last step after; skipped when a resumed run has it already."""
+    from posttrain.metrics import MetricsLogger
+    from posttrain.report_data import read_metrics
+
+    path = Path(cfg.run_dir) / "metrics.jsonl"
+    rows = read_metrics(path)[0] if path.is_file() else []
+    step = 0 if before else max((int(r["step"]) for r in rows), default=0)
+    if any(int(r["step"]) == step and any(k.startswith(JUDGE_EVAL) for k in r) for r in rows):
+        return
+    pairs = [p for env in cfg.environments if env.name == "genrm_preference" for p in _test_pairs(env)]
+    if not pairs:
+        log.warning("judge_eval: no genrm_preference environment with test pairs; skipped")
+        return
+    metrics = judge_quality(judge_eval_config(cfg, model), pairs[: cfg.judge_eval.limit])
+    logger = MetricsLogger(cfg.run_dir, stage="genrm")
+    logger.log(step, {JUDGE_EVAL + k: v for k, v in metrics.items() if "/" not in k})
+    logger.close()
+    log.info("GenRM judge eval (%s, step %d): pairwise accuracy %.3f per judgement, %.3f both orders",
+             "before" if before else "after", step, metrics["pairwise_accuracy"],
+             metrics["pairwise_accuracy_both_orders"])
+
+
+def _test_pairs(env: Any) -> list[Any]:
+    from posttrain.environments.registry import load_environment
+
+    preference = load_environment(env)
+    try:
+        return preference.labelled("test")
+    finally:
+        preference.close()
+
+
+def judge_eval_config(cfg: GenRMTrainConfig, model: str) -> GenRMEvalConfig:
+    """The stage's judge, judging as its environments prompt and RLHF reads it (greedy)."""
+    return GenRMEvalConfig(model=cfg.model.model_copy(update={"name": model}), both_orders=True,
+                           prompt_style=trained_prompt_style(cfg.environments), scoring=cfg.judge_eval.scoring,
+                           rollout=cfg.rollout,
+                           generation=cfg.generation.model_copy(update={"temperature": 0.0}))
 
 
 def warmup(cfg: GenRMTrainConfig) -> str:
@@ -66,25 +116,30 @@ def warmup(cfg: GenRMTrainConfig) -> str:
 
 def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
     """Judge held-out pairs with ``cfg.model`` (greedy) and compare with the labels."""
-    from posttrain.genrm.expected_score import judge_verdicts
-    from posttrain.genrm.judge_format import judge_messages
-    from posttrain.genrm.preference_data import load_pairs, swapped
-    from posttrain.genrm.preference_env import preference_metrics
-    from posttrain.rollout.engine import RolloutEngine
+    from posttrain.genrm.preference_data import load_pairs
 
     pairs = load_pairs(cfg.source, cfg.split, limit=cfg.limit)
     if not pairs:
         raise DataError(f"no preference pairs in {cfg.source!r} split {cfg.split!r}")
+    return judge_quality(cfg, pairs)
+
+
+def judge_quality(cfg: GenRMEvalConfig, pairs: list[Any]) -> dict[str, float]:
+    """``cfg.model`` judges ``pairs`` (greedy; both orders when ``cfg.both_orders``) against their labels."""
+    from posttrain.genrm.expected_score import judge_verdicts
+    from posttrain.genrm.judge_format import judge_messages
+    from posttrain.genrm.preference_data import swapped
+    from posttrain.genrm.preference_env import preference_metrics
+
     if cfg.both_orders:
         pairs = [p for pair in pairs for p in (pair, swapped(pair))]
     generation = cfg.generation
     if cfg.scoring == "expected":
         generation = generation.model_copy(update={"top_logprobs": MAX_TOP_LOGPROBS})
-    engine = RolloutEngine(cfg.model, cfg.rollout)
+    prompts = [judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style) for p in pairs]
+    engine = _judge_engine(cfg)
     try:
-        groups = engine.generate([judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style)
-                                  for p in pairs],
-                                 generation, n=1)
+        groups = engine.generate(prompts, generation, n=1)
     finally:
         engine.shutdown()
     judgements, expected_rate = judge_verdicts([call_of(g) for g in groups], cfg.scoring)
@@ -93,3 +148,17 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
     if cfg.scoring == "expected":
         metrics["expected_values_rate"] = expected_rate
     return metrics
+
+
+def _judge_engine(cfg: GenRMEvalConfig) -> Any:
+    """Inside a Ray job (the pipeline's GenRM stage) the judge runs as the actor ``judge-eval-0``, seen on
+    the dashboard and gone with it; alone (``posttrain genrm eval``) it runs in this process."""
+    import ray
+
+    if ray.is_initialized():
+        from posttrain.rollout.pool import RolloutPool
+
+        return RolloutPool(cfg.model, cfg.rollout.model_copy(update={"num_engines": 1}), name_prefix="judge-eval")
+    from posttrain.rollout.engine import RolloutEngine
+
+    return RolloutEngine(cfg.model, cfg.rollout)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.chat_template import THINK_CLOSE, THINK_OPEN
 from posttrain.config import JUDGE_S, EpisodeConfig, GenerationConfig
 from posttrain.environments.base import Environment, ScoreKind
 from posttrain.rlvr.scoring import play_and_score
+from posttrain.rollout.types import Rollout
 
 
 def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,
@@ -36,14 +38,24 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
         out[f"eval/{name}/accuracy"] = sum(s.kind is ScoreKind.OK and s.reward >= 1.0 for s in scores) / len(scores)
         out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
         out[f"eval/{name}/prompts"] = float(len(scores))
-        if gen.enable_thinking:  # how long it reasons, and how often it closes its reasoning
-            out[f"eval/{name}/reasoning_tokens"] = sum(r.reasoning_tokens for r in rollouts) / max(1, len(rollouts))
-            out[f"eval/{name}/reasoning_closed"] = sum(r.reasoning_closed for r in rollouts) / max(1, len(rollouts))
+        if gen.enable_thinking:  # how long it reasons, how often it closes its reasoning, and by itself
+            n = max(1, len(rollouts))
+            out[f"eval/{name}/reasoning_tokens"] = sum(r.reasoning_tokens for r in rollouts) / n
+            out[f"eval/{name}/reasoning_closed"] = sum(r.reasoning_closed for r in rollouts) / n
+            out[f"eval/{name}/well_formed"] = sum(well_formed(r, gen.reasoning_budget) for r in rollouts) / n
         for metric in env.eval_metrics:
             values = [s.metrics[metric] for s in scores if metric in s.metrics]
             if values:
                 out[f"eval/{name}/{metric}"] = sum(values) / len(values)
     return out
+
+
+def well_formed(rollout: Rollout, budget: int | None) -> bool:
+    """The reasoning format SFT teaches: the model closed ``<think>`` itself, before any budget cut, then
+    answered (no think tag in the answer). A cut at the budget closes the reasoning but is not the model's."""
+    within = budget is None or rollout.reasoning_tokens < budget
+    return (rollout.reasoning_closed and within and bool(rollout.answer.strip())
+            and THINK_OPEN not in rollout.answer and THINK_CLOSE not in rollout.answer)
 
 
 def evaluate_modes(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,

@@ -50,6 +50,14 @@ def test_genrm_train_warmup_then_rl(tmp_path, tiny_llama_dir):
     resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert resolved["init_from"] == str(tmp_path / "warmup" / "model")  # RL starts from the warm-up
     assert (tmp_path / "checkpoints" / "step-00000001").is_dir()
+    # the judge's held-out quality, before (the base model) and after (the trained judge), both orders
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    judged = [r for r in rows if "eval/genrm_judge/pairwise_accuracy_both_orders" in r]
+    assert [r["step"] for r in judged] == [0, 1]
+    assert all(r["eval/genrm_judge/pairs"] == 8 and 0 <= r["eval/genrm_judge/pairwise_accuracy"] <= 1 for r in judged)
+    train(cfg, resume=True)  # a finished stage run again judges nothing twice
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "eval/genrm_judge/pairs" in r]) == 2
 
 
 def seeded_rlhf(run_dir: Path, steps: int) -> RLHFConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posttrain.config import GenerationConfig
 from posttrain.environments.base import Sample, Score
-from posttrain.rlvr.evaluate import evaluate_modes
+from posttrain.rlvr.evaluate import evaluate_modes, well_formed
 from posttrain.rollout.types import Rollout
 
 
@@ -40,7 +40,18 @@ def test_both_modes_are_measured_with_reasoning_length():
     assert engines.asked == [(True, 64, 0.0), (False, None, 0.0)]  # greedy; the budget only with thinking
     assert out["eval/mode/accuracy"] == 1.0 and out["eval/mode/no_think/accuracy"] == 0.0
     assert out["eval/mode/reasoning_tokens"] == 7.0 and out["eval/mode/reasoning_closed"] == 1.0
-    assert "eval/mode/no_think/reasoning_tokens" not in out
+    assert out["eval/mode/well_formed"] == 1.0  # closed at 7 tokens, inside the budget of 64
+    assert "eval/mode/no_think/reasoning_tokens" not in out and "eval/mode/no_think/well_formed" not in out
+
+
+def test_well_formed_is_the_models_own_close_then_an_answer():
+    def rollout(closed=True, tokens=10, answer="The answer is 4."):
+        return Rollout(0, 0, [1], [2], [0.0], "x", "stop", "r", answer, closed, tokens)
+
+    assert well_formed(rollout(), 64) and well_formed(rollout(tokens=500), None)
+    assert not well_formed(rollout(tokens=64), 64)  # cut at the budget: the engine closed it, not the model
+    assert not well_formed(rollout(closed=False), 64)  # stopped inside <think>
+    assert not well_formed(rollout(answer="  "), 64) and not well_formed(rollout(answer="4 </think> 5"), 64)
 
 
 def test_one_mode_when_training_does_not_think_or_it_is_off():
