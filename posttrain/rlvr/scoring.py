@@ -20,9 +20,11 @@ from posttrain.environments.base import (
     GroupEnvironment,
     Sample,
     Score,
+    ScoreKind,
     score_batch,
     score_groups_safely,
 )
+from posttrain.chat_template import THINK_CLOSE, THINK_OPEN
 from posttrain.config import EpisodeConfig, GenerationConfig
 from posttrain.environments.multiturn import is_multiturn
 from posttrain.errors import ConfigError
@@ -71,9 +73,18 @@ def play_and_score(envs: dict[str, Environment], drawn: Sequence[tuple[str, Samp
             flat = score_rollouts(envs, [drawn[i] for i in single], [groups[i] for i in single], concurrency,
                                   timeout, group_timeout)
             for k, i in enumerate(single):
-                scores[i] = flat[k * n : (k + 1) * n]
+                scores[i] = [reject_reopened_reasoning(r, s) for r, s in zip(groups[i], flat[k * n : (k + 1) * n])]
     metrics = {k: v for name, played in results.items() for k, v in episode_metrics(envs[name].name, played).items()}
     return Played(groups, [s for group in scores for s in group], metrics)
+
+
+def reject_reopened_reasoning(rollout: Rollout, score: Score) -> Score:
+    """A thinking completion whose answer holds ``<think>`` or ``</think>`` again is malformed (reward 0,
+    ``invalid``) whatever the verifier said: the reasoning ends at the first ``</think>``, and a policy
+    rewarded for "answer </think> answer" learns to write it (seen in the main job's RLVR stage)."""
+    if rollout.reasoning is None or (THINK_OPEN not in rollout.answer and THINK_CLOSE not in rollout.answer):
+        return score
+    return Score.failed(ScoreKind.INVALID, "think tag in the answer (reasoning closed twice)", score.metrics)
 
 
 def episode_metrics(name: str, results: Sequence[EpisodeResult]) -> dict[str, float]:

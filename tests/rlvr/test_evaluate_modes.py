@@ -61,3 +61,19 @@ def test_one_mode_when_training_does_not_think_or_it_is_off():
     engines = Engines()
     evaluate_modes(engines, {"mode": AnswersWhenThinking()}, GenerationConfig(enable_thinking=True), 4, 0, False)
     assert len(engines.asked) == 1
+
+
+def test_an_answer_that_reopens_the_reasoning_scores_zero_whatever_the_verifier_says():
+    class Reopens(Engines):
+        def generate(self, prompts, gen, n):
+            answer = "thought </think> thought" if gen.enable_thinking else "thought"
+            return [[Rollout(p, 0, [1], [2, 3], [0.0, 0.0], "x", "stop", "r" if gen.enable_thinking else None,
+                             answer, True, 7 if gen.enable_thinking else 0)] for p in range(len(prompts))]
+
+    class Contains(AnswersWhenThinking):
+        async def score(self, sample, completion):
+            return Score(float("thought" in completion))
+
+    out = evaluate_modes(Reopens(), {"mode": Contains()}, GenerationConfig(enable_thinking=True), 4, 0, True)
+    assert out["eval/mode/accuracy"] == 0.0 and out["eval/mode/reward"] == 0.0
+    assert out["eval/mode/no_think/accuracy"] == 1.0  # without thinking there is no reasoning to reopen
