@@ -65,3 +65,33 @@ def math_checkers():
 
     before = left()  # earlier tests' leftovers are theirs
     return lambda: sorted(left() - before)
+
+
+@pytest.fixture
+def host_listener():
+    """A listening socket on the host: a sandboxed program that reaches it has escaped the network ban."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def plain_jinja():
+    """A bare jinja2 environment as vLLM and other servers render chat templates with ({% generation %} known)."""
+    import jinja2
+    import jinja2.ext
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    return jinja2.Environment(extensions=[Generation])

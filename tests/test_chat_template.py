@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 import pytest
 
 from posttrain import chat_template as ct
@@ -116,20 +113,11 @@ def test_assistant_mask_covers_exactly_assistant_tokens(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=False) == ct.render(tokenizer, messages)
 
 
-def test_template_is_plain_jinja():
+def test_template_is_plain_jinja(plain_jinja):
     """vLLM and other servers render it with their own jinja2 environment."""
-    env = jinja2.Environment(extensions=[_Generation])
+    env = plain_jinja
     text = env.from_string(ct.template_text()).render(messages=[USER], add_generation_prompt=True)
     assert text.endswith("<think>\n")
-
-
-class _Generation(jinja2.ext.Extension):
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 @pytest.mark.parametrize("bad", [[], [{"content": "x"}], [{"role": "user"}], "hi"])

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 import pytest
 
 from posttrain import chat_template as ct
@@ -101,23 +98,14 @@ def test_budget_stays_on_the_user_message(tokenizer):
     assert text.count("thinking token budget") == 1
 
 
-def test_template_with_tools_is_plain_jinja():
+def test_template_with_tools_is_plain_jinja(plain_jinja):
     """vLLM and other servers render it with their own jinja2 environment (loop.previtem and friends)."""
-    env = jinja2.Environment(extensions=[_Generation])
+    env = plain_jinja
     msgs = [USER, {"role": "assistant", "content": "", "tool_calls": [{"name": "python", "arguments": ARGS}]},
             tool("1"), tool("2")]
     text = env.from_string(ct.template_text()).render(messages=msgs, tools=TOOLS, add_generation_prompt=True)
     assert "<tools>\n{" in text and "\n</tool_response>\n<tool_response>\n2\n" in text
     assert text.endswith("<|im_start|>assistant\n<think>\n")
-
-
-class _Generation(jinja2.ext.Extension):
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 # --------------------------------------------------------------------------- continuation

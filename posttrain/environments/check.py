@@ -96,7 +96,12 @@ def check_environment(env: Environment, n: int = 10, seed: int = 0, concurrency:
     report.n_gold = len(pairs)
     pairs += [(s, case, text) for s in samples for case, text in GARBAGE.items()]
     scores = asyncio.run(score_batch(env, [p[0] for p in pairs], [p[2] for p in pairs], concurrency))
-    for (sample, case, _), score in zip(pairs, scores):
+    return _tally(report, [(sample, case) for sample, case, _ in pairs], scores)
+
+
+def _tally(report: CheckReport, cases: Sequence[tuple[Sample, str]], scores: Sequence[Score]) -> CheckReport:
+    """Count errors; gold cases must score 1.0 and every other case 0.0."""
+    for (sample, case), score in zip(cases, scores):
         if score.kind is not ScoreKind.OK:
             report.errors[score.kind] += 1
         if case == "gold" and score.reward != 1.0:
@@ -160,14 +165,7 @@ async def check_multiturn(env: MultiTurnEnvironment, samples: Sequence[Sample], 
             return await play_episode(env, sample, turns, repeat=repeat, max_turns=max_turns)
 
     scores = await asyncio.gather(*(one(s, turns, repeat) for s, _, turns, repeat in runs))
-    for (sample, case, _, _), score in zip(runs, scores):
-        if score.kind is not ScoreKind.OK:
-            report.errors[score.kind] += 1
-        if case == "gold" and score.reward != 1.0:
-            report.gold_failures.append((sample.id, score))
-        elif case != "gold" and score.reward != 0.0:
-            report.garbage_failures.append((sample.id, case, score))
-    return report
+    return _tally(report, [(sample, case) for sample, case, _, _ in runs], scores)
 
 
 def reward_histogram(scores: Sequence[Score], bins: int = 5) -> list[str]:

@@ -43,6 +43,7 @@ def train(cfg: GenRMTrainConfig, resume: bool = False) -> dict[str, float]:
 
 
 JUDGE_EVAL = "eval/genrm_judge/"
+CONSTANT = ("n_pairs", "n_decided", "chance_accuracy", "first_side_accuracy", "mean_raw_reward")  # same either side
 
 
 def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
@@ -62,7 +63,9 @@ def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
         return
     metrics = judge_quality(judge_eval_config(cfg, model), pairs[: cfg.judge_eval.limit])
     logger = MetricsLogger(cfg.run_dir, stage="genrm")
-    logger.log(step, {JUDGE_EVAL + k: v for k, v in metrics.items() if "/" not in k})
+    shown = {k: v for k, v in metrics.items() if "/" not in k and k not in CONSTANT}
+    shown["prompts"] = shown.pop("pairs")  # judgements made (a count: the report leaves it out of before/after)
+    logger.log(step, {JUDGE_EVAL + k: v for k, v in shown.items()})
     logger.close()
     log.info("GenRM judge eval (%s, step %d): pairwise accuracy %.3f per judgement, %.3f both orders",
              "before" if before else "after", step, metrics["pairwise_accuracy"],

@@ -126,7 +126,7 @@ def train(cfg: SFTConfig, *, resume: bool = False, stop_after: int | None = None
     start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
-        log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+        log.info("no checkpoint in %s yet: starting from step 0", run_dir)
     if ckpt is not None:
         start = int(load_any_checkpoint(ckpt, model, optimizer, scheduler)["step"])
         log.info("resumed from %s (step %d of %d)", ckpt.path, start, len(steps))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -165,16 +164,6 @@ def test_execute_job_uses_the_runner_limits_with_a_shorter_wall():
     assert result.kind == "timeout" and time.monotonic() - start < 5
     result = run_job(CodeJob("print('a' * 50)\nprint(undefined)", execute=True, max_output_chars=30), Limits())
     assert result.kind == "runtime_error" and result.output.startswith("a" * 30 + "\n... [output truncated")
-
-
-@pytest.fixture
-def host_listener():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
 
 
 HOSTILE = {

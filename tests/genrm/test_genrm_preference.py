@@ -249,9 +249,10 @@ def test_held_out_evaluation_reports_pairwise_accuracy():
             assert gen.temperature == 0.0 and n == 1
             texts = [gold[p[1]["content"]] if i == 0 else '{"score_1": 5, "score_2": 1, "ranking": 1}'
                      for i, p in enumerate(prompts)]
-            return [[SimpleNamespace(answer=t)] for t in texts]
+            return [[SimpleNamespace(answer=t, reasoning=None)] for t in texts]
 
-    out = evaluate(FirstRightThenWrong(), {"genrm_preference": env}, GenerationConfig(), n_prompts=4, seed=0)
+    judge = GenerationConfig(enable_thinking=False)
+    out = evaluate(FirstRightThenWrong(), {"genrm_preference": env}, judge, n_prompts=4, seed=0)
     first_side = [s.answer["ranking"] < 3.5 for s in env.samples("test", 0)]
     expected = (1 + sum(first_side[1:])) / 4
     assert out["eval/genrm_preference/pairwise_correct"] == expected

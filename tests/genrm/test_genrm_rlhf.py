@@ -54,10 +54,10 @@ def test_genrm_train_warmup_then_rl(tmp_path, tiny_llama_dir):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     judged = [r for r in rows if "eval/genrm_judge/pairwise_accuracy_both_orders" in r]
     assert [r["step"] for r in judged] == [0, 1]
-    assert all(r["eval/genrm_judge/pairs"] == 8 and 0 <= r["eval/genrm_judge/pairwise_accuracy"] <= 1 for r in judged)
+    assert all(r["eval/genrm_judge/prompts"] == 8 and 0 <= r["eval/genrm_judge/pairwise_accuracy"] <= 1 for r in judged)
     train(cfg, resume=True)  # a finished stage run again judges nothing twice
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len([r for r in rows if "eval/genrm_judge/pairs" in r]) == 2
+    assert len([r for r in rows if "eval/genrm_judge/prompts" in r]) == 2
 
 
 def seeded_rlhf(run_dir: Path, steps: int) -> RLHFConfig:

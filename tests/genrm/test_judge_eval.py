@@ -43,7 +43,7 @@ def test_before_and_after_each_logged_once(tmp_path, judged):
     genrm_train.log_judge_eval(cfg, str(tmp_path / "model"), before=False)
     genrm_train.log_judge_eval(cfg, str(tmp_path / "model"), before=False)
     assert len(judged) == 2
-    logged = [r for r in rows(tmp_path) if "eval/genrm_judge/pairs" in r]
+    logged = [r for r in rows(tmp_path) if "eval/genrm_judge/prompts" in r]
     assert [r["step"] for r in logged] == [0, 7]
     assert logged[0]["eval/genrm_judge/pairwise_accuracy_both_orders"] == 0.6
     assert not any("/helpfulness" in k for r in logged for k in r)  # per-category figures stay in genrm eval

@@ -12,7 +12,6 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -98,16 +97,6 @@ ATTACKS: list[tuple[str, str, bool]] = [
     ("huge_return_value", "def add(a, b):\n    return 'x' * (64 * 2**20)\n", False),
     ("syntax_bomb", "def add(a, b):\n    return " + "(" * 5000 + "1" + ")" * 5000 + "\n", False),
 ]
-
-
-@pytest.fixture
-def host_listener():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
 
 
 @pytest.fixture
