@@ -7,7 +7,8 @@ reasoning budget (vLLM, the budget's logits processor), rescores the same token 
 engine, and prints the
 largest |sampled - rescored| logprob per rollout, split into rollouts cut at the budget and the others.
 With ``rollout.logprobs=processed`` (the default) a forced ``</think>`` comes back with its processed logprob
-(about 0: the processor left it the only choice), so cut rollouts show a diff of many nats.
+(about 0: the processor left it the only choice), so cut rollouts show a diff of many nats; the engine
+marks those tokens ``loss_mask`` 0, and the last line compares only the tokens that train.
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ def main() -> None:
         rescored = engine.score([r.prompt_ids + r.token_ids for r in rollouts], [len(r.prompt_ids) for r in rollouts])
     finally:
         engine.shutdown()
-    worst = {True: [], False: []}
+    worst: dict[bool, list[float]] = {True: [], False: []}
+    trained: list[float] = []  # the same, on the tokens that train (loss_mask 1: the forced tag left out)
     for r, lp in zip(rollouts, rescored):
         diffs = [abs(a - b) for a, b in zip(r.logprobs, lp)]
-        worst[r.reasoning_tokens >= args.budget].append(max(diffs) if diffs else 0.0)
-    for cut, label in ((True, "cut at the budget"), (False, "closed by the model")):
-        values = sorted(worst[cut], reverse=True)
+        worst[r.reasoning_tokens >= args.budget].append(max(diffs, default=0.0))
+        mask = r.loss_mask or [1] * len(diffs)
+        trained.append(max((d for d, m in zip(diffs, mask) if m), default=0.0))
+    rows = ((worst[True], "cut at the budget"), (worst[False], "closed by the model"),
+            (trained, "all, trained tokens"))
+    for values, label in rows:
+        values = sorted(values, reverse=True)
         top = f"max {values[0]:.3g}, median {values[len(values) // 2]:.3g}" if values else "-"
         print(f"{label:22s} {len(values):4d} rollouts   |sampled - rescored| logprob per rollout: {top}")
 

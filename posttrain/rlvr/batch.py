@@ -70,7 +70,7 @@ def build_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, keep: tor
         positions[i, :c] = torch.arange(p - 1, p + c - 1)
         completion[i, :c] = torch.tensor(r.token_ids, dtype=torch.long)
         mask[i, :c] = float(bool(keep[i]))
-        if r.loss_mask is not None:  # an episode: observation tokens never train
+        if r.loss_mask is not None:  # observation tokens and a budget's forced closing tag never train
             if len(r.loss_mask) != c:
                 raise ValueError(f"rollout {i}: {c} tokens but a loss_mask of {len(r.loss_mask)}")
             mask[i, :c] *= torch.tensor(r.loss_mask, dtype=torch.float32)

@@ -129,10 +129,20 @@ def count_reasoning_tokens(spec: BudgetSpec, decode: Any, token_ids: list[int]) 
     Replays the same state machine the generator ran, so the count is exactly what the budget
     enforced (forced closing-tag tokens are not counted).
     """
+    return replay_budget(spec, decode, token_ids)[0]
+
+
+def replay_budget(spec: BudgetSpec, decode: Any, token_ids: list[int]) -> tuple[int, list[int]]:
+    """(reasoning tokens, positions of the tokens the budget forced) of a completion that began inside
+    ``<think>``: the generator's state machine replayed over its output. Forced tokens are the closing
+    tag the engine wrote for the policy; their behaviour logprob is not the policy's (vLLM returns the
+    processed one, about 0), so they must not train."""
     tracker = BudgetTracker(spec, decode)
-    for token in token_ids:
+    forced: list[int] = []
+    for position, token in enumerate(token_ids):
         if tracker.closed:
             break
-        tracker.forced_token()  # advances into forcing exactly where generation did
+        if tracker.forced_token() is not None:  # advances into forcing exactly where generation did
+            forced.append(position)
         tracker.observe(int(token))
-    return tracker.reasoning_tokens
+    return tracker.reasoning_tokens, forced

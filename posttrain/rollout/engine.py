@@ -21,7 +21,7 @@ import numpy as np
 from posttrain import chat_template, models
 from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.errors import ConfigError
-from posttrain.rollout.budget import BudgetSpec, count_reasoning_tokens
+from posttrain.rollout.budget import BudgetSpec, count_reasoning_tokens, replay_budget
 from posttrain.rollout.types import (
     BackendUnsupportedError,
     GeneratedTokens,
@@ -163,15 +163,18 @@ class RolloutEngine:
                  gen: GenerationConfig) -> Rollout:
         text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
         split = chat_template.split_reasoning(text, started_in_reasoning=thinking)
-        n_reasoning = 0
+        n_reasoning, forced = 0, []
         if thinking:
             budget = gen.reasoning_budget if gen.reasoning_budget is not None else _NO_BUDGET
-            n_reasoning = count_reasoning_tokens(self._spec(budget), self._decode, s.token_ids)
+            n_reasoning, forced = replay_budget(self._spec(budget), self._decode, s.token_ids)
+        cut = set(forced)
+        mask = [0 if k in cut else 1 for k in range(len(s.token_ids))] if cut else None
         return Rollout(prompt_index=p, sample_index=i, prompt_ids=prompt_ids, token_ids=s.token_ids,
                        logprobs=s.logprobs, text=text, finish_reason=s.finish_reason,
                        reasoning=split.reasoning if thinking else None, answer=split.answer,
                        reasoning_closed=split.reasoning_closed, reasoning_tokens=n_reasoning, engine=self.name,
-                       top_tokens=self._top_tokens(s) if s.top_logprobs is not None else None)
+                       top_tokens=self._top_tokens(s) if s.top_logprobs is not None else None,
+                       loss_mask=mask)  # the budget's forced closing tag: written for the policy, not by it
 
     def _top_tokens(self, s: GeneratedTokens) -> TopTokens:
         """Token ids of the sample and of its alternatives as text (one decode per distinct id); ids

@@ -101,8 +101,9 @@ class Rollout:
     reasoning_tokens: int  # tokens inside <think> (as the budget counts them)
     engine: str = ""  # actor name that produced it, e.g. "rollout-1"
     top_tokens: TopTokens | None = None  # GenerationConfig.top_logprobs > 0: the likeliest tokens per position
-    # An episode: token_ids interleave model turns and observations (logprob 0.0 on those);
-    # loss_mask is 1 exactly on model tokens. None = every token is a model token (one turn).
+    # An episode: token_ids interleave model turns and observations (logprob 0.0 on those); a reasoning
+    # budget's forced closing tag is not the model's either. loss_mask is 1 exactly on tokens the model
+    # sampled; None = every token is (one turn, no cut).
     loss_mask: list[int] | None = None
     turns: int = 1
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, RolloutConfig, validate
-from posttrain.rollout.budget import BudgetSpec, IncrementalBudget, count_reasoning_tokens
+from posttrain.rollout.budget import BudgetSpec, IncrementalBudget, count_reasoning_tokens, replay_budget
 from posttrain.rollout.pool import _shards
 from posttrain.rollout.types import BackendUnsupportedError, ModelDoesNotFitError
 
@@ -35,6 +35,17 @@ def test_incremental_budget_forces_close_then_frees(tokenizer):
     assert proc.tracker.reasoning_tokens <= 8 + proc.tracker.spec.grace
     assert count_reasoning_tokens(proc.tracker.spec, lambda ids: tokenizer.decode(ids), out) == \
         proc.tracker.reasoning_tokens
+
+
+def test_replay_finds_exactly_the_forced_closing_tag(tokenizer):
+    out, proc = _run_budget(tokenizer, budget=8, steps=40)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    n, forced = replay_budget(proc.tracker.spec, decode, out)
+    spec = proc.tracker.spec
+    assert n == proc.tracker.reasoning_tokens and forced == list(range(n, n + len(forced)))
+    assert tuple(out[k] for k in forced) in (spec.close_after_newline, spec.close_mid_line)
+    natural = tokenizer.encode(" a b</think>\nok", add_special_tokens=False)  # closed by the model itself
+    assert replay_budget(spec, decode, natural)[1] == []
 
 
 def test_budget_zero_closes_at_once(tokenizer):
