@@ -187,6 +187,11 @@ def answer_offset(text: str) -> int:
     return close + len(THINK_CLOSE) if close >= 0 else 0
 
 
+def reopens_reasoning(answer: str) -> bool:
+    """Whether the answer part (after the first ``</think>``) holds a think tag again: malformed output."""
+    return THINK_OPEN in answer or THINK_CLOSE in answer
+
+
 def split_reasoning(text: str, *, started_in_reasoning: bool = True) -> ReasoningSplit:
     """Split a completion into reasoning and answer at the first ``</think>`` (see :func:`answer_offset`).
 

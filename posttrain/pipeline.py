@@ -159,9 +159,10 @@ def run_stage(name: str, stage_cfg: Any, cfg: PipelineConfig) -> str:
 def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
     """SFT in the Ray actor ``sft-0`` (visible on the dashboard), held-out eval before and after."""
     from posttrain.orchestration import cluster
+    from posttrain.report_data import last_step, logged_at
 
     folder = Path(sft.run_dir) / "model"
-    if cfg.sft_eval_prompts and not _has_eval(sft.run_dir, 0):
+    if cfg.sft_eval_prompts and not logged_at(sft.run_dir, 0):
         _log_eval(cfg, sft.run_dir, cfg.model.name, step=0)
     actor = cluster.start_actor(_SFTWorker, "sft-0", num_cpus=1)
     try:
@@ -169,7 +170,7 @@ def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
     finally:
         cluster.kill_actor(actor)
     if cfg.sft_eval_prompts:
-        _log_eval(cfg, sft.run_dir, str(folder), step=_last_step(sft.run_dir))
+        _log_eval(cfg, sft.run_dir, str(folder), step=last_step(sft.run_dir))
     return str(folder)
 
 
@@ -212,22 +213,6 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
     logger.log(step, result)
     logger.close()
     log.info("sft eval (step %d): %s", step, result)
-
-
-def _rows(run_dir: str) -> list[dict[str, float]]:
-    """The stage's metric rows (the report's reader: bad lines skipped, never raises on content)."""
-    from posttrain.report_data import read_metrics
-
-    path = Path(run_dir) / "metrics.jsonl"
-    return read_metrics(path)[0] if path.is_file() else []
-
-
-def _has_eval(run_dir: str, step: int) -> bool:
-    return any(r.get("step") == step and any(k.startswith("eval/") for k in r) for r in _rows(run_dir))
-
-
-def _last_step(run_dir: str) -> int:
-    return max((int(r.get("step", 0)) for r in _rows(run_dir)), default=0)
 
 
 def _read_state(run: Path) -> dict[str, Any]:

@@ -21,6 +21,22 @@ STAGE_FILES: tuple[str, ...] = ("metrics.jsonl", "config.yaml", "tensorboard")
 Row = dict[str, float]  # "step", optionally "time", and the numeric metrics of one logged line
 
 
+def run_rows(run_dir: str | Path) -> list[Row]:
+    """A stage folder's metric rows (:func:`read_metrics`), none when it has logged nothing yet."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return read_metrics(path)[0] if path.is_file() else []
+
+
+def logged_at(run_dir: str | Path, step: int, prefix: str = "eval/") -> bool:
+    """Whether a row at ``step`` holds a metric starting with ``prefix`` (a resumed stage skips it)."""
+    return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in run_rows(run_dir))
+
+
+def last_step(run_dir: str | Path) -> int:
+    """The highest step logged in a stage folder (0 when none)."""
+    return max((int(r.get("step", 0)) for r in run_rows(run_dir)), default=0)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage folder and its parsed metric rows (file order; a resumed run may repeat steps)."""

@@ -50,14 +50,13 @@ def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
     """``cfg.judge_eval`` of ``model`` into the run's metrics (``eval/genrm_judge/...``): at step 0 before
     training, at the last step after; skipped when a resumed run has it already."""
     from posttrain.metrics import MetricsLogger
-    from posttrain.report_data import read_metrics
+    from posttrain.report_data import last_step, logged_at
 
-    path = Path(cfg.run_dir) / "metrics.jsonl"
-    rows = read_metrics(path)[0] if path.is_file() else []
-    step = 0 if before else max((int(r["step"]) for r in rows), default=0)
-    if any(int(r["step"]) == step and any(k.startswith(JUDGE_EVAL) for k in r) for r in rows):
+    step = 0 if before else last_step(cfg.run_dir)
+    if logged_at(cfg.run_dir, step, JUDGE_EVAL):
         return
-    pairs = [p for env in cfg.environments if env.name == "genrm_preference" for p in _test_pairs(env)]
+    with opened([e for e in cfg.environments if e.name == "genrm_preference"]) as envs:
+        pairs = [p for env in envs.values() for p in env.labelled("test")]
     if not pairs:
         log.warning("judge_eval: no genrm_preference environment with test pairs; skipped")
         return
@@ -70,16 +69,6 @@ def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
     log.info("GenRM judge eval (%s, step %d): pairwise accuracy %.3f per judgement, %.3f both orders",
              "before" if before else "after", step, metrics["pairwise_accuracy"],
              metrics["pairwise_accuracy_both_orders"])
-
-
-def _test_pairs(env: Any) -> list[Any]:
-    from posttrain.environments.registry import load_environment
-
-    preference = load_environment(env)
-    try:
-        return preference.labelled("test")
-    finally:
-        preference.close()
 
 
 def judge_eval_config(cfg: GenRMTrainConfig, model: str) -> GenRMEvalConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.chat_template import THINK_CLOSE, THINK_OPEN
+from posttrain.chat_template import reopens_reasoning
 from posttrain.config import JUDGE_S, EpisodeConfig, GenerationConfig
 from posttrain.environments.base import Environment, ScoreKind
 from posttrain.rlvr.scoring import play_and_score
@@ -54,8 +54,8 @@ def well_formed(rollout: Rollout, budget: int | None) -> bool:
     """The reasoning format SFT teaches: the model closed ``<think>`` itself, before any budget cut, then
     answered (no think tag in the answer). A cut at the budget closes the reasoning but is not the model's."""
     within = budget is None or rollout.reasoning_tokens < budget
-    return (rollout.reasoning_closed and within and bool(rollout.answer.strip())
-            and THINK_OPEN not in rollout.answer and THINK_CLOSE not in rollout.answer)
+    answered = bool(rollout.answer.strip()) and not reopens_reasoning(rollout.answer)
+    return rollout.reasoning_closed and within and answered
 
 
 def evaluate_modes(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, n_prompts: int, seed: int,

@@ -24,7 +24,7 @@ from posttrain.environments.base import (
     score_batch,
     score_groups_safely,
 )
-from posttrain.chat_template import THINK_CLOSE, THINK_OPEN
+from posttrain.chat_template import reopens_reasoning
 from posttrain.config import EpisodeConfig, GenerationConfig
 from posttrain.environments.multiturn import is_multiturn
 from posttrain.errors import ConfigError
@@ -82,7 +82,7 @@ def reject_reopened_reasoning(rollout: Rollout, score: Score) -> Score:
     """A thinking completion whose answer holds ``<think>`` or ``</think>`` again is malformed (reward 0,
     ``invalid``) whatever the verifier said: the reasoning ends at the first ``</think>``, and a policy
     rewarded for "answer </think> answer" learns to write it (seen in the main job's RLVR stage)."""
-    if rollout.reasoning is None or (THINK_OPEN not in rollout.answer and THINK_CLOSE not in rollout.answer):
+    if rollout.reasoning is None or not reopens_reasoning(rollout.answer):
         return score
     return Score.failed(ScoreKind.INVALID, "think tag in the answer (reasoning closed twice)", score.metrics)
 
