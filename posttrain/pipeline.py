@@ -170,8 +170,19 @@ def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
     finally:
         cluster.kill_actor(actor)
     if cfg.sft_eval_prompts:
-        _log_eval(cfg, sft.run_dir, str(folder), step=last_step(sft.run_dir))
+        result = _log_eval(cfg, sft.run_dir, str(folder), step=last_step(sft.run_dir))
+        if _rlvr_repeats_it(cfg):  # RLVR's starting eval is this one: same model, prompts and settings
+            _log_metrics(str(Path(cfg.run_dir) / "rlvr"), "rlvr", 0, result)
     return str(folder)
+
+
+def _rlvr_repeats_it(cfg: PipelineConfig) -> bool:
+    """Whether the RLVR stage would evaluate the SFT model exactly as the SFT eval just did (and has not yet)."""
+    from posttrain.report_data import run_rows
+
+    run = cfg.rlvr.run
+    return ("rlvr" in cfg.stages and bool(run.eval_every) and run.eval_prompts == cfg.sft_eval_prompts
+            and not run_rows(Path(cfg.run_dir) / "rlvr"))
 
 
 class _SFTWorker:
@@ -184,14 +195,13 @@ class _SFTWorker:
         return str(train(sft.model_copy(update={"progress": False}), resume=True))
 
 
-def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
+def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> dict[str, float]:
     """Greedy held-out accuracy of ``model`` on the RLVR environments, logged into the stage's metrics.
 
     No sandbox actors run here: programs are scored from this process, under the RLVR stage's
     sandbox limits, so the numbers compare with the RLVR stage's own evaluation."""
     from posttrain.environments.base import StageResources
     from posttrain.environments.registry import opened
-    from posttrain.metrics import MetricsLogger
     from posttrain.rlvr.evaluate import evaluate_modes
     from posttrain.rollout.pool import RolloutPool
     from posttrain.verifiers.sandbox import Limits
@@ -209,10 +219,17 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> None:
                                     episodes=rl.episodes)
         finally:
             pool.shutdown()
-    logger = MetricsLogger(run_dir, stage="sft")
-    logger.log(step, result)
-    logger.close()
+    _log_metrics(run_dir, "sft", step, result)
     log.info("sft eval (step %d): %s", step, result)
+    return result
+
+
+def _log_metrics(run_dir: str, stage: str, step: int, values: dict[str, float]) -> None:
+    from posttrain.metrics import MetricsLogger
+
+    logger = MetricsLogger(run_dir, stage=stage)
+    logger.log(step, values)
+    logger.close()
 
 
 def _read_state(run: Path) -> dict[str, Any]:

@@ -65,6 +65,11 @@ def test_pipeline_runs_every_stage_then_a_rerun_skips_them(tmp_path, tiny_llama_
     sft_rows = (run / "sft" / "metrics.jsonl").read_text().splitlines()
     evals = [json.loads(x) for x in sft_rows if "eval/math/accuracy" in x]
     assert len(evals) == 2  # held-out eval before and after SFT
+    rlvr_start = [json.loads(x) for x in (run / "rlvr" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(x)["step"] == 0 and "eval/math/accuracy" in x]
+    assert len(rlvr_start) == 1  # RLVR's starting eval is SFT's final one, carried over, not repeated
+    assert {k: v for k, v in rlvr_start[0].items() if k.startswith("eval/")} == \
+        {k: v for k, v in evals[1].items() if k.startswith("eval/")}
     assert (run / "report" / "index.html").is_file()
     assert "eval/math/accuracy" in capsys.readouterr().out  # the before/after table
     # a re-run finds every stage done: nothing is trained again, the report is rebuilt

@@ -83,7 +83,7 @@ def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str
         trainer, engines = actors.trainer, actors.engines
         assert trainer is not None and engines is not None
         start_step = _restore(cfg, trainer, engines, sampler, envs, resume)
-        if cfg.run.eval_every and start_step == 0:
+        if cfg.run.eval_every and start_step == 0 and not starting_policy_measured(cfg.run_dir, envs):
             metrics_log.log(0, _evaluate(cfg, engines, envs))
         if cfg.run.solved_filter.enabled and start_step == 0:  # after the eval: it measures the starting policy too
             metrics_log.log(0, drop_solved(cfg, sampler, envs, engines))
@@ -218,6 +218,17 @@ def _make_sampler(cfg: RLVRConfig, envs: dict[str, Environment]) -> MixedSampler
     samplers = {name: EnvSampler(env.samples("train", cfg.run.seed), curriculum, seed=cfg.run.seed + i)
                 for i, (name, env) in enumerate(envs.items())}
     return MixedSampler(samplers, {e.name: e.weight for e in cfg.environments}, seed=cfg.run.seed)
+
+
+def starting_policy_measured(run_dir: str, envs: dict[str, Environment]) -> bool:
+    """Whether step 0 already holds the held-out eval of every environment: a run resumed before its first
+    checkpoint, or the pipeline carried the previous stage's final eval over (same model, same eval)."""
+    from posttrain.report_data import logged_at
+
+    measured = all(logged_at(run_dir, 0, f"eval/{name}/") for name in envs)
+    if measured:
+        log.info("eval at step 0: already in %s/metrics.jsonl, not repeated", run_dir)
+    return measured
 
 
 def _evaluate(cfg: RLVRConfig, engines: Engines, envs: dict[str, Environment]) -> dict[str, float]:

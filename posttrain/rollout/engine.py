@@ -21,7 +21,7 @@ import numpy as np
 from posttrain import chat_template, models
 from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.errors import ConfigError
-from posttrain.rollout.budget import BudgetSpec, count_reasoning_tokens, replay_budget
+from posttrain.rollout.budget import BudgetSpec, replay_budget
 from posttrain.rollout.types import (
     BackendUnsupportedError,
     GeneratedTokens,
@@ -120,7 +120,8 @@ class RolloutEngine:
         for r, s in zip(requests, out):
             if r.thinking:
                 budget = gen.reasoning_budget if gen.reasoning_budget is not None else _NO_BUDGET
-                s.reasoning_tokens = count_reasoning_tokens(self._spec(budget), self._decode, s.token_ids)
+                s.reasoning_tokens, forced = replay_budget(self._spec(budget), self._decode, s.token_ids)
+                s.forced = tuple(forced)
         return out
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:

@@ -185,7 +185,8 @@ class _Tape:
             raise RolloutError(f"engine returned {len(out.token_ids)} tokens but {len(out.logprobs)} logprobs")
         self.token_ids += out.token_ids
         self.logprobs += [float(x) for x in out.logprobs]
-        self.loss_mask += [1] * len(out.token_ids)
+        cut = set(out.forced)  # the budget's forced closing tag: written for the policy, not by it
+        self.loss_mask += [0 if k in cut else 1 for k in range(len(out.token_ids))]
 
     def add_observation(self, ids: list[int]) -> None:
         self.token_ids += ids

@@ -79,6 +79,7 @@ class GeneratedTokens:
     finish_reason: FinishReason
     top_logprobs: list[dict[int, float]] | None = None  # per position {token id: logprob}, when asked
     reasoning_tokens: int = 0  # tokens inside <think> (engine.generate_ids fills it)
+    forced: tuple[int, ...] = ()  # positions of the budget's forced closing tag (engine.generate_ids fills it)
 
 
 TopTokens = list[tuple[str, dict[str, float]]]  # per generated position: (its token's text, {text: logprob})

@@ -226,3 +226,21 @@ def test_what_is_trained_is_decided_by_the_kind(tmp_path):
     infra = len(range(2, n, 3))
     assert metrics["env/kinds/errors/infra"] == infra and metrics["env/kinds/errors/invalid"] == n - infra - (n + 2) // 3
     assert trainer.trained == n - infra and metrics["rollout/kept_fraction"] == (n - infra) / n
+
+
+def test_the_starting_eval_is_not_repeated_when_step_0_holds_it(tmp_path):
+    """A run resumed before its first checkpoint, or one the pipeline handed the previous stage's final
+    eval: step 0 already measures every environment. Another metric at step 0 does not count."""
+    from posttrain.metrics import MetricsLogger
+    from posttrain.rlvr.loop import starting_policy_measured
+
+    envs = {"math": object(), "code": object()}
+    logger = MetricsLogger(str(tmp_path), stage="rlvr")
+    logger.log(0, {"eval/math/accuracy": 0.3, "eval/genrm_judge/pairwise_accuracy": 0.6})
+    logger.close()
+    assert not starting_policy_measured(str(tmp_path), envs)  # code not measured yet
+    logger = MetricsLogger(str(tmp_path), stage="rlvr")
+    logger.log(0, {"eval/code/accuracy": 0.1})
+    logger.close()
+    assert starting_policy_measured(str(tmp_path), envs)
+    assert not starting_policy_measured(str(tmp_path / "fresh"), envs)

@@ -69,3 +69,19 @@ def test_full_and_lora_updates(engine, tiny_llama_dir):
         assert engine.score([seq], [start])[0] == pytest.approx(before, abs=1e-6)
     finally:
         publisher.close()
+
+
+def test_the_budgets_forced_closing_tag_never_trains(engine):
+    """A random tiny model never closes its reasoning: budget 4 forces the tag. Those positions are
+    masked in single-turn rollouts and in episode turns (generate_ids), every other token trains."""
+    from posttrain.rollout.types import TokenRequest
+
+    gen = GenerationConfig(max_new_tokens=16, enable_thinking=True, reasoning_budget=4)
+    single = engine.generate([PROMPT], gen)[0][0]
+    spec = engine._spec(4)
+    closes = (spec.close_after_newline, spec.close_mid_line)
+    forced = [k for k, m in enumerate(single.loss_mask) if not m]
+    assert tuple(single.token_ids[k] for k in forced) in closes and forced[0] >= 4
+    turn = engine.generate_ids([TokenRequest(single.prompt_ids, True, 0, 16)], gen)[0]
+    assert tuple(turn.token_ids[k] for k in turn.forced) in closes and turn.reasoning_tokens >= 4
+    assert not engine.generate_ids([TokenRequest(single.prompt_ids, False, 0, 16)], gen)[0].forced

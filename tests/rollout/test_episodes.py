@@ -100,6 +100,21 @@ def test_the_batch_trains_model_tokens_only(tokenizer):
     assert dropped.num_tokens == 0
 
 
+def test_a_turns_forced_closing_tag_does_not_train(tokenizer):
+    """Tokens the engine forced (the reasoning budget's closing tag) carry mask 0 like observations."""
+
+    class Forcing(ScriptedEngine):
+        def complete(self, r):
+            out = super().complete(r)
+            out.forced = (0,)  # as generate_ids reports a forced first token
+            return out
+
+    engine = Forcing(tokenizer)
+    r = play(CounterEnv(turns=3, size=1), tokenizer, engine, n=1)[0][0][0].rollout
+    generated = sum(len(engine.complete(q).token_ids) for q in engine.requests)
+    assert r.turns == 3 and sum(r.loss_mask) == r.model_tokens == generated - 3
+
+
 def test_samples_do_not_depend_on_batching_or_concurrency(tokenizer):
     env = CounterEnv(turns=3, size=4)
     a, _ = play(env, tokenizer, ScriptedEngine(tokenizer), n=3)
