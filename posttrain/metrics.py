@@ -57,6 +57,15 @@ class MetricsLogger:
         if self._ray:
             self._to_ray(step, clean)
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Markdown ``text`` under ``tag`` in TensorBoard's text tab (nothing when TensorBoard is off)."""
+        if self._tb is not None:
+            try:
+                self._tb.add_text(tag, text, step)
+                self._tb.flush()
+            except Exception as exc:  # noqa: BLE001 - a sink never stops training
+                log.warning("TensorBoard text %r not written: %s", tag, exc)
+
     def _to_ray(self, step: int, metrics: dict[str, float]) -> None:
         try:
             import ray

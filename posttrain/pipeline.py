@@ -196,29 +196,12 @@ class _SFTWorker:
 
 
 def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> dict[str, float]:
-    """Greedy held-out accuracy of ``model`` on the RLVR environments, logged into the stage's metrics.
+    """Greedy held-out accuracy of ``model`` on the RLVR environments, evaluated as the RLVR stage does
+    (:meth:`EvalConfig.of_stage`: its generation, sandbox limits and scoring) and logged into the stage's metrics."""
+    from posttrain.held_out import EvalConfig, run_eval
 
-    No sandbox actors run here: programs are scored from this process, under the RLVR stage's
-    sandbox limits, so the numbers compare with the RLVR stage's own evaluation."""
-    from posttrain.environments.base import StageResources
-    from posttrain.environments.registry import opened
-    from posttrain.rlvr.evaluate import evaluate_modes
-    from posttrain.rollout.pool import RolloutPool
-    from posttrain.verifiers.sandbox import Limits
-    from posttrain.verifiers.service import LocalRunner
-
-    rl = cfg.rlvr
-    with opened(rl.environments) as envs:
-        for env in envs.values():
-            env.start(StageResources(code_runner=LocalRunner(Limits(wall_s=rl.sandbox.wall_s))))
-        pool = RolloutPool(cfg.model.model_copy(update={"name": model}), rl.rollout, name_prefix="eval")
-        try:
-            result = evaluate_modes(pool, envs, rl.generation, cfg.sft_eval_prompts, rl.run.seed,
-                                    rl.run.eval_without_thinking, concurrency=rl.run.score_concurrency,
-                                    timeout=rl.run.score_timeout_s, group_timeout=rl.timeouts.judge_s,
-                                    episodes=rl.episodes)
-        finally:
-            pool.shutdown()
+    stage = cfg.rlvr.model_copy(update={"model": cfg.model})
+    result = run_eval(EvalConfig.of_stage(stage, model, cfg.sft_eval_prompts))
     _log_metrics(run_dir, "sft", step, result)
     log.info("sft eval (step %d): %s", step, result)
     return result

@@ -8,6 +8,7 @@ The rows come from :mod:`posttrain.report_data`, the plots from :mod:`posttrain.
 from __future__ import annotations
 
 import html
+import itertools
 import os
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1240px;margin:1.5em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 td:first-child,th,td.l{text-align:left}th{background:#f2f2f2}.up{color:#080}.down{color:#b00}
-.note{background:#fff6d5;padding:.4em .8em;border-left:4px solid #e0b000}img{max-width:100%}code{background:#f4f4f4}"""
+.note{background:#fff6d5;padding:.4em .8em;border-left:4px solid #e0b000}img{max-width:100%}code{background:#f4f4f4}
+pre{white-space:pre-wrap;max-width:520px;margin:0;font-size:.85em}"""
 
 
 def render_html(run_dir: Path, stages: list[Stage], missing: list[str], figures: list[tuple[str, str]],
@@ -79,6 +81,7 @@ def render_html(run_dir: Path, stages: list[Stage], missing: list[str], figures:
         body.append(f'<h2>{html.escape(title)}</h2>\n<img src="{html.escape(png)}" alt="{html.escape(title)}">')
     if not figures:
         body.append("<p>No plottable metrics yet.</p>")
+    body.append(_samples(stages))
     body.append(_other_metrics(stages))
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Run report</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -130,6 +133,33 @@ def _link(target: Path, out: Path) -> str:
         return "(none)"
     rel = os.path.relpath(target.resolve(), out)
     return f'<a href="{html.escape(rel)}">{html.escape(rel)}</a>'
+
+
+def _samples(stages: list[Stage]) -> str:
+    """What the model wrote at each RL stage's last logged step (``samples.jsonl``; after a resume, the rows the
+    run wrote last), escaped: it is model output."""
+    from posttrain.samples_log import read_rows
+
+    parts = []
+    for s in stages:
+        rows = read_rows(s.folder)
+        if not rows:
+            continue
+        last = rows[-1]["step"]
+        shown = list(itertools.takewhile(lambda r: r["step"] == last, reversed(rows)))[::-1]  # the latest write
+        cells = "\n".join(
+            f"<tr><td class=\"l\">{html.escape(str(r.get('env')))}</td><td>{float(r.get('reward', 0)):.3f}</td>"
+            f"<td class=\"l\">{html.escape(str(r.get('kind')))}{_error(r.get('error'))}</td>"
+            f"<td class=\"l\"><pre>{html.escape(str(r.get('prompt')))}</pre></td>"
+            f"<td class=\"l\"><pre>{html.escape(str(r.get('completion')))}</pre></td></tr>"
+            for r in shown)
+        head = "<tr><th>env</th><th>reward</th><th>kind</th><th>prompt</th><th>completion</th></tr>"
+        parts.append(f"<h3>{html.escape(s.name)}, step {last}</h3><table>{head}\n{cells}</table>")
+    return "<h2>Samples</h2>\n" + "\n".join(parts) if parts else ""
+
+
+def _error(error: object) -> str:
+    return f": {html.escape(str(error))}" if error else ""
 
 
 def _other_metrics(stages: list[Stage]) -> str:

@@ -179,3 +179,17 @@ def test_cli_error_names_the_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no stage found" in capsys.readouterr().err
+
+
+def test_samples_of_the_last_step_are_shown_escaped(tmp_path):
+    from posttrain.samples_log import append_rows
+
+    stage = write_stage(tmp_path / "rlvr", RLVR_ROWS)
+    row = {"env": "math", "prompt": "2+2?", "reward": 0.0, "kind": "invalid", "error": "no <final> answer"}
+    append_rows(stage, [{**row, "step": 1, "completion": "old step"},
+                        {**row, "step": 2, "completion": "</td></table><script>alert(1)</script>"}])
+    page = build_report(stage).read_text()
+    assert "<h2>Samples</h2>" in page and "<h3>rlvr, step 2</h3>" in page and "old step" not in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "invalid: no &lt;final&gt; answer" in page
+    assert "<h2>Samples</h2>" not in build_report(write_stage(tmp_path / "sft", SFT_ROWS)).read_text()

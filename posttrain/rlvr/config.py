@@ -166,6 +166,9 @@ class RunConfig(Config):
     metrics_port: int | None = Field(None, ge=1, le=65535, description=(
         "port of Ray's Prometheus metrics (ray_posttrain_*): curl http://127.0.0.1:PORT/metrics"))
     max_minutes: float | None = Field(None, gt=0, description="stop (and checkpoint) after this much wall time")
+    log_samples: int = Field(4, ge=0, description=(
+        "rollouts per step written as text (prompt, completion, reward) to RUN/samples.jsonl, TensorBoard and "
+        "the report: each group's best and worst; 0 = none"))
     max_step_retries: int = Field(1, ge=0, description="engine restarts per generate/sync after a rollout actor died")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
         "how the stage's actor bundles go onto nodes: PACK (few nodes), SPREAD / STRICT_SPREAD (one per node)"))

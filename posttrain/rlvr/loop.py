@@ -53,6 +53,7 @@ from posttrain.rlvr.scoring import play_and_score
 from posttrain.rlvr.solved_filter import drop_solved
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
+from posttrain.samples_log import SampleLog
 from posttrain.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,10 @@ def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str
         if cfg.run.solved_filter.enabled and start_step == 0:  # after the eval: it measures the starting policy too
             metrics_log.log(0, drop_solved(cfg, sampler, envs, engines))
         started = time.monotonic()
+        samples = SampleLog(cfg.run_dir, cfg.run.log_samples, metrics_log.log_text)
         for step in range(start_step, cfg.run.steps):
             sampler.set_progress(run_progress(cfg, step, time.monotonic() - started))
-            last = rl_step(cfg, step, sampler, envs, engines, trainer)
+            last = rl_step(cfg, step, sampler, envs, engines, trainer, samples)
             out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
             done = step + 1 == cfg.run.steps or out_of_time
             if cfg.run.eval_every and ((step + 1) % cfg.run.eval_every == 0 or done):
@@ -123,7 +125,7 @@ def _restore(cfg: RLVRConfig, trainer: TrainerGroup, engines: Engines, sampler: 
 
 
 def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, Environment],
-            engines: Engines, trainer: TrainerGroup) -> dict[str, float]:
+            engines: Engines, trainer: TrainerGroup, samples: SampleLog | None = None) -> dict[str, float]:
     timer = PhaseTimer()
     n = cfg.rollout.samples_per_prompt
     drawn = sampler.next_batch(cfg.run.prompts_per_step)  # [(env name, sample)]
@@ -135,6 +137,8 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
                             timeout=cfg.run.score_timeout_s, group_timeout=cfg.timeouts.judge_s, timer=timer)
     rollouts = [r for group in played.groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
     scores = played.scores
+    if samples is not None:
+        samples.log(step + 1, drawn, played.groups, scores)
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     adv = group_advantages(rewards, n, baseline=cfg.algorithm.baseline, scale=cfg.algorithm.scale,
                            drop_zero_variance=cfg.algorithm.drop_zero_variance)

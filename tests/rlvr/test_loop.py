@@ -244,3 +244,23 @@ def test_the_starting_eval_is_not_repeated_when_step_0_holds_it(tmp_path):
     logger.close()
     assert starting_policy_measured(str(tmp_path), envs)
     assert not starting_policy_measured(str(tmp_path / "fresh"), envs)
+
+
+def test_a_step_writes_its_samples_as_text(tmp_path):
+    """run.log_samples rows of the step go to samples.jsonl and TensorBoard text; 0 writes none."""
+    from posttrain.rlvr.loop import _make_sampler, rl_step
+    from posttrain.samples_log import SampleLog, read_rows
+
+    cfg = config(tmp_path, 1).model_copy(update={"environments": [EnvConfig(name="solved")]})
+    envs = {"solved": AllSolvedEnv()}
+    texts = []
+    rl_step(cfg, 4, _make_sampler(cfg, envs), envs, OneRolloutPerSample(), trainer=None,
+            samples=SampleLog(tmp_path, 3, lambda *a: texts.append(a)))
+    rows = read_rows(tmp_path)
+    assert len(rows) == 2  # two groups of equal rewards: one row each
+    assert all((r["step"], r["env"], r["prompt"], r["completion"], r["reward"]) == (5, "solved", "hi", "a", 1.0)
+               for r in rows)
+    assert texts and texts[0][:2] == (5, "samples") and "hi" in texts[0][2]
+    rl_step(cfg, 5, _make_sampler(cfg, envs), envs, OneRolloutPerSample(), trainer=None,
+            samples=SampleLog(tmp_path, 0, lambda *a: texts.append(a)))
+    assert len(read_rows(tmp_path)) == 2 and len(texts) == 1
