@@ -119,7 +119,8 @@ def test_cp_size_one_equals_sdpa(tiny_llama_dir) -> None:
     nll, n = cp.cp_nll_sum(model, batch, None, 64)
     nll.backward()
     assert n == n_ref and model.config._attn_implementation == cp.CP_ATTENTION
-    torch.testing.assert_close(nll, ref, rtol=0, atol=TOL)
+    # per token: the sum (~1100) is only resolved to ~1.2e-4 in fp32 (one ulp), and summation order may move it
+    torch.testing.assert_close(nll / n, ref / n_ref, rtol=0, atol=TOL)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[k], rtol=0, atol=TOL, msg=k)
 
