@@ -98,7 +98,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
 
 def _pass_at_k(engines: Any, envs: dict[str, Any], cfg: EvalConfig, limits: dict[str, Any]) -> dict[str, float]:
     """``eval/<env>/pass@<k>``: ``cfg.samples`` answers per test prompt at ``generation.temperature``."""
-    from posttrain.environments.base import ScoreKind
+    from posttrain.rlvr.evaluate import solved
     from posttrain.rlvr.scoring import play_and_score
 
     n = cfg.samples or max(cfg.pass_k)
@@ -108,8 +108,7 @@ def _pass_at_k(engines: Any, envs: dict[str, Any], cfg: EvalConfig, limits: dict
         if not samples:
             continue
         played = play_and_score({key: env}, [(key, s) for s in samples], engines, cfg.generation, n, **limits)
-        correct = [sum(s.kind is ScoreKind.OK and s.reward >= 1.0 for s in played.scores[i * n:(i + 1) * n])
-                   for i in range(len(samples))]
+        correct = [sum(map(solved, played.scores[i * n:(i + 1) * n])) for i in range(len(samples))]
         for k in cfg.pass_k:
             out[f"eval/{env.name}/pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(correct)
         out[f"eval/{env.name}/samples"] = float(n)

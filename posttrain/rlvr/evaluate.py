@@ -7,7 +7,7 @@ from typing import Any
 
 from posttrain.chat_template import reopens_reasoning
 from posttrain.config import JUDGE_S, EpisodeConfig, GenerationConfig
-from posttrain.environments.base import Environment, ScoreKind
+from posttrain.environments.base import Environment, Score, ScoreKind
 from posttrain.rlvr.scoring import play_and_score
 from posttrain.rollout.types import Rollout
 
@@ -35,7 +35,7 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
         scores, name = played.scores, env.name
         rollouts = [r for group in played.groups for r in group]
         out.update({"eval/" + k[len("env/"):]: v for k, v in played.metrics.items()})
-        out[f"eval/{name}/accuracy"] = sum(s.kind is ScoreKind.OK and s.reward >= 1.0 for s in scores) / len(scores)
+        out[f"eval/{name}/accuracy"] = sum(map(solved, scores)) / len(scores)
         out[f"eval/{name}/reward"] = sum(s.reward for s in scores) / len(scores)
         out[f"eval/{name}/prompts"] = float(len(scores))
         if gen.enable_thinking:  # how long it reasons, how often it closes its reasoning, and by itself
@@ -48,6 +48,11 @@ def evaluate(engines: Any, envs: dict[str, Environment], gen: GenerationConfig, 
             if values:
                 out[f"eval/{name}/{metric}"] = sum(values) / len(values)
     return out
+
+
+def solved(score: Score) -> bool:
+    """A completion counted correct by the held-out metrics: judged (kind ok) with full reward."""
+    return score.kind is ScoreKind.OK and score.reward >= 1.0
 
 
 def well_formed(rollout: Rollout, budget: int | None) -> bool:

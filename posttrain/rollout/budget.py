@@ -9,6 +9,7 @@ token; the answer follows freely.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,13 +124,10 @@ class IncrementalBudget:
         return logits
 
 
-def count_reasoning_tokens(spec: BudgetSpec, decode: Any, token_ids: list[int]) -> int:
-    """Reasoning tokens of a completion that began inside ``<think>``, as the budget counts them.
-
-    Replays the same state machine the generator ran, so the count is exactly what the budget
-    enforced (forced closing-tag tokens are not counted).
-    """
-    return replay_budget(spec, decode, token_ids)[0]
+def trained_mask(length: int, forced: Sequence[int]) -> list[int]:
+    """Loss mask of ``length`` generated tokens: 0 at the budget's ``forced`` positions, 1 elsewhere."""
+    cut = set(forced)
+    return [0 if k in cut else 1 for k in range(length)]
 
 
 def replay_budget(spec: BudgetSpec, decode: Any, token_ids: list[int]) -> tuple[int, list[int]]:

@@ -21,7 +21,7 @@ import numpy as np
 from posttrain import chat_template, models
 from posttrain.config import GenerationConfig, ModelConfig, RolloutConfig
 from posttrain.errors import ConfigError
-from posttrain.rollout.budget import BudgetSpec, replay_budget
+from posttrain.rollout.budget import BudgetSpec, replay_budget, trained_mask
 from posttrain.rollout.types import (
     BackendUnsupportedError,
     GeneratedTokens,
@@ -168,8 +168,7 @@ class RolloutEngine:
         if thinking:
             budget = gen.reasoning_budget if gen.reasoning_budget is not None else _NO_BUDGET
             n_reasoning, forced = replay_budget(self._spec(budget), self._decode, s.token_ids)
-        cut = set(forced)
-        mask = [0 if k in cut else 1 for k in range(len(s.token_ids))] if cut else None
+        mask = trained_mask(len(s.token_ids), forced) if forced else None
         return Rollout(prompt_index=p, sample_index=i, prompt_ids=prompt_ids, token_ids=s.token_ids,
                        logprobs=s.logprobs, text=text, finish_reason=s.finish_reason,
                        reasoning=split.reasoning if thinking else None, answer=split.answer,

@@ -33,6 +33,7 @@ from posttrain.environments.multiturn import (
     reset_safely,
     step_safely,
 )
+from posttrain.rollout.budget import trained_mask
 from posttrain.rollout.types import GeneratedTokens, Rollout, RolloutError, TokenRequest
 
 TURN_STRIDE = 4096  # seed index of a turn = episode number * TURN_STRIDE + turn (EpisodeConfig.max_turns <= it)
@@ -185,8 +186,7 @@ class _Tape:
             raise RolloutError(f"engine returned {len(out.token_ids)} tokens but {len(out.logprobs)} logprobs")
         self.token_ids += out.token_ids
         self.logprobs += [float(x) for x in out.logprobs]
-        cut = set(out.forced)  # the budget's forced closing tag: written for the policy, not by it
-        self.loss_mask += [0 if k in cut else 1 for k in range(len(out.token_ids))]
+        self.loss_mask += trained_mask(len(out.token_ids), out.forced)  # the forced closing tag is not the model's
 
     def add_observation(self, ids: list[int]) -> None:
         self.token_ids += ids

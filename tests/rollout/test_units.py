@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, RolloutConfig, validate
-from posttrain.rollout.budget import BudgetSpec, IncrementalBudget, count_reasoning_tokens, replay_budget
+from posttrain.rollout.budget import BudgetSpec, IncrementalBudget, replay_budget
 from posttrain.rollout.pool import _shards
 from posttrain.rollout.types import BackendUnsupportedError, ModelDoesNotFitError
 
@@ -33,7 +33,7 @@ def test_incremental_budget_forces_close_then_frees(tokenizer):
     _, closed, answer = text.partition("</think>")
     assert closed and answer.strip(), text
     assert proc.tracker.reasoning_tokens <= 8 + proc.tracker.spec.grace
-    assert count_reasoning_tokens(proc.tracker.spec, lambda ids: tokenizer.decode(ids), out) == \
+    assert replay_budget(proc.tracker.spec, lambda ids: tokenizer.decode(ids), out)[0] == \
         proc.tracker.reasoning_tokens
 
 
