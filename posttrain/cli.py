@@ -19,19 +19,22 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from posttrain.config import ChatConfig, describe, load_config, to_yaml
+from posttrain.config import ChatConfig, load_config, to_yaml
 from posttrain.errors import UserError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "posttrain.sft.cli", "posttrain.verifiers.cli", "posttrain.environments.cli", "posttrain.rlvr.cli",
     "posttrain.genrm.cli", "posttrain.pipeline_cli",
-    "posttrain.report_cli", "posttrain.eval_cli",
+    "posttrain.report_cli", "posttrain.eval_cli", "posttrain.stage_cli",
 )  # each has add_commands()
 
 # Command modules that check their input with plain ValueError / OSError raised in their own code
 # (`verify`): those count as user errors. Raising posttrain.errors.DataError there (a ValueError
 # too) makes the entry unnecessary.
 PLAIN_INPUT_ERRORS: tuple[str, ...] = ("posttrain.verifiers.cli",)
+# Two-word commands parsed by their own parser (its --help is its own): `sft preview` -> `sft-preview`.
+PREFIXED: dict[tuple[str, str], str] = {("sft", "preview"): "sft-preview"}
+QUIET_LOGGERS = ("httpx", "httpcore", "openai", "urllib3", "filelock", "huggingface_hub")  # WARNING unless -v
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -102,13 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_chat.add_argument("--system", help="system message")
     p_chat.add_argument("--config", help="YAML with ChatConfig sections (model, generation)")
     p_chat.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. --set generation.top_p=0.9 (repeatable)")
+                        help="dotted override, e.g. --set generation.top_p=0.9 (repeatable; "
+                             "`posttrain config chat` lists every key)")
+    p_chat.set_defaults(config_command="chat", help_examples=["generation.top_p=0.9", "model.dtype=float32"])
     p_chat.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p_chat.set_defaults(func=_chat)
-
-    p_cfg = sub.add_parser("config", help="show every key of a config with its default and help")
-    p_cfg.add_argument("kind", choices=("chat",))
-    p_cfg.set_defaults(func=lambda a: print("\n".join(describe(ChatConfig))) or 0)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)
@@ -128,10 +129,20 @@ def is_user_error(exc: BaseException, command: Callable[..., Any]) -> bool:
     return tb is not None and tb.tb_frame.f_globals.get("__name__") == module
 
 
+def _route(argv: list[str]) -> list[str]:
+    """``[-v] sft preview ...`` -> ``[-v] sft-preview ...`` (see PREFIXED)."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    target = PREFIXED.get(tuple(argv[first:first + 2]))  # type: ignore[arg-type]
+    return argv if target is None else [*argv[:first], target, *argv[first + 2:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_route(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # one INFO line per HTTP request (a judge server, the hub) drowns the run's own log
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

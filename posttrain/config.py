@@ -11,6 +11,8 @@ import difflib
 import json
 import math
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -29,6 +31,10 @@ TRAINER_CALL_S = 1800.0  # one call of the trainer workers (timeouts.trainer_cal
 JUDGE_S = 1800.0  # a group environment (GenRM) scoring one step's groups (timeouts.judge_s)
 SFT_STAGE_S = 24 * 3600.0  # the pipeline's whole SFT stage in its actor sft-0 (pipeline timeouts.sft_stage_s)
 MAX_TOP_LOGPROBS = 20  # the most alternatives per position vLLM returns (its max_logprobs default)
+Logger = Literal["jsonl", "tensorboard", "wandb", "mlflow"]  # where step metrics go (posttrain.metrics, .trackers)
+LOGGERS_HELP = ("where step metrics go: jsonl (RUN/metrics.jsonl, always written: the report reads it), tensorboard, "
+                "wandb (WANDB_MODE=offline works offline), mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI); "
+                "wandb and mlflow need the trackers extra")
 
 
 class Config(BaseModel):
@@ -112,7 +118,7 @@ class RolloutConfig(Config):
     )
     budget_grace: float = Field(0.1, ge=0, description="extra reasoning tokens (fraction) to reach a newline")
     enable_lora: bool = Field(False, description="accept LoRA weight updates (vLLM: enable_lora)")
-    max_lora_rank: int = Field(16, ge=1)
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank the engine accepts (vLLM: max_lora_rank)")
     sync_dir: str = Field("/dev/shm", description="where weight updates are staged as safetensors")
     start_timeout_s: float = Field(600.0, gt=0, description="engine start-up limit")
     call_timeout_s: float = Field(ROLLOUT_CALL_S, gt=0, description=(
@@ -172,14 +178,61 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """``extra`` over ``base``, recursively. A mapping given for a list edits its items, by index or by
+    their ``name``: ``environments.0.options.size=5`` or ``environments.math.options.size=5``."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value, f"{path}{key}.")
+        elif isinstance(value, dict) and isinstance(merged.get(key), list):
+            merged[key] = _merge_items(merged[key], value, f"{path}{key}")
         else:
             merged[key] = value
     return merged
+
+
+def _merge_items(items: list[Any], edits: dict[Any, Any], path: str) -> list[Any]:
+    out = list(items)
+    for key, value in edits.items():
+        index = _item_index(out, key, path)
+        item = out[index]
+        out[index] = deep_merge(item, value, f"{path}.{key}.") if isinstance(item, dict) and isinstance(value, dict) \
+            else value
+    return out
+
+
+def _item_index(items: list[Any], key: Any, path: str) -> int:
+    if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
+        index = int(key)
+        if -len(items) <= index < len(items):
+            return index % len(items)
+    else:
+        named = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("name") == key]
+        if len(named) == 1:
+            return named[0]
+    names = [f"{i}={item.get('name')}" if isinstance(item, dict) and "name" in item else str(i)
+             for i, item in enumerate(items)]
+    raise ConfigError(f"override {path}.{key}: {path} has no item {key!r} (it holds {len(items)}: "
+                      f"{', '.join(names) or 'none'}); address an item by its index or its unique name, "
+                      f"or replace the list: {path}='[...]'")
+
+
+def _fill_list_defaults(cls: type[BaseModel], defaults: Any, data: dict[str, Any], edits: dict[str, Any]) -> None:
+    """Put into ``data`` the default of every list that ``edits`` edits by item but ``data`` leaves out,
+    so ``environments.0.options.size=5`` also works on the preset's default environments."""
+    for key, value in edits.items():
+        field = cls.model_fields.get(key)
+        if field is None or not isinstance(value, dict):
+            continue
+        if defaults is not None:
+            default = getattr(defaults, key, None)
+        else:
+            default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, list) and key not in data:
+            data[key] = [x.model_dump(mode="json") if isinstance(x, BaseModel) else x for x in default]
+        elif isinstance(default, BaseModel) and isinstance(data.setdefault(key, {}), dict):
+            _fill_list_defaults(type(default), default, data[key], value)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -207,8 +260,10 @@ def load_config(
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = deep_merge(data, load_yaml(path))
-    if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
+    for item in overrides or ():  # in order: a later override edits what an earlier one set
+        edits = parse_overrides([item])
+        _fill_list_defaults(cls, None, data, edits)
+        data = deep_merge(data, edits)
     return validate(cls, data)
 
 
@@ -219,21 +274,29 @@ def validate(cls: type[C], data: dict[str, Any]) -> C:
         raise ConfigError(format_errors(cls, exc)) from None
 
 
-def format_errors(cls: type[Config], exc: ValidationError) -> str:
-    lines = [f"invalid {cls.__name__}:"]
+def format_errors(cls: type[BaseModel], exc: ValidationError) -> str:
+    return "\n".join([f"invalid {cls.__name__}:", *error_lines(cls, exc)])
+
+
+def error_lines(cls: type[BaseModel], exc: ValidationError, noun: str = "key") -> list[str]:
+    """One line per error of validating ``cls``: the key, what was given and why it is wrong; an unknown
+    key gets "did you mean" and the allowed keys, a missing one says so."""
+    lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(cls, err["loc"][:-1])
             hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            lines.append(f"  {loc}: unknown key{did_you_mean}; allowed: {', '.join(allowed)}")
+            lines.append(f"  {loc}: unknown {noun}{did_you_mean}; allowed: {', '.join(allowed)}")
+        elif err["type"] == "missing":
+            lines.append(f"  {loc}: required, not given")
         else:
             lines.append(f"  {loc} = {err.get('input')!r}: {err['msg']}")
-    return "\n".join(lines)
+    return lines
 
 
-def _allowed_keys(cls: type[Config], loc: tuple[Any, ...]) -> list[str]:
+def _allowed_keys(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     model: Any = cls
     for part in loc:
         field = getattr(model, "model_fields", {}).get(part)
@@ -254,8 +317,9 @@ def write_resolved(cfg: Config, run_dir: str | os.PathLike[str], name: str = "co
     return target
 
 
-def describe(cls: type[Config], prefix: str = "") -> list[str]:
-    """One line per leaf field: ``key: type = default  # help`` (for `--help-config`)."""
+def describe(cls: type[BaseModel], prefix: str = "", helps: dict[str, str] | None = None) -> list[str]:
+    """One line per leaf field: ``key: type = default  # help`` (for ``keys`` and ``env show``); a
+    required field shows no default. ``helps`` supplies help for fields without a description."""
     lines = []
     for name, field in cls.model_fields.items():
         key = f"{prefix}{name}"
@@ -263,7 +327,18 @@ def describe(cls: type[Config], prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, Config):
             lines.extend(describe(ann, key + "."))
             continue
-        default = json.dumps(field.default, default=str)
-        help_text = f"  # {field.description}" if field.description else ""
-        lines.append(f"{key} = {default}{help_text}")
+        default = "" if field.is_required() else \
+            f" = {json.dumps(field.get_default(call_default_factory=True), default=_plain)}"
+        help_text = field.description or (helps or {}).get(name)
+        lines.append(f"{key}: {type_name(ann)}{default}" + (f"  # {help_text}" if help_text else ""))
     return lines
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
+
+
+def type_name(annotation: Any) -> str:
+    """``annotation`` as written in code, without module paths: ``int | None``, ``list[int]``."""
+    text = annotation.__name__ if isinstance(annotation, type) and not typing.get_args(annotation) else str(annotation)
+    return re.sub(r"\b(typing|collections\.abc|posttrain(\.\w+)*)\.", "", text).replace("NoneType", "None")

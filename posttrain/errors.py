@@ -27,3 +27,8 @@ class EnvironmentLoadError(UserError, LookupError):
 
 class NotFoundError(UserError, FileNotFoundError):
     """A file, folder, model or dataset the user named does not exist."""
+
+
+class ServiceError(UserError):
+    """A service the run depends on (a served judge, an environment's server) does not answer: the
+    user starts it or fixes its address, key or model name."""

@@ -11,9 +11,6 @@ from posttrain.stage_cli import add_config_arguments, run_config_command
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.model:
-        args.overrides = [*args.overrides, f"model.name={args.model}"]
-
     def call(cfg: EvalConfig) -> None:
         from posttrain.atomic import atomic_write_text
         from posttrain.held_out import format_table, run_eval
@@ -24,12 +21,13 @@ def _eval(args: argparse.Namespace) -> int:
             atomic_write_text(cfg.out, json.dumps({"model": cfg.model.name, "metrics": result}, indent=1) + "\n")
             print(f"written: {cfg.out}")
 
-    return run_config_command(EvalConfig, args, call)
+    return run_config_command(EvalConfig, args, call, flags=[f"model.name={args.model}"] if args.model else [])
 
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("eval", help="held-out accuracy of a model on environments' test splits "
                                     "(greedy, thinking on/off, pass@k)")
-    add_config_arguments(p, "configs/eval/smollm2_math.yaml", resume=False)
+    add_config_arguments(p, "configs/eval/smollm2_math.yaml", ["prompts=50", "pass_k=[1,4]", "out=eval.json"], "eval",
+                         resume=False)
     p.add_argument("--model", help="built-in name, hub id or local folder (= model.name=...)")
     p.set_defaults(func=_eval)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from posttrain.config import JUDGE_S, Config, EpisodeConfig, GenerationConfig, ModelConfig, RolloutConfig
-from posttrain.environments.registry import EnvConfig
+from posttrain.environments.registry import ENVIRONMENTS_HELP, EnvConfig
 
 if TYPE_CHECKING:
     from posttrain.rlvr.config import RLVRConfig
@@ -30,7 +30,8 @@ class EvalConfig(Config):
     """`posttrain eval`: a model, its environments' test splits, and how to answer them."""
 
     model: ModelConfig = ModelConfig()
-    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="math")])
+    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="math")],
+                                          description=ENVIRONMENTS_HELP)
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=1)
     generation: GenerationConfig = GenerationConfig(temperature=1.0, max_new_tokens=256)
     episodes: EpisodeConfig = EpisodeConfig()

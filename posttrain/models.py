@@ -15,6 +15,7 @@ Every prepared folder carries our reasoning-aware chat template, so vLLM, TRL an
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.metadata
 import json
@@ -242,6 +243,10 @@ def resolve(name_or_path: str) -> str:
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelNotFoundError(f"model folder {name_or_path!r} not found")
+    close = difflib.get_close_matches(name_or_path, BUILTINS, n=1, cutoff=0.8)
+    if "/" not in name_or_path and close:  # a typo of a built-in, not worth a minute of hub retries
+        raise ModelNotFoundError(f"unknown model {name_or_path!r} (did you mean {close[0]!r}?); built-ins: "
+                                 f"{', '.join(BUILTINS)}; or a hub id (org/name) or a local folder")
     return name_or_path  # a hub id, e.g. Qwen/Qwen3-0.6B
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from posttrain.atomic import atomic_write_text
-from posttrain.config import SFT_STAGE_S, Config, ModelConfig, write_resolved
+from posttrain.config import SFT_STAGE_S, Config, Logger, ModelConfig, write_resolved
 from posttrain.errors import ConfigError
+from posttrain.metrics import RayGauges, log_once
 from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig, trained_prompt_style
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import SFTConfig
@@ -51,8 +53,18 @@ class PipelineConfig(Config):
         "held-out prompts per RLVR environment scored greedily before and after SFT (0 = skip)"))
     run_dir: str = Field("runs/pipeline", description="run folder: one subfolder per stage, report/")
     dashboard: bool = Field(True, description="start Ray's dashboard with a local cluster (127.0.0.1 only)")
-    metrics_port: int | None = Field(None, ge=1, le=65535, description="Ray's Prometheus metrics port")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Ray's Prometheus metrics port (None = a free port, logged with the curl line at start)"))
     timeouts: PipelineTimeoutsConfig = PipelineTimeoutsConfig()
+    loggers: list[Logger] | None = Field(None, description=(
+        "every stage's loggers, e.g. [jsonl, tensorboard, wandb] (None = each stage's own setting)"))
+
+    def model_post_init(self, context: Any) -> None:
+        """``loggers`` reaches every stage's own setting (``sft.loggers``, ``<stage>.run.loggers``)."""
+        if self.loggers is not None:
+            self.sft.loggers = list(self.loggers)
+            for section in (self.rlvr, self.genrm, self.rlhf):
+                section.run.loggers = list(self.loggers)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -80,6 +92,17 @@ def stage_config(cfg: PipelineConfig, name: str, models: dict[str, str]) -> Any:
     return section.model_copy(update=update)
 
 
+def plan(cfg: PipelineConfig) -> list[tuple[str, Any]]:
+    """Each stage's resolved config as the pipeline will run it (``--dry-run``): earlier stages' models
+    at the folders they will be written to."""
+    models: dict[str, str] = {}
+    out = []
+    for name in cfg.stages:
+        out.append((f"stage {name} (run_dir {Path(cfg.run_dir) / name})", stage_config(cfg, name, models)))
+        models[name] = str(Path(cfg.run_dir) / name / "model")
+    return out
+
+
 def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
     """A genrm environment whose judge is 'auto' -> the trained GenRM, prompted in the style it learnt."""
     judge = dict(env.options.get("judge") or {})
@@ -103,20 +126,21 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     run = Path(cfg.run_dir)
     write_resolved(cfg, run)
     state = _read_state(run)
-    url = cluster.init_ray(dashboard=cfg.dashboard, metrics_export_port=cfg.metrics_port, num_cpus=_local_cpus(cfg))
-    log.info("Ray dashboard: %s", url or "off (attached cluster: see its own dashboard)")
+    cluster.init_ray(dashboard=cfg.dashboard, metrics_export_port=cfg.metrics_port, num_cpus=_local_cpus(cfg),
+                     run_dir=run)
     models = {name: info["model"] for name, info in state["stages"].items() if info.get("status") == "done"}
-    for index, name in enumerate(cfg.stages):
-        _progress(index, len(cfg.stages))
-        if name in models:
-            log.info("stage %s: done already (%s), skipped", name, models[name])
-            continue
-        log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
-        start = time.monotonic()
-        models[name] = run_stage(name, stage_config(cfg, name, models), cfg)
-        state["stages"][name] = {"status": "done", "model": models[name], "seconds": time.monotonic() - start}
-        atomic_write_text(run / "pipeline.json", json.dumps(state, indent=1))
-    _progress(len(cfg.stages), len(cfg.stages))
+    with closing(RayGauges("pipeline")) as progress:  # ray_posttrain_pipeline_stages_done{stage="pipeline"}
+        for index, name in enumerate(cfg.stages):
+            progress.set({"pipeline/stages_done": index, "pipeline/stages_total": len(cfg.stages)})
+            if name in models:
+                log.info("stage %s: done already (%s), skipped", name, models[name])
+                continue
+            log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
+            start = time.monotonic()
+            models[name] = run_stage(name, stage_config(cfg, name, models), cfg)
+            state["stages"][name] = {"status": "done", "model": models[name], "seconds": time.monotonic() - start}
+            atomic_write_text(run / "pipeline.json", json.dumps(state, indent=1))
+        progress.set({"pipeline/stages_done": len(cfg.stages), "pipeline/stages_total": len(cfg.stages)})
     page = build_report(run)
     data = summary(run)
     print(format_summary(data))
@@ -172,7 +196,7 @@ def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
     if cfg.sft_eval_prompts:
         result = _log_eval(cfg, sft.run_dir, str(folder), step=last_step(sft.run_dir))
         if _rlvr_repeats_it(cfg):  # RLVR's starting eval is this one: same model, prompts and settings
-            _log_metrics(str(Path(cfg.run_dir) / "rlvr"), "rlvr", 0, result)
+            log_once(str(Path(cfg.run_dir) / "rlvr"), "rlvr", 0, result, cfg.rlvr.run.loggers)
     return str(folder)
 
 
@@ -202,17 +226,9 @@ def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> dict[
 
     stage = cfg.rlvr.model_copy(update={"model": cfg.model})
     result = run_eval(EvalConfig.of_stage(stage, model, cfg.sft_eval_prompts))
-    _log_metrics(run_dir, "sft", step, result)
+    log_once(run_dir, "sft", step, result, cfg.sft.loggers)
     log.info("sft eval (step %d): %s", step, result)
     return result
-
-
-def _log_metrics(run_dir: str, stage: str, step: int, values: dict[str, float]) -> None:
-    from posttrain.metrics import MetricsLogger
-
-    logger = MetricsLogger(run_dir, stage=stage)
-    logger.log(step, values)
-    logger.close()
 
 
 def _read_state(run: Path) -> dict[str, Any]:
@@ -224,14 +240,3 @@ def _read_state(run: Path) -> dict[str, Any]:
         if info.get("status") == "done" and not (Path(info["model"]) / "config.json").is_file():
             info["status"] = "rerun"
     return state
-
-
-def _progress(done: int, total: int) -> None:
-    """Pipeline progress as Ray gauges (``ray_posttrain_pipeline_*`` on the metrics endpoint)."""
-    try:
-        from ray.util.metrics import Gauge
-
-        Gauge("posttrain_pipeline_stages_done", description="finished pipeline stages").set(done)
-        Gauge("posttrain_pipeline_stages_total", description="pipeline stages").set(total)
-    except Exception as exc:  # noqa: BLE001 - metrics never stop the run
-        log.debug("pipeline gauges: %s", exc)

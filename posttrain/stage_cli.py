@@ -1,35 +1,96 @@
-"""What every stage command shares: `[--config F] [key=value ...] [--dry-run] [--resume]`, `keys`."""
+"""What every config command shares: `[--config F] [key=value ...] [--set key=value] [--dry-run]
+[--resume]` and `keys`; and `posttrain config COMMAND`, every key of any command's config.
+
+One override grammar everywhere: positional ``key=value`` (``--set key=value`` is the same, for
+those used to it), applied in order after the YAML preset. Each command's help shows examples
+that are checked to parse (``tests/test_cli.py`` parses them all).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from posttrain.config import describe, load_config, to_yaml
 
+# `posttrain config COMMAND`: the config class of each command that has one.
+CONFIGS: dict[str, str] = {
+    "chat": "posttrain.config:ChatConfig",
+    "sft": "posttrain.sft.config:SFTConfig",
+    "rlvr": "posttrain.rlvr.config:RLVRConfig",
+    "rlhf": "posttrain.genrm.config:RLHFConfig",
+    "genrm train": "posttrain.genrm.config:GenRMTrainConfig",
+    "genrm eval": "posttrain.genrm.config:GenRMEvalConfig",
+    "pipeline": "posttrain.pipeline:PipelineConfig",
+    "eval": "posttrain.held_out:EvalConfig",
+}
 
-def add_config_arguments(p: argparse.ArgumentParser, example: str, *, resume: bool = True) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. run.steps=20 train.lr=1e-6; `keys` lists every key")
-    p.add_argument("--config", help=f"YAML preset, e.g. {example}")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+
+def config_class(command: str) -> type:
+    module, _, name = CONFIGS[command].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_config_arguments(p: argparse.ArgumentParser, preset: str, examples: Sequence[str], command: str, *,
+                         resume: bool = True, dry_run: bool = True) -> None:
+    """The shared arguments of ``command``; ``examples`` are overrides its config accepts (shown in help)."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=(
+        f"dotted overrides, e.g. {' '.join(examples)}; a list item by index or name "
+        f"(environments.0.options.size=50); `keys` lists every key (= posttrain config {command})"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_overrides",
+                   help="an override, as a positional KEY=VALUE (repeatable)")
+    p.add_argument("--config", help=f"YAML preset, e.g. {preset}")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true", help=(
+            "print the resolved config, build its environments and read their data; write nothing, train nothing"))
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(config_command=command, help_examples=list(examples))
 
 
-def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any], Any]) -> int:
-    """`keys` lists the config's keys; else build it, print it (--dry-run) or run ``call(cfg)``
-    and print its result as JSON when there is one."""
+def overrides_of(args: argparse.Namespace, *flags: str) -> list[str]:
+    """Positional overrides, then ``--set`` ones, then those the command's own flags stand for."""
+    return [*args.overrides, *getattr(args, "set_overrides", []), *flags]
+
+
+def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any], Any],
+                       plan: Callable[[Any], list[tuple[str, Any]]] | None = None, flags: Sequence[str] = ()) -> int:
+    """`keys` lists the config's keys; else build it and run ``call(cfg)``, printing its result as JSON
+    when there is one. ``--dry-run`` instead prints the resolved config (or ``plan(cfg)``'s titled
+    sections), builds every environment it names and reads their data, writing nothing.
+    ``flags``: overrides the command's own options stand for (``--model M`` -> ``model.name=M``)."""
     if args.overrides[:1] == ["keys"]:
         print("\n".join(describe(cls)))
         return 0
-    cfg = load_config(cls, args.config, list(args.overrides))
+    cfg = load_config(cls, args.config, overrides_of(args, *flags))
     if args.dry_run:
-        print(to_yaml(cfg), end="")
+        for title, section in (plan(cfg) if plan else [("", cfg)]):
+            print(f"# {title}\n" if title else "", to_yaml(section), sep="", end="")
+            if getattr(section, "environments", None):
+                from posttrain.environments.registry import check_environments
+
+                print("\n".join(f"# {line}" for line in check_environments(section.environments)))
         return 0
     result = call(cfg)
     if result is not None:
         print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from posttrain.errors import ConfigError
+
+    command = " ".join(args.command_name)
+    if command not in CONFIGS:
+        raise ConfigError(f"no config for {command!r}; commands with one: {', '.join(CONFIGS)}")
+    print("\n".join(describe(config_class(command))))
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("config", help="every key of a command's config, with type, default and help")
+    p.add_argument("command_name", nargs="+", metavar="COMMAND", help=f"one of: {', '.join(CONFIGS)}")
+    p.set_defaults(func=_config)

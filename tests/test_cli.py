@@ -103,7 +103,7 @@ def test_verify_input_errors_stay_one_line(tmp_path, capsys):
 def test_config_describe(capsys):
     assert main(["config", "chat"]) == 0
     out = capsys.readouterr().out
-    assert "generation.reasoning_budget = null  # max reasoning tokens" in out
+    assert "generation.reasoning_budget: int | None = null  # max reasoning tokens" in out
 
 
 def test_models_list(capsys, tiny_llama_dir, tmp_path, monkeypatch):
@@ -130,3 +130,69 @@ def test_chat_smollm2_gives_a_real_answer(smollm2_dir):
                      "What is the capital of France? Answer in one sentence.")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
+
+
+def _config_commands():
+    """(parser, defaults) of every command that takes config overrides."""
+    from posttrain.cli import build_parser
+
+    parser = build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    stack, out = list(subs.choices.items()), []
+    while stack:
+        name, p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.items())
+        if p.get_default("config_command"):
+            out.append((name, p))
+    return out
+
+
+def test_every_help_example_parses_with_its_commands_config():
+    from posttrain.config import load_config
+    from posttrain.stage_cli import CONFIGS, config_class
+
+    commands = _config_commands()
+    assert {p.get_default("config_command") for _, p in commands} == set(CONFIGS)
+    for name, p in commands:
+        examples = p.get_default("help_examples")
+        assert examples and all(e in p.format_help().replace("\n", " ").replace("  ", " ") or "=" in e
+                                for e in examples), name
+        load_config(config_class(p.get_default("config_command")), None, examples)  # raises if one is wrong
+
+
+def test_config_lists_the_keys_of_every_command(capsys):
+    from posttrain.stage_cli import CONFIGS
+
+    for command in CONFIGS:
+        assert main(["config", *command.split()]) == 0
+        assert "model.name: str" in capsys.readouterr().out or command == "eval"
+    assert main(["config", "sft", "preview"]) == 2
+    assert "no config for 'sft preview'; commands with one: chat, sft" in capsys.readouterr().err
+
+
+def test_set_is_the_positional_override_and_applies_after_it(capsys):
+    assert main(["rlvr", "--dry-run", "run.steps=3", "environments.0.options.size=4", "--set", "run.steps=4",
+                 "--set", "train.lr=1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps: 4\n" in out and "  lr: 1.0e-06\n" in out
+
+
+def test_sft_preview_has_its_own_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "preview", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: posttrain sft preview") and "--mode" in out and "--resume" not in out
+
+
+def test_a_model_name_typo_gets_did_you_mean_at_once(capsys):
+    assert main(["chat", "--model", "tiny-lama", "hi"]) == 2
+    assert "unknown model 'tiny-lama' (did you mean 'tiny-llama'?)" in capsys.readouterr().err
+
+
+def test_third_party_request_logs_are_warnings_unless_verbose(capsys):
+    import logging
+
+    main(["config", "chat"])
+    assert logging.getLogger("httpx").level == logging.WARNING

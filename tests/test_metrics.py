@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -15,11 +14,7 @@ from posttrain.metrics import MetricsLogger, PhaseTimer, gauge_name
 from posttrain.orchestration import cluster
 
 
-def free_port() -> int:
-    """A port free now; another process may take it before Ray binds it (callers retry)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = cluster.free_port  # a port free now; another process may take it before Ray binds it (callers retry)
 
 
 def test_gauge_names_are_prometheus_safe():
@@ -78,7 +73,8 @@ def test_gauges_are_set_again_between_slow_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(ray.util.metrics, "Gauge", Gauge)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(metrics, "REFRESH_S", 0.01)
-    logger = MetricsLogger(tmp_path, stage="rlvr", tensorboard=False)
+    monkeypatch.setattr(metrics, "_export_interval_s", lambda: 0.0)
+    logger = MetricsLogger(tmp_path, stage="rlvr", loggers=["jsonl"])
     logger.log(3, {"reward/mean": 0.625})
     deadline = time.monotonic() + 60  # only a safety net: three refreshes take ~0.03 s
     while sets.count(("posttrain_reward_mean", 0.625, "rlvr")) < 4 and time.monotonic() < deadline:
@@ -91,6 +87,34 @@ def test_gauges_are_set_again_between_slow_steps(tmp_path, monkeypatch):
     assert len(sets) == after_close  # close() stops the refreshes
 
 
+def test_a_short_runs_last_metrics_and_pipeline_progress_reach_the_endpoint(tmp_path, caplog):
+    """A run that logs once and ends at once: close() waits out one export, so the values are on the
+    endpoint when it returns; the pipeline's progress gauge too. The curl line and the session link
+    are where the run says."""
+    import logging
+
+    from posttrain.metrics import RayGauges
+
+    caplog.set_level(logging.INFO, logger="posttrain.orchestration.cluster")
+    cluster.shutdown_ray()  # a Ray left running by earlier tests keeps its own metrics port
+    try:
+        cluster.init_ray(temp_dir="/tmp/ray-posttrain-metrics-test", num_cpus=1, run_dir=tmp_path)
+        port = int(caplog.text.split("curl -s http://127.0.0.1:")[1].split("/")[0])
+        assert (tmp_path / "ray-session").resolve().name.startswith("session_")
+        progress = RayGauges("pipeline")
+        progress.set({"pipeline/stages_done": 2})
+        logger = MetricsLogger(tmp_path, stage="rlvr", loggers=["jsonl"])
+        logger.log(1, {"reward/mean": 0.375})
+        logger.close()
+        progress.close()
+        found = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 1)
+        assert found and found[0].endswith(" 0.375")
+        done = wait_for(port, "ray_posttrain_pipeline_stages_done{", time.time() + 1)
+        assert done and 'stage="pipeline"' in done[0] and done[0].endswith(" 2.0")
+    finally:
+        cluster.shutdown_ray()
+
+
 @pytest.mark.slow
 def test_metrics_reach_the_ray_endpoint_and_stay_there(tmp_path):
     """The real thing: Ray's Prometheus endpoint shows the gauge, still 30 s after the last step."""
@@ -99,14 +123,14 @@ def test_metrics_reach_the_ray_endpoint_and_stay_there(tmp_path):
         cluster.shutdown_ray()  # a Ray left running by earlier tests would keep its own metrics port
         cluster.init_ray(temp_dir="/tmp/ray-posttrain-metrics-test", num_cpus=1, metrics_export_port=port)
         try:
-            logger = MetricsLogger(tmp_path, stage="rlvr", tensorboard=False)
+            logger = MetricsLogger(tmp_path, stage="rlvr", loggers=["jsonl"])
             logger.log(3, {"reward/mean": 0.625, "env/math/pass_rate": 0.5})
             found = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 60)
             if not found:
                 logger.close()
                 continue
             assert found[0].endswith(" 0.625") and 'stage="rlvr"' in found[0]
-            time.sleep(30)  # Ray forgets a gauge ~20 s after its last set
+            time.sleep(30)  # Ray forgets a gauge two export intervals after its last set
             again = wait_for(port, "ray_posttrain_reward_mean{", time.time() + 5)
             assert again and again[0].endswith(" 0.625")
             logger.close()

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from posttrain.errors import ServiceError
+
 Messages = list[dict[str, str]]
 
 
@@ -220,7 +222,7 @@ async def score_groups_safely(env: GroupEnvironment, samples: Sequence[Sample],
         result = await asyncio.wait_for(env.score_groups(samples, groups), timeout)
     except asyncio.TimeoutError:
         return failed(f"timeout: no scores within {timeout:g}s")
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ServiceError):  # a stop on purpose (a judge that stays down), not a bug
         raise
     except Exception as exc:  # noqa: BLE001 - the environment's bug must not kill the step
         return failed(f"crash: {type(exc).__name__}: {str(exc)[:200]}")

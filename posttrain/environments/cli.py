@@ -43,6 +43,8 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from posttrain.environments.multiturn import is_multiturn
+    from posttrain.environments.options import describe_options
+    from posttrain.environments.registry import find_class
 
     with _opened(args) as env:
         samples = list(env.samples(args.split, args.seed))
@@ -50,6 +52,8 @@ def _show(args: argparse.Namespace) -> int:
         golds = [env.gold_episode(s) if multiturn else None for s in samples[: args.n]]
     kind = f", multi-turn (at most {env.max_turns} turns)" if multiturn else ""
     print(f"{env.name}: {len(samples)} {args.split} samples (seed {args.seed}){kind}")
+    print("options (environments[i].options; name: type = default  # help):")
+    print("\n".join(f"  {line}" for line in describe_options(find_class(args.name))))
     for tool in (env.tools if multiturn else ()):
         print(f"[tool] {json.dumps(tool)}")
     for s, gold in zip(samples[: args.n], golds):
@@ -85,7 +89,7 @@ def add_commands(sub: Any) -> None:
     p_env = sub.add_parser("env", help="list, show and check verifiable environments")
     env_sub = p_env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
     env_sub.add_parser("list", help="built-in and installed environments").set_defaults(func=_list)
-    for action, func, help_text in (("show", _show, "print a few samples with their gold answers"),
+    for action, func, help_text in (("show", _show, "print its options and a few samples with their gold answers"),
                                     ("check", _check, "gold scores 1.0, garbage/adversarial scores 0")):
         p = env_sub.add_parser(action, help=help_text)
         p.add_argument("name", help="built-in name, entry point name, or module:Class")

@@ -66,10 +66,18 @@ def shipped_problems() -> list[dict[str, Any]]:
 
 
 class CodeEnv(DefaultHooks):
-    """Options: ``source`` (None = shipped set), ``format``, ``split``, ``limit``, ``on_invalid``.
+    """Python programming problems, checked by running their unit tests in the sandbox.
 
     Programs run on the code runner the stage starts it with (its sandbox-N actors, under its
     sandbox limits: training and held-out evaluation alike); unstarted, from this process.
+
+    Options:
+        source: dataset (JSONL/Parquet file, folder or hub id); None = the shipped problem set
+        format: row shape: auto | humaneval (prompt, test, entry_point) | mbpp (text, test_list)
+        limit: first N rows (None = all)
+        on_invalid: a bad row: skip (counted, logged) | error
+        system: system prompt added to every sample (None = none)
+        test_fraction: share of the problems held out for evaluation, in [0, 1)
     """
 
     name = "code"

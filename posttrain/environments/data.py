@@ -52,7 +52,7 @@ def validate_rows(rows: Iterable[Any], convert: Callable[[int, Any], Any], *, so
             bad.append(f"row {i}: {exc}")
     if bad:
         shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        message = f"{source}: {len(bad)} invalid row(s):\n  {shown}"
+        message = f"{source}: {len(bad)} invalid row(s) (numbered from 0, as dataset[i]):\n  {shown}"
         if on_invalid == "error":
             raise DataError(message)
         log.warning("%s\n(dropped; set on_invalid=error to refuse the dataset)", message)

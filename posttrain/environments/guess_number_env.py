@@ -42,8 +42,16 @@ def binary_search(secret: int, low: int, high: int) -> list[int]:
 
 
 class GuessNumberEnv(DefaultHooks):
-    """Options: ``low``/``high`` (the secret's range), ``max_turns`` (guesses), ``size``/``test_size``,
-    ``system`` (an optional system prompt)."""
+    """Multi-turn: find a secret number from "higher"/"lower" replies.
+
+    Options:
+        low: smallest secret
+        high: largest secret
+        max_turns: guesses per episode
+        size: train episodes
+        test_size: held-out episodes
+        system: system prompt added to every episode (None = none)
+    """
 
     name = "guess_number"
     tools: tuple = ()

@@ -94,12 +94,23 @@ def read_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
 
 
 class HttpEnv(DefaultHooks):
-    """Options: ``base_url`` of the server, ``dataset`` (JSONL rows), ``test_dataset`` (else the last
-    ``test_fraction`` of the rows), ``limit``, ``tools`` (chat or Responses-API function schemas used for
-    every row instead of its own), ``max_turns``, ``timeout_s`` (seed and verify), ``tool_timeout_s``,
-    ``max_output_chars`` (of a tool reply), ``done_flag`` (a tool reply ``{"done": true}`` ends the episode,
-    as NeMo-Gym's ``use_done_flag``), ``system`` (added when a row has no system message), ``model_name``
-    (the ``model`` field of the response sent to /verify)."""
+    """Multi-turn tool use against a NeMo-Gym style resource server over HTTP.
+
+    Options:
+        base_url: the server, http(s)://host:port
+        dataset: JSONL file of NeMo-Gym rows
+        test_dataset: held-out rows (None = the last test_fraction of dataset)
+        test_fraction: share of dataset held out when test_dataset is None, in [0, 1)
+        limit: first N rows (None = all)
+        tools: chat or Responses-API function schemas used for every row instead of its own
+        max_turns: assistant turns per episode
+        timeout_s: limit of the seed and verify calls
+        tool_timeout_s: limit of one tool call
+        max_output_chars: a tool reply is cut to this length
+        done_flag: a tool reply {"done": true} ends the episode (NeMo-Gym's use_done_flag)
+        system: system message added when a row has none
+        model_name: the model field of the response sent to /verify
+    """
 
     name = "http"
     eval_metrics = ("tool_calls", "tool_errors")

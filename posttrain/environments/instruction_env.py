@@ -87,7 +87,16 @@ def task_from_row(row: Any) -> tuple[str, list[str], list[dict[str, Any] | None]
 
 
 class InstructionEnv(DefaultHooks):
-    """Options: ``source`` (None = generator), ``size``, ``test_size``, ``limit``, ``on_invalid``."""
+    """Instructions with checkable constraints (word counts, keywords, case, format).
+
+    Options:
+        source: dataset (JSONL/Parquet file, folder or hub id); None = the built-in generator
+        size: generator train prompts
+        test_size: generator held-out prompts
+        limit: first N rows of source (None = all)
+        on_invalid: a bad row of source: skip (counted, logged) | error
+        system: system prompt added to every sample (None = none)
+    """
 
     name = "instruction_following"
 

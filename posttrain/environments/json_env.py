@@ -69,7 +69,16 @@ def task_from_row(row: Any) -> tuple[Any, dict[str, Any], str | None]:
 
 
 class JsonSchemaEnv(DefaultHooks):
-    """Options: ``source`` (None = generator), ``size``, ``test_size``, ``limit``, ``on_invalid``."""
+    """Answers that must be JSON valid under a given JSON schema (checked with jsonschema).
+
+    Options:
+        source: dataset (JSONL/Parquet file, folder or hub id); None = the built-in generator
+        size: generator train prompts
+        test_size: generator held-out prompts
+        limit: first N rows of source (None = all)
+        on_invalid: a bad row of source: skip (counted, logged) | error
+        system: system prompt added to every sample (None = none)
+    """
 
     name = "json_schema"
 

@@ -74,8 +74,21 @@ def _raise_on(problems: list[str]) -> None:
 
 
 class MathEnv(DefaultHooks):
-    """Options: ``source`` (None = generator), ``format``, ``levels``, sizes, ``on_invalid``, ``workers``
-    (math-verify processes checking at once; started on the first check, ended by :meth:`close`)."""
+    """Math problems with a final answer, checked by math-verify.
+
+    Options:
+        source: dataset (JSONL/Parquet file, folder or hub id); None = the built-in arithmetic generator
+        format: row shape of source: auto | gsm8k (question, answer with ####) | math (problem, boxed
+            solution) | plain (question, answer)
+        test_source: held-out dataset; None = the generator's test split, or a split of source
+        levels: generator difficulty levels, a non-empty subset of 1..5
+        size: generator train problems
+        test_size: generator held-out problems
+        limit: first N rows of source (None = all)
+        on_invalid: a bad row of source: skip (counted, logged) | error
+        system: system prompt added to every sample (None = none)
+        workers: math-verify processes checking at once (started on the first check, ended by close())
+    """
 
     name = "math"
 

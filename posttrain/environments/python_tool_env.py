@@ -85,9 +85,19 @@ def result_text(result: Any, timeout_s: float) -> str:
 
 
 class PythonToolEnv(DefaultHooks):
-    """Options: ``digits`` (lowest, highest factor length), ``word_problems`` (share of word problems),
-    ``size``/``test_size``, ``max_turns``, ``tool_timeout_s`` (wall limit of one call), ``max_output_chars``
-    (of one tool answer), ``system`` (replaces the system prompt), ``workers`` (math-verify processes)."""
+    """Multi-turn: arithmetic too long to do in one's head, with a sandboxed Python tool.
+
+    Options:
+        digits: lowest and highest factor length, [low, high]
+        word_problems: share of problems worded as a story, in [0, 1]
+        size: train problems
+        test_size: held-out problems
+        max_turns: assistant turns per episode
+        tool_timeout_s: wall limit of one tool call
+        max_output_chars: a tool answer is cut to this length
+        system: replaces the built-in system prompt
+        workers: math-verify processes checking final answers
+    """
 
     name = "python_tool"
     sandboxed = True  # the stage starts sandbox-N actors and hands them over in start()

@@ -17,7 +17,14 @@ INSTRUCTION = "Reason step by step if needed, then give only the final answer, w
 
 
 class ReasoningGymEnv(DefaultHooks):
-    """Options: ``tasks`` (names, or name -> task config dict), ``size`` per task and split."""
+    """Procedurally generated reasoning tasks from reasoning-gym, scored by its own verifiers.
+
+    Options:
+        tasks: task names, or name -> that task's reasoning-gym config
+        size: train samples per task
+        test_size: held-out samples per task
+        system: system prompt added to every sample (None = none)
+    """
 
     name = "reasoning_gym"
 

@@ -6,8 +6,9 @@ A separate pip package ships an environment by declaring, in its pyproject.toml:
     my_env = "my_package.env:MyEnv"
 
 Every environment is built the same way: ``cls(**options)``, where ``options`` is the
-``environments[i].options`` mapping of the run config. Unknown or bad options are the
-environment's own ``TypeError``/``ValueError``, reported with the environment's name. An
+``environments[i].options`` mapping of the run config, first checked against the options the
+environment declares (:mod:`posttrain.environments.options`: unknown names and wrong types are one
+error naming each option); the environment's own ``TypeError``/``ValueError`` is reported with its name. An
 environment that leaves out optional hooks of the protocol gets their defaults here, so the
 stages call every hook directly. A multi-turn environment (``reset``/``step`` instead of ``score``,
 see :mod:`posttrain.environments.multiturn`) is accepted too, and also gets ``tools``,
@@ -20,6 +21,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import os
+import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +33,8 @@ from pydantic import Field
 from posttrain.config import Config
 from posttrain.environments.base import HOOKS, DefaultHooks, Environment
 from posttrain.environments.multiturn import is_multiturn
-from posttrain.errors import EnvironmentLoadError
+from posttrain.environments.options import check_options
+from posttrain.errors import DataError, EnvironmentLoadError, NotFoundError
 
 ENTRY_POINT_GROUP = "posttrain.environments"
 log = logging.getLogger(__name__)
@@ -46,9 +50,14 @@ _BUILTINS: dict[str, str] = {
     "python_tool": "posttrain.environments.python_tool_env:PythonToolEnv",
     "guess_number": "posttrain.environments.guess_number_env:GuessNumberEnv",
     "http": "posttrain.environments.http_env:HttpEnv",
+    "reward_function": "posttrain.environments.reward_fn_env:RewardFunctionEnv",
 }
 # What a multi-turn environment (reset/step, no score) may leave out, and the default it gets.
 MULTITURN_DEFAULTS: dict[str, Any] = {"tools": (), "max_turns": 8}
+
+
+ENVIRONMENTS_HELP = ("environments, each {name, weight, options}; an item's options by index or name "
+                     "(environments.math.options.size=500); `posttrain env show NAME` lists an environment's options")
 
 
 class EnvConfig(Config):
@@ -81,7 +90,7 @@ def find_class(name: str) -> Callable[..., Environment]:
         target = name
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ImportError as exc:
         raise EnvironmentLoadError(f"environment {name!r}: cannot import {module_name!r}: {exc}") from exc
     try:
@@ -90,12 +99,30 @@ def find_class(name: str) -> Callable[..., Environment]:
         raise EnvironmentLoadError(f"environment {name!r}: {module_name!r} has no attribute {attr!r}") from None
 
 
+def _import_module(module_name: str) -> types.ModuleType:
+    """``module_name`` imported; not found on the path, then from the current folder, as ``python -m``
+    finds it (also for the Ray workers started later: the folder goes on ``PYTHONPATH`` too)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != module_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+        log.info("environment module %r: imported from the current folder %s", module_name, cwd)
+        return importlib.import_module(module_name)
+
+
 def load_environment(cfg: EnvConfig | str, **options: Any) -> Environment:
     if isinstance(cfg, str):
         cfg = EnvConfig(name=cfg, options=options)
     cls = find_class(cfg.name)
+    options = check_options(cfg.name, cls, cfg.options)
     try:
-        env = cls(**cfg.options)
+        env = cls(**options)
+    except (DataError, NotFoundError) as exc:  # the options are fine; what they point at is not
+        raise type(exc)(f"environment {cfg.name!r}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise EnvironmentLoadError(f"environment {cfg.name!r}: bad options {cfg.options}: {exc}") from exc
     if is_multiturn(env):
@@ -161,3 +188,16 @@ def opened(cfgs: Sequence[EnvConfig | str]) -> Iterator[dict[str, Environment]]:
                 env.close()
             except Exception:  # noqa: BLE001 - close the others; the stage's own error matters more
                 log.exception("closing environment %r failed", name)
+
+
+def check_environments(cfgs: Sequence[EnvConfig]) -> list[str]:
+    """Build every environment of ``cfgs`` and read both splits of its data, as a run would before
+    its first step; one line per environment (``--dry-run``). Bad options or data raise here."""
+    lines = []
+    with opened(cfgs) as envs:
+        for name, env in envs.items():
+            counts = {split: len(env.samples(split, 0)) for split in ("train", "test")}
+            if not counts["train"]:
+                raise EnvironmentLoadError(f"environment {name!r} has no train samples")
+            lines.append(f"environment {name}: ok, {counts['train']} train / {counts['test']} test samples")
+    return lines

@@ -34,21 +34,22 @@ def _eval(args: argparse.Namespace) -> int:
     from posttrain.genrm.config import GenRMEvalConfig
     from posttrain.genrm.train import evaluate
 
-    if args.model:
-        args.overrides = [f"model.name={args.model}", *args.overrides]
-    return run_config_command(GenRMEvalConfig, args, evaluate)
+    return run_config_command(GenRMEvalConfig, args, evaluate, flags=[f"model.name={args.model}"] if args.model else [])
 
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("rlhf", help="RL against a GenRM (circular pairwise judging), optionally mixed with RLVR envs")
-    add_config_arguments(p, "configs/rlhf/smollm2_genrm.yaml")
+    add_config_arguments(p, "configs/rlhf/smollm2_genrm.yaml", ["run.steps=20", "environments.genrm.options.judge.model=M"],
+                         "rlhf")
     p.set_defaults(func=_rlhf)
     g = sub.add_parser("genrm", help="train or evaluate a generative reward model")
     gsub = g.add_subparsers(dest="genrm_command", required=True)
     t = gsub.add_parser("train", help="SFT warm-up (optional) + RL on preference labels")
-    add_config_arguments(t, "configs/genrm/smollm2_pref.yaml")
+    add_config_arguments(t, "configs/genrm/smollm2_pref.yaml", ["run.steps=20", "warmup.enabled=true"], "genrm train")
     t.set_defaults(func=_train)
     e = gsub.add_parser("eval", help="pairwise accuracy and score errors on held-out preference pairs")
     e.add_argument("--model", help="the GenRM: hub id, model folder, or built-in name")
-    add_config_arguments(e, "a YAML of GenRMEvalConfig keys (model, source, split, limit, generation)", resume=False)
+    add_config_arguments(e, "a YAML of GenRMEvalConfig keys (model, source, split, limit, generation)",
+                         ["limit=50", "scoring=expected", "prompt_style=compact", "judge.backend=openai",
+                          "judge.base_url=http://127.0.0.1:8000/v1"], "genrm eval", resume=False)
     e.set_defaults(func=_eval)

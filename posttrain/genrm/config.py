@@ -6,11 +6,12 @@ environment), so their configs are the RLVR config with other defaults plus what
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import MAX_TOP_LOGPROBS, Config, GenerationConfig, ModelConfig, RolloutConfig
-from posttrain.environments.registry import EnvConfig
+from posttrain.environments.registry import ENVIRONMENTS_HELP, EnvConfig
 from posttrain.errors import ConfigError
+from posttrain.genrm.judge import JudgeConfig
 from posttrain.genrm.judge_format import PromptStyle, Scoring
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import TrainConfig as SFTTrainConfig
@@ -20,7 +21,8 @@ class RLHFConfig(RLVRConfig):
     """The RLVR loop with a GenRM environment (``genrm``), optionally mixed with verifiable ones."""
 
     environments: list[EnvConfig] = Field(
-        default_factory=lambda: [EnvConfig(name="genrm", options={"judge": {"model": "smollm2-135m-instruct"}})])
+        default_factory=lambda: [EnvConfig(name="genrm", options={"judge": {"model": "smollm2-135m-instruct"}})],
+        description=ENVIRONMENTS_HELP)
     run_dir: str = Field("runs/rlhf", description="run folder: config, metrics, events, checkpoints")
 
 
@@ -45,7 +47,8 @@ class JudgeEvalConfig(Config):
 class GenRMTrainConfig(RLVRConfig):
     """Turn a chat model into a GenRM: RL on ``genrm_preference`` (reward from the human labels)."""
 
-    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="genrm_preference")])
+    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="genrm_preference")],
+                                          description=ENVIRONMENTS_HELP)
     warmup: WarmupConfig = WarmupConfig()
     judge_eval: JudgeEvalConfig = JudgeEvalConfig()
     run_dir: str = Field("runs/genrm", description="run folder: warmup/ (SFT) and the RL run's files")
@@ -67,9 +70,19 @@ class GenRMEvalConfig(Config):
     split: str = "test"
     limit: int | None = Field(None, ge=1, description="pairs evaluated (None = all)")
     both_orders: bool = Field(True, description="judge every pair in both orders (cancels position bias)")
-    prompt_style: PromptStyle = Field("rubric", description="judge prompt the GenRM was trained with: rubric | compact")
+    prompt_style: PromptStyle = Field("rubric", description="judge prompt the GenRM was trained with: rubric | compact | minimal")
     scoring: Scoring = Field("generate", description=(
         "generate = the written values; expected = each written integer replaced by its expectation under "
         f"the judge's top-{MAX_TOP_LOGPROBS} token distribution (as judge.scoring)"))
     generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.0, enable_thinking=False)
     rollout: RolloutConfig = RolloutConfig(max_model_len=2048)
+    judge: JudgeConfig | None = Field(None, description=(
+        "a served judge instead of model: judge.backend=openai judge.base_url=http://HOST:8000/v1 [judge.model=NAME]; "
+        "its connection keys as in the genrm environment, sampling from generation"))
+
+    @model_validator(mode="after")
+    def _served(self) -> GenRMEvalConfig:
+        if self.judge is not None and self.judge.backend != "openai":
+            raise ValueError("judge is for a served judge (judge.backend=openai, judge.base_url=...); "
+                             "a local GenRM is model.name")
+        return self

@@ -55,6 +55,7 @@ from posttrain.genrm.backends import (
 )
 from posttrain.genrm.circular import Mode, Rule, aggregate, orient, pairs, position_bias
 from posttrain.genrm.expected_score import judge_verdicts
+from posttrain.errors import ServiceError
 from posttrain.genrm.judge import Conversation
 from posttrain.genrm.judge_format import Judgement, judge_messages
 from posttrain.genrm.length_control import LengthControl, apply_length_control
@@ -91,11 +92,15 @@ class GenRMOptions(Config):
         "per pair, not only on average (shuffle is then moot); small judges need it "
         "(see bench/genrm_expected_score.py)"))
     length_control: LengthControlConfig = LengthControlConfig()
-    seed: int = 0
+    max_failed_steps: int | None = Field(3, ge=1, description=(
+        "stop the run (an error naming the judge) after this many steps in a row in which every judge call "
+        "failed; None = warn and go on (those rollouts are not trained)"))
+    seed: int = Field(0, description="order shuffles and pairings")
 
 
 class GenRMEnv(DefaultHooks):
     name = "genrm"
+    Options = GenRMOptions  # what `options` may hold (checked by the registry, listed by `env show`)
     eval_metrics = ("reference_margin",)  # held-out: mean GenRM reward minus the reference's (finer than wins)
 
     def __init__(self, backend: JudgeBackend | None = None, **options: Any) -> None:
@@ -111,6 +116,7 @@ class GenRMEnv(DefaultHooks):
         self._backend: JudgeBackend | None = backend
         self._given_backend = backend is not None
         self._judge_state: dict[str, Any] | None = None  # loaded before start(): applied by start()
+        self._failed_steps = 0  # steps in a row whose judge calls all failed
 
     # ----------------------------------------------------------------- data
 
@@ -140,6 +146,8 @@ class GenRMEnv(DefaultHooks):
         """Start the judge (local: GenRM engines ``genrm-0..`` in the stage's placement group)."""
         if self._backend is None:
             self._backend = self._start_backend(resources.placement)
+            if hasattr(self._backend, "probe"):  # a served judge: refuse to start against one that is down
+                self._backend.probe()
         self._apply_judge_state()
 
     def _start_backend(self, placement: Any) -> JudgeBackend:
@@ -185,7 +193,7 @@ class GenRMEnv(DefaultHooks):
         if self._backend is None:  # scored outside a stage (tests, env check): a judge of its own
             self.start(StageResources())
         calls = await asyncio.to_thread(self._backend.complete, batch) if batch else []  # type: ignore[union-attr]
-        _warn_if_all_failed(calls)
+        self._count_outage(calls)
         judgements, expected_rate = judge_verdicts(calls, self.opts.judge.scoring)
         step = _step_metrics(calls, judgements, [p for plan in plans for p in plan.shown])
         if self.opts.judge.scoring == "expected":
@@ -200,6 +208,24 @@ class GenRMEnv(DefaultHooks):
                 out.append(self._group_scores(plan, group, verdicts))
             at += k
         return out
+
+    def _count_outage(self, calls: list[JudgeCall]) -> None:
+        """A step whose judge calls all failed trains nothing: warned each time, and after
+        ``max_failed_steps`` such steps in a row the run stops with a :class:`ServiceError`."""
+        if not calls or any(c.ok for c in calls):
+            self._failed_steps = 0
+            return
+        self._failed_steps += 1
+        codes = ", ".join(f"{code} x{n}" for code, n in Counter(c.error or "unknown" for c in calls).most_common())
+        where = self.opts.judge.base_url or f"engines genrm-* ({self.opts.judge.model})"
+        message = (f"genrm: every judge call of this step failed ({len(calls)} calls: {codes}; judge: {where}); "
+                   f"no rollout of it is trained. {self._failed_steps} such step(s) in a row. Last error: "
+                   f"{calls[0].detail[:200]}")
+        limit = self.opts.max_failed_steps
+        if limit is not None and self._failed_steps >= limit:
+            raise ServiceError(f"{message}. Stopped after {limit} (genrm option max_failed_steps); "
+                               "resume once the judge answers")
+        log.warning("%s. Is the judge up?", message)
 
     def _plan(self, sample: Sample, group: Sequence[Completion]) -> WithinGroup | VersusReference:
         """The comparisons of one group: oriented index pairs and their judge conversations."""
@@ -283,12 +309,6 @@ class Verdicts:
         return out
 
 
-def _warn_if_all_failed(calls: list[JudgeCall]) -> None:
-    """A step with judge calls and no answer to any of them: every reward of it is made up."""
-    if calls and not any(c.ok for c in calls):
-        codes = ", ".join(f"{code} x{n}" for code, n in Counter(c.error or "unknown" for c in calls).most_common())
-        log.warning("genrm: every judge call of this step failed (%d calls: %s); no rollout of it is trained. "
-                    "Is the judge up? (%s)", len(calls), codes, calls[0].detail[:200])
 
 
 def _step_metrics(calls: list[JudgeCall], judgements: list[Judgement], shown: list[tuple[int, int]]) -> dict[str, float]:

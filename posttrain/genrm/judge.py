@@ -52,7 +52,8 @@ class JudgeConfig(Config):
     top_logprobs: int = Field(MAX_TOP_LOGPROBS, ge=2, le=MAX_TOP_LOGPROBS, description=(
         "expected scoring: tokens read per position"))
     prompt_style: PromptStyle = Field("rubric", description=(
-        "judge prompt: rubric (full scale, reason then JSON) or compact (short, JSON only); "
+        "judge prompt: rubric (full scale, reason then JSON), compact (short, JSON only) or minimal "
+        "(scales named, JSON only); "
         "use the style the GenRM was trained with"))
     enable_thinking: bool = Field(True, description=(
         "local: let the judge reason in <think> first (GenRMs do); off for small judges that answer at once"))

@@ -78,8 +78,14 @@ follows the instructions; 1 = wrong, a refusal or useless). ranking 1-6: 1 = Res
 
 _COMPACT_ANSWER_FORMAT = 'Answer with the JSON only: {"score_1": <1-5>, "score_2": <1-5>, "ranking": <1-6>}'
 
-PROMPT_STYLES = {"rubric": (_INSTRUCTIONS, _ANSWER_FORMAT), "compact": (_COMPACT_INSTRUCTIONS, _COMPACT_ANSWER_FORMAT)}
-PromptStyle = Literal["rubric", "compact"]
+# Scales named, not described (~40 instead of ~115 tokens): for a GenRM fine-tuned on this format, where the
+# gold judgements teach the scale and every judge call pays for the prompt (main job, CPU).
+_MINIMAL_INSTRUCTIONS = "Rate both responses to the last user turn."
+_MINIMAL_ANSWER_FORMAT = "Answer JSON: score_1, score_2 (1-5), ranking (1-6; 1 = response_1 much better)."
+
+PROMPT_STYLES = {"rubric": (_INSTRUCTIONS, _ANSWER_FORMAT), "compact": (_COMPACT_INSTRUCTIONS, _COMPACT_ANSWER_FORMAT),
+                 "minimal": (_MINIMAL_INSTRUCTIONS, _MINIMAL_ANSWER_FORMAT)}
+PromptStyle = Literal["rubric", "compact", "minimal"]
 Scoring = Literal["generate", "expected"]  # the written values, or their expectations (genrm.expected_score)
 
 
@@ -116,7 +122,8 @@ def judge_messages(conversation: list[dict[str, str]], response_1: str, response
 
     ``conversation`` is the prompt's messages (any roles, any number of turns) the responses answer;
     ``system`` replaces the judge's default system message (e.g. to add a principle); ``style``:
-    ``rubric`` (full scale, reason then JSON) or ``compact`` (short scale, JSON only). A GenRM is
+    ``rubric`` (full scale, reason then JSON), ``compact`` (short scale, JSON only) or ``minimal``
+    (scales named, JSON only; for a judge fine-tuned on it). A GenRM is
     trained on one style and must judge with the same one.
     """
     instructions, answer_format = PROMPT_STYLES[check_prompt_style(style)]

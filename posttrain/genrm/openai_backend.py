@@ -15,11 +15,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, ServiceError
 from posttrain.genrm.judge import Conversation, JudgeCall, JudgeConfig
 from posttrain.rollout.types import TopTokens
 
@@ -95,7 +95,24 @@ class OpenAIJudge:
 
     # ----------------------------------------------------------------- private loop
 
-    def _submit(self, batch: list[Conversation]) -> concurrent.futures.Future[list[JudgeCall]]:
+    def probe(self) -> None:
+        """One one-token request before any real work: a judge that cannot answer (down, wrong URL, key or
+        model name) is a :class:`ServiceError` naming the URL and the cause, not a run of fallback rewards."""
+        call = self._submit(self._probe).result()
+        if not call.ok:
+            raise ServiceError(f"the judge at {self.cfg.base_url} does not answer ({call.error}, after "
+                               f"{call.attempts} attempt(s)): {call.detail[:300]}. Is the server up, and are "
+                               "judge.base_url (with /v1), judge.model and judge.api_key_env right?")
+
+    async def _probe(self) -> JudgeCall:
+        client = self._ensure_client()
+        model, failed = await self._resolve_model(client)
+        if failed is not None:
+            return JudgeCall(None, failed.error, failed.attempts, 0.0, failed.detail)
+        return await self._call(client, model, [{"role": "user", "content": "Say OK."}], max_tokens=1)
+
+    def _submit(self, work: list[Conversation] | Callable[[], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future[Any]:
+        """Run ``work`` (a batch to judge, or a coroutine function) on the private loop."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this OpenAIJudge is closed; build a new one with judge_backend(cfg)")
@@ -105,7 +122,8 @@ class OpenAIJudge:
                                                 daemon=True)
                 self._thread.start()
             loop = self._loop
-        return asyncio.run_coroutine_threadsafe(self._batch(list(batch)), loop)
+        batch = list(work) if isinstance(work, list) else None
+        return asyncio.run_coroutine_threadsafe(self._batch(batch) if batch is not None else work(), loop)  # type: ignore[operator]
 
     async def _batch(self, batch: list[Conversation]) -> list[JudgeCall]:
         if not batch:
@@ -145,10 +163,11 @@ class OpenAIJudge:
 
     # ----------------------------------------------------------------- one call
 
-    async def _call(self, client: Any, model: str, messages: Conversation) -> JudgeCall:
+    async def _call(self, client: Any, model: str, messages: Conversation, max_tokens: int | None = None) -> JudgeCall:
         cfg = self.cfg
         kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": cfg.temperature,
-                                  "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "timeout": cfg.timeout_s}
+                                  "top_p": cfg.top_p, "max_tokens": max_tokens or cfg.max_tokens,
+                                  "timeout": cfg.timeout_s}
         if cfg.seed is not None:
             kwargs["seed"] = cfg.seed
         if cfg.scoring == "expected":

@@ -89,12 +89,22 @@ def gold_json(gold: dict[str, float]) -> str:
 
 
 class PreferenceEnv(DefaultHooks):
-    """Options: ``source`` (default: the shipped synthetic set), ``test_source``, ``subset`` (hub config),
-    ``size`` / ``test_size`` (first N pairs; None = all), ``on_invalid``, ``ties`` (skip | midpoint),
-    ``both_orders`` (add every pair swapped, against position bias), ``system`` (judge system prompt),
-    ``prompt_style`` (``rubric`` | ``compact``, see ``judge_format.judge_messages``).
+    """Training a GenRM: judge two responses, rewarded by closeness to the gold scores.
 
     The pairs' order is the dataset's: ``samples`` is the same for every seed.
+
+    Options:
+        source: preference data in the HelpSteer3 shape (context, response1, response2, overall_preference);
+            default: the shipped set
+        test_source: held-out pairs (None = the source's test split)
+        subset: hub dataset config
+        size: first N train pairs (None = all)
+        test_size: first N held-out pairs (None = all)
+        on_invalid: a bad row: skip (counted, logged) | error
+        ties: pairs without a preference: skip | midpoint
+        both_orders: add every pair swapped (against position bias)
+        system: judge system prompt (None = the built-in one)
+        prompt_style: rubric | compact | minimal (see judge_format.judge_messages)
     """
 
     name = "genrm_preference"
@@ -178,38 +188,46 @@ def preference_metrics(pairs: Sequence[PreferencePair], judgements: Sequence[Jud
                        both_orders: bool = False) -> dict[str, float]:
     """Judge quality on labelled pairs (for ``posttrain genrm eval``).
 
-    ``pairwise_accuracy`` over pairs whose label prefers a side (judge ties count 0.5), also per
-    pair category (``pairwise_accuracy/<category>``: the dataset's domain or generator category);
-    ``chance_accuracy`` (0.5, a coin flip) and ``first_side_accuracy`` (always answering
-    "response 1", which exposes position bias in the data) for reference; mean absolute error
-    per field; ``mean_reward`` / ``mean_raw_reward`` as the environment gives them. ``both_orders``
-    (pairs alternate pair, swapped pair) adds ``pairwise_accuracy_both_orders`` (each pair decided
-    by its two judgements together, see :func:`order_averaged_accuracy`).
+    ``pairwise_accuracy`` over the judgements that were readable, of pairs whose label prefers a side
+    (judge ties count 0.5), also per pair category (``pairwise_accuracy/<category>``: the dataset's
+    domain or generator category); absent when no judgement was readable: an unreadable verdict
+    decides nothing. ``n_judgements`` (one per pair and order), ``n_readable`` and ``n_decided`` (readable,
+    label with a side) say what the figure rests on. ``chance_accuracy`` (0.5, a coin flip) and
+    ``first_side_accuracy`` (always answering "response 1", which exposes position bias in the data)
+    for reference; mean absolute error per field; ``mean_reward`` / ``mean_raw_reward`` as the
+    environment gives them. ``both_orders`` (pairs alternate pair, swapped pair) adds
+    ``pairwise_accuracy_both_orders``: each pair decided by its two judgements together, as RLHF
+    with ``both_orders`` reads them -- an unreadable verdict is RLHF's neutral fallback there, so a
+    judge that cannot answer scores chance (0.5), the reward signal it would give
+    (see :func:`order_averaged_accuracy`).
     """
     if len(pairs) != len(judgements):
         raise ValueError(f"{len(pairs)} pairs but {len(judgements)} judgements")
     if not pairs:
         raise ValueError("preference_metrics needs at least one pair")
     graded = [grade(labels(p), j) for p, j in zip(pairs, judgements)]
-    decided = [g.pairwise_correct for g in graded if g.pairwise_correct is not None]
+    readable = [j.parsed for j in judgements]
+    decided = [g.pairwise_correct for g, ok in zip(graded, readable) if ok and g.pairwise_correct is not None]
     first = [float(preferred_side(p.ranking) == 1) for p in pairs if preferred_side(p.ranking) != 0]
     n = len(pairs)
     out: dict[str, float] = {
-        "n_pairs": float(n),
+        "n_judgements": float(n),
+        "n_readable": float(sum(readable)),
         "n_decided": float(len(decided)),
-        "pairwise_accuracy": sum(decided) / len(decided) if decided else 0.0,
         "chance_accuracy": 0.5,
         "first_side_accuracy": sum(first) / len(first) if first else 0.0,
-        "format_error_rate": sum(not j.parsed for j in judgements) / n,
+        "format_error_rate": sum(not ok for ok in readable) / n,
         "mean_reward": sum(g.reward for g in graded) / n,
         "mean_raw_reward": sum(g.raw_reward for g in graded) / n,
     }
+    if decided:
+        out["pairwise_accuracy"] = sum(decided) / len(decided)
     out.update({f"mae_{k}": sum(g.errors[k] for g in graded) / n for k in FIELDS})
     if both_orders:
         out["pairwise_accuracy_both_orders"] = order_averaged_accuracy(pairs, judgements)
     by_category: dict[str, list[float]] = {}
-    for pair, g in zip(pairs, graded):
-        if pair.category and g.pairwise_correct is not None:
+    for pair, g, ok in zip(pairs, graded, readable):
+        if pair.category and ok and g.pairwise_correct is not None:
             by_category.setdefault(pair.category, []).append(g.pairwise_correct)
     out.update({f"pairwise_accuracy/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
     return out

@@ -43,13 +43,13 @@ def train(cfg: GenRMTrainConfig, resume: bool = False) -> dict[str, float]:
 
 
 JUDGE_EVAL = "eval/genrm_judge/"
-CONSTANT = ("n_pairs", "n_decided", "chance_accuracy", "first_side_accuracy", "mean_raw_reward")  # same either side
+CONSTANT = ("n_pairs", "n_judgements", "chance_accuracy", "first_side_accuracy", "mean_raw_reward")  # same either side
 
 
 def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
     """``cfg.judge_eval`` of ``model`` into the run's metrics (``eval/genrm_judge/...``): at step 0 before
     training, at the last step after; skipped when a resumed run has it already."""
-    from posttrain.metrics import MetricsLogger
+    from posttrain.metrics import log_once
     from posttrain.report_data import last_step, logged_at
 
     step = 0 if before else last_step(cfg.run_dir)
@@ -61,14 +61,17 @@ def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:
         log.warning("judge_eval: no genrm_preference environment with test pairs; skipped")
         return
     metrics = judge_quality(judge_eval_config(cfg, model), pairs[: cfg.judge_eval.limit])
-    logger = MetricsLogger(cfg.run_dir, stage="genrm")
     shown = {k: v for k, v in metrics.items() if "/" not in k and k not in CONSTANT}
-    shown["prompts"] = shown.pop("pairs")  # judgements made (a count: the report leaves it out of before/after)
-    logger.log(step, {JUDGE_EVAL + k: v for k, v in shown.items()})
-    logger.close()
-    log.info("GenRM judge eval (%s, step %d): pairwise accuracy %.3f per judgement, %.3f both orders",
-             "before" if before else "after", step, metrics["pairwise_accuracy"],
+    shown["prompts"] = metrics["n_judgements"]  # judge calls made (a count: the report leaves it out of before/after)
+    log_once(cfg.run_dir, "genrm", step, {JUDGE_EVAL + k: v for k, v in shown.items()}, cfg.run.loggers)
+    log.info("GenRM judge eval (%s, step %d): %d of %d verdicts readable; pairwise accuracy %s per readable "
+             "verdict, %.3f both orders (as RLHF reads them)", "before" if before else "after", step,
+             metrics["n_readable"], metrics["n_judgements"], _figure(metrics.get("pairwise_accuracy")),
              metrics["pairwise_accuracy_both_orders"])
+
+
+def _figure(value: float | None) -> str:
+    return "n/a (no readable verdict)" if value is None else f"{value:.3f}"
 
 
 def judge_eval_config(cfg: GenRMTrainConfig, model: str) -> GenRMEvalConfig:
@@ -129,17 +132,34 @@ def judge_quality(cfg: GenRMEvalConfig, pairs: list[Any]) -> dict[str, float]:
     if cfg.scoring == "expected":
         generation = generation.model_copy(update={"top_logprobs": MAX_TOP_LOGPROBS})
     prompts = [judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style) for p in pairs]
-    engine = _judge_engine(cfg)
-    try:
-        groups = engine.generate(prompts, generation, n=1)
-    finally:
-        engine.shutdown()
-    judgements, expected_rate = judge_verdicts([call_of(g) for g in groups], cfg.scoring)
+    if cfg.judge is not None:
+        calls = _served_calls(cfg, generation, prompts)
+    else:
+        engine = _judge_engine(cfg)
+        try:
+            calls = [call_of(g) for g in engine.generate(prompts, generation, n=1)]
+        finally:
+            engine.shutdown()
+    judgements, expected_rate = judge_verdicts(calls, cfg.scoring)
     metrics: dict[str, Any] = preference_metrics(pairs, judgements, both_orders=cfg.both_orders)
-    metrics["pairs"] = float(len(pairs))
+    metrics["n_pairs"] = float(len(pairs) // 2 if cfg.both_orders else len(pairs))
+    metrics["failed_call_rate"] = sum(not c.ok for c in calls) / len(calls)
     if cfg.scoring == "expected":
         metrics["expected_values_rate"] = expected_rate
     return metrics
+
+
+def _served_calls(cfg: GenRMEvalConfig, generation: Any, prompts: list[Any]) -> list[Any]:
+    """The judge calls of a served judge (``cfg.judge``), probed first, sampling as ``generation`` says."""
+    from posttrain.genrm.openai_backend import OpenAIJudge
+
+    assert cfg.judge is not None
+    judge = cfg.judge.model_copy(update={
+        "temperature": generation.temperature, "top_p": generation.top_p, "max_tokens": generation.max_new_tokens,
+        "scoring": cfg.scoring, "seed": generation.seed, "prompt_style": cfg.prompt_style})
+    with OpenAIJudge(judge) as served:
+        served.probe()
+        return served.complete(prompts)
 
 
 def _judge_engine(cfg: GenRMEvalConfig) -> Any:

@@ -20,11 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 NAMESPACE = "posttrain"
 DEFAULT_TEMP_DIR = "/tmp/ray-posttrain"
+METRICS_REPORT_MS = 2000  # how often a private cluster's processes export metrics (Ray's default: 10 s)
 _SAVED_ENV: dict[str, str | None] = {}  # what _private_token_auth replaced, put back by shutdown_ray
 _TOKEN = secrets.token_hex(32)  # one per process: Ray's C++ side caches the token it first read
 
@@ -38,16 +41,19 @@ class ActorTimeoutError(TimeoutError):
 
 
 def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
-             namespace: str = NAMESPACE, dashboard: bool = False, metrics_export_port: int | None = None) -> str | None:
+             namespace: str = NAMESPACE, dashboard: bool = False, metrics_export_port: int | None = None,
+             run_dir: str | os.PathLike[str] | None = None) -> str | None:
     """Attach to ``address``/``RAY_ADDRESS`` or start a private local cluster; idempotent.
 
     Returns the dashboard URL when this call started or attached Ray and a dashboard runs.
 
     ``dashboard`` is off by default: it costs ~100 MiB and seconds of start-up that tests and
     benchmarks do not need; runs that want to watch named actors turn it on.
-    ``metrics_export_port`` (default ``$POSTTRAIN_METRICS_PORT``, else Ray's choice) fixes where
-    Ray serves Prometheus metrics, ours included (``ray_posttrain_*``): a Prometheus config or
-    ``curl http://127.0.0.1:PORT/metrics`` finds them there.
+    ``metrics_export_port`` (default ``$POSTTRAIN_METRICS_PORT``, else a free port) fixes where
+    Ray serves Prometheus metrics, ours included (``ray_posttrain_*``); the ``curl`` line that reads
+    them is logged. Ray's processes export every ``METRICS_REPORT_MS`` (Ray's own default is 10 s).
+    ``run_dir``: the run folder gets ``ray-session``, a link to this cluster's session folder (its
+    logs and Prometheus config), which a later run does not repoint as it does ``session_latest``.
     """
     import ray
 
@@ -65,12 +71,39 @@ def init_ray(*, address: str | None = None, temp_dir: str | None = None, num_cpu
     os.makedirs(temp_dir, exist_ok=True)
     # Ray 2.60 turns a loopback _node_ip_address into the host's own IP
     # (services.resolve_ip_for_localhost), so its ports listen there; keep the host firewalled.
-    port = metrics_export_port or int(os.environ.get("POSTTRAIN_METRICS_PORT", "0")) or None
+    port = metrics_export_port or int(os.environ.get("POSTTRAIN_METRICS_PORT", "0")) or free_port()
     # address="local": a new private cluster even when TEMP_DIR/ray_current_cluster names one that
     # `ray start` left there (ray.init() would try to join it, dead or alive); RAY_ADDRESS attaches.
-    return _url(ray.init(address="local", num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir,
-                         include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
-                         _metrics_export_port=port))
+    url = _url(ray.init(address="local", num_cpus=num_cpus, namespace=namespace, _temp_dir=temp_dir,
+                        include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                        _metrics_export_port=port, _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS}))
+    log.info("Ray dashboard: %s; metrics: curl -s http://127.0.0.1:%d/metrics | grep ray_posttrain_",
+             url or "off", port)
+    if run_dir is not None:
+        _link_session(Path(run_dir))
+    return url
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _link_session(run_dir: Path) -> None:
+    """``run_dir/ray-session`` -> this cluster's session folder (replaced atomically)."""
+    try:
+        import ray
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".ray-session.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(session)
+        os.replace(tmp, run_dir / "ray-session")
+    except Exception as exc:  # noqa: BLE001 - a convenience link never stops a run
+        log.debug("no ray-session link in %s: %s", run_dir, exc)
 
 
 def _private_token_auth() -> None:

@@ -20,5 +20,5 @@ def _rlvr(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("rlvr", help="GRPO on verifiable environments (vLLM rollouts, sandboxed verifiers)")
-    add_config_arguments(p, "configs/rlvr/smollm2_math.yaml")
+    add_config_arguments(p, "configs/rlvr/smollm2_math.yaml", ["run.steps=20", "train.lr=1e-6"], "rlvr")
     p.set_defaults(func=_rlvr)

@@ -12,14 +12,16 @@ from pydantic import Field, model_validator
 
 from posttrain.config import (
     JUDGE_S,
+    LOGGERS_HELP,
     TRAINER_CALL_S,
     Config,
     EpisodeConfig,
     GenerationConfig,
+    Logger,
     ModelConfig,
     RolloutConfig,
 )
-from posttrain.environments.registry import EnvConfig
+from posttrain.environments.registry import ENVIRONMENTS_HELP, EnvConfig
 from posttrain.training.config import FsdpConfig, LoraConfig
 
 Variant = Literal["nano", "grpo", "dr_grpo", "dapo"]
@@ -164,7 +166,11 @@ class RunConfig(Config):
     solved_filter: SolvedFilterConfig = Field(SolvedFilterConfig(), description=(
         "drop training prompts the starting policy always solves (k samples each) before step 1"))
     metrics_port: int | None = Field(None, ge=1, le=65535, description=(
-        "port of Ray's Prometheus metrics (ray_posttrain_*): curl http://127.0.0.1:PORT/metrics"))
+        "port of Ray's Prometheus metrics (ray_posttrain_*): curl http://127.0.0.1:PORT/metrics; None = a free "
+        "port, logged at start"))
+    loggers: list[Logger] = Field(default_factory=lambda: ["jsonl", "tensorboard"], description=LOGGERS_HELP)
+    dashboard: bool = Field(True, description=(
+        "start Ray's dashboard (127.0.0.1) with a local cluster; its URL is logged at start"))
     max_minutes: float | None = Field(None, gt=0, description="stop (and checkpoint) after this much wall time")
     log_samples: int = Field(4, ge=0, description=(
         "rollouts per step written as text (prompt, completion, reward) to RUN/samples.jsonl, TensorBoard and "
@@ -179,7 +185,8 @@ class RLVRConfig(Config):
 
     model: ModelConfig = ModelConfig()
     init_from: str | None = Field(None, description="start from this checkpoint folder instead of model.name")
-    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="math")])
+    environments: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(name="math")],
+                                          description=ENVIRONMENTS_HELP)
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=8)
     generation: GenerationConfig = GenerationConfig(temperature=1.0, max_new_tokens=256)
     algorithm: AlgorithmConfig = AlgorithmConfig()

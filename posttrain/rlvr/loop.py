@@ -67,20 +67,20 @@ def main(cfg: RLVRConfig, resume: bool = False, stage: str = "rlvr") -> dict[str
     if not resume and latest_checkpoint(cfg.run_dir) is not None:
         raise ConfigError(f"run_dir {cfg.run_dir!r} already holds checkpoints: pass --resume to continue "
                           "that run, or choose another run_dir")
-    write_resolved(cfg, cfg.run_dir)
     log.info(_describe_algorithm(cfg))
     with opened(cfg.environments) as envs:  # closed when the stage ends, also on error
+        write_resolved(cfg, cfg.run_dir)  # after the environments load: a bad option leaves no run folder
         return _run(cfg, envs, resume, stage)
 
 
 def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str) -> dict[str, float]:
     sampler = _make_sampler(cfg, envs)  # validates every dataset before any actor starts
     actors = StageActors(cfg, envs, stage)
-    cluster.init_ray(metrics_export_port=cfg.run.metrics_port, num_cpus=local_cpus(actors.roles))
-    if cfg.run.metrics_port:
-        log.info("metrics: curl http://127.0.0.1:%d/metrics | grep ray_posttrain_", cfg.run.metrics_port)
+    cluster.init_ray(metrics_export_port=cfg.run.metrics_port, num_cpus=local_cpus(actors.roles),
+                     dashboard=cfg.run.dashboard, run_dir=cfg.run_dir)
     last: dict[str, float] = {}
-    with actors, closing(MetricsLogger(cfg.run_dir, stage=stage)) as metrics_log:
+    metrics_logger = MetricsLogger(cfg.run_dir, stage=stage, loggers=cfg.run.loggers, config=cfg.model_dump(mode="json"))
+    with actors, closing(metrics_logger) as metrics_log:
         trainer, engines = actors.trainer, actors.engines
         assert trainer is not None and engines is not None
         start_step = _restore(cfg, trainer, engines, sampler, envs, resume)

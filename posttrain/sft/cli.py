@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from posttrain.config import describe, load_config, to_yaml
+from posttrain.config import load_config
 from posttrain.sft.config import SFTConfig
+from posttrain.stage_cli import add_config_arguments, overrides_of, run_config_command
 
 
 def _load(args: argparse.Namespace, overrides: list[str]) -> SFTConfig:
@@ -70,21 +71,20 @@ def _memory_plan(cfg: SFTConfig, args: argparse.Namespace) -> str:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if overrides and overrides[0] == "preview":
-        return _preview(args, overrides[1:])
-    if overrides and overrides[0] == "keys":
-        print("\n".join(describe(SFTConfig)))
-        return 0
-    cfg = _load(args, overrides)
-    if args.dry_run:
-        print(to_yaml(cfg), end="")
-        print(_memory_plan(cfg, args))
-        return 0
-    from posttrain.sft.train import train
+    def call(cfg: SFTConfig) -> None:
+        from posttrain.sft.train import train
 
-    print(train(cfg, resume=args.resume, stop_after=args.stop_after))
-    return 0
+        print(train(cfg, resume=args.resume, stop_after=args.stop_after))
+
+    if args.dry_run and args.overrides[:1] != ["keys"]:  # the resolved config, then the memory plan
+        run_config_command(SFTConfig, args, call)
+        print(_memory_plan(load_config(SFTConfig, args.config, overrides_of(args)), args))
+        return 0
+    return run_config_command(SFTConfig, args, call)
+
+
+def _preview_command(args: argparse.Namespace) -> int:
+    return _preview(args, overrides_of(args))
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -93,17 +93,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="posttrain sft [--config F] [key=value ...]: train. "
                     "posttrain sft preview [--config F] [key=value ...] [-n N] [--mode off|cut|full|plain]: "
                     "rendered samples with the loss mask. posttrain sft keys: every config key.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
-    p.add_argument("--config", help="YAML preset, e.g. configs/sft/smollm2_reasoning.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the per-rank memory plan, and stop")
+    add_config_arguments(p, "configs/sft/smollm2_reasoning.yaml", ["train.lr=1e-5", "data.limit=100"], "sft")
     p.add_argument("--world", type=int, metavar="N", help=(
         "dry-run: processes the memory plan assumes (default: $WORLD_SIZE or 1), e.g. 32 for 4 nodes x 8 GPUs"))
     p.add_argument("--device-memory", metavar="SIZE", help=(
         "dry-run: memory per device, e.g. 80GB or 141GiB: the plan says whether a rank fits"))
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
     p.add_argument("--stop-after", type=int, metavar="STEP", help=(
         "end after this step's checkpoint, as a preempted run would (resume drills, tests)"))
-    p.add_argument("-n", "--num", type=int, default=3, help="preview: samples to show")
-    p.add_argument("--mode", choices=("full", "off", "cut", "plain"), help="preview: only this transform")
-    p.add_argument("--plain", action="store_true", help="preview: mark loss spans with [[ ]] even on a terminal")
     p.set_defaults(func=_sft)
+    # `posttrain sft preview ...` is routed here by posttrain.cli (PREFIXED), so its --help is its own
+    v = subparsers.add_parser("sft-preview", prog="posttrain sft preview", help=argparse.SUPPRESS,
+                              description="rendered SFT samples after the reasoning-budget transforms, "
+                                          "loss-carrying tokens highlighted")
+    add_config_arguments(v, "configs/sft/smollm2_reasoning.yaml", ["data.limit=20", "data.reasoning_off_share=0.5"],
+                         "sft", resume=False, dry_run=False)
+    v.add_argument("-n", "--num", type=int, default=3, help="samples to show")
+    v.add_argument("--mode", choices=("full", "off", "cut", "plain"), help="only this transform")
+    v.add_argument("--plain", action="store_true", help="mark loss spans with [[ ]] even on a terminal")
+    v.set_defaults(func=_preview_command)

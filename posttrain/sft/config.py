@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import Config, ModelConfig
+from posttrain.config import LOGGERS_HELP, Config, Logger, ModelConfig
 from posttrain.training.config import FsdpConfig, LoraConfig
 
 
@@ -84,3 +84,4 @@ class SFTConfig(Config):
     lora: LoraConfig = LoraConfig()
     run_dir: str = Field("runs/sft", description="run folder: config, TensorBoard events, checkpoints, final model")
     progress: bool = Field(True, description="show a progress bar")
+    loggers: list[Logger] = Field(default_factory=lambda: ["jsonl", "tensorboard"], description=LOGGERS_HELP)

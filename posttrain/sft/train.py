@@ -153,7 +153,8 @@ def _loop(model: Any, optimizer: Any, scheduler: Any, steps: list[Step], samples
           stop_after: int | None) -> None:
     from tqdm import tqdm
 
-    metrics = MetricsLogger(cfg.run_dir, stage="sft") if d.main else None  # metrics.jsonl + TensorBoard + Ray
+    metrics = MetricsLogger(cfg.run_dir, stage="sft", loggers=cfg.loggers, config=cfg.model_dump(mode="json")) \
+        if d.main else None  # metrics.jsonl + TensorBoard + Ray
     bar = tqdm(total=len(steps), initial=start, desc="sft", unit="step", disable=not (d.main and cfg.progress))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seen = 0

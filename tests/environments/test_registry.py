@@ -18,7 +18,11 @@ from posttrain.environments.base import Sample, Score
 
 
 class EchoEnv:
-    """Reward 1 when the answer repeats the word the prompt asks for."""
+    """Reward 1 when the answer repeats the word the prompt asks for.
+
+    Options:
+        word: the word to repeat
+    """
 
     name = "echo"
 

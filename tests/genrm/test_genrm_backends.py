@@ -321,3 +321,101 @@ def test_summarize_empty_batch_is_all_zero():
     metrics = summarize([])
     assert metrics["genrm/calls"] == 0.0 and metrics["genrm/call_seconds_mean"] == 0.0
     assert not any(k.startswith("genrm/errors/") for k in metrics)
+
+
+# --------------------------------------------------------------------------- a judge that is down is loud
+
+
+def _refused_url() -> str:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_probe_names_the_url_and_the_cause():
+    from posttrain.errors import ServiceError
+
+    url = _refused_url()
+    with OpenAIJudge(JudgeConfig(backend="openai", base_url=url, max_retries=1, retry_backoff_s=0.01)) as judge:
+        with pytest.raises(ServiceError, match=rf"the judge at {url} does not answer \(connection, after 2 "
+                                               r"attempt\(s\)\).*Is the server up"):
+            judge.probe()
+
+
+def test_probe_passes_on_a_live_server_with_one_one_token_request(server):
+    with _judge(server, model=None) as judge:
+        judge.probe()
+    assert [b["max_tokens"] for b in server.bodies] == [1] and server.bodies[0]["model"] == "served-genrm"
+
+
+def test_the_rlhf_environment_refuses_to_start_against_a_down_judge():
+    from posttrain.environments.base import StageResources
+    from posttrain.environments.registry import load_environment
+    from posttrain.errors import ServiceError
+
+    url = _refused_url()
+    env = load_environment("genrm", judge={"backend": "openai", "base_url": url, "max_retries": 0})
+    with pytest.raises(ServiceError, match=url):
+        env.start(StageResources())
+    env.close()
+
+
+class DownJudge:
+    """A judge backend that answers nothing (every call a connection failure), or everything when ``up``."""
+
+    def __init__(self) -> None:
+        self.up = False
+
+    def complete(self, batch):
+        if self.up:
+            return [JudgeCall('{"score_1": 4, "score_2": 2, "ranking": 2}', None, 1, 0.0) for _ in batch]
+        return [JudgeCall(None, "connection", 4, 0.0, "ConnectionRefusedError") for _ in batch]
+
+    def close(self) -> None: ...
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state) -> None: ...
+
+
+def test_consecutive_failed_steps_stop_the_run_and_a_good_step_resets_the_count(caplog):
+    from posttrain.environments.base import Completion, score_groups_safely
+    from posttrain.errors import ServiceError
+    from posttrain.genrm.environment import GenRMEnv
+
+    backend = DownJudge()
+    env = GenRMEnv(backend=backend, size=2, max_failed_steps=2, judge={"model": "x"})
+    sample = env.samples("train", 0)[0]
+    groups = [[Completion("a"), Completion("b")]]
+
+    def step():
+        return asyncio.run(score_groups_safely(env, [sample], groups, timeout=10))
+
+    scores = step()  # first failed step: warned, nothing trained (infra), run goes on
+    assert [s.kind.value for s in scores[0]] == ["infra", "infra"]
+    assert "every judge call of this step failed (1 calls: connection x1; judge: engines genrm-* (x))" in caplog.text
+    backend.up = True
+    assert [s.kind.value for s in step()[0]] == ["ok", "ok"]  # the judge came back: count reset
+    backend.up = False
+    step()
+    with pytest.raises(ServiceError, match=r"2 such step\(s\) in a row.*Stopped after 2 \(genrm option max_failed_steps\)"):
+        step()
+    warn_only = GenRMEnv(backend=DownJudge(), size=2, max_failed_steps=None, judge={"model": "x"})
+    for _ in range(4):
+        asyncio.run(score_groups_safely(warn_only, [sample], groups, timeout=10))
+
+
+def test_genrm_eval_of_a_served_judge_counts_what_it_counts(server, capsys):
+    from posttrain.cli import main
+
+    assert main(["genrm", "eval", "limit=3", f"judge.base_url={server.url}", "judge.backend=openai",
+                 "judge.retry_backoff_s=0.01"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["n_pairs"], out["n_judgements"], out["n_readable"], out["failed_call_rate"]) == (3, 6, 0, 0.0)
+    assert out["format_error_rate"] == 1.0 and "pairwise_accuracy" not in out  # nothing readable: no figure
+    assert server.bodies[0]["max_tokens"] == 1 and server.bodies[1]["temperature"] == 0.0  # probe, then greedy
+    url = _refused_url()
+    assert main(["genrm", "eval", "limit=1", f"judge.base_url={url}", "judge.backend=openai",
+                 "judge.max_retries=0"]) == 2
+    assert f"the judge at {url} does not answer" in capsys.readouterr().err

@@ -168,17 +168,19 @@ def test_preference_metrics_by_hand():
     judgements = [parse_judgement('{"score_1": 5, "score_2": 1, "ranking": 2}'), FALLBACK,
                   Judgement(4.0, 3.0, 3.0, parsed=True)]
     m = preference_metrics(pairs, judgements)
-    assert m["n_pairs"] == 3 and m["n_decided"] == 2
-    assert m["pairwise_accuracy"] == 0.75  # right side (1) and the fallback's tie (0.5); "c" is a tied label
+    assert (m["n_judgements"], m["n_readable"], m["n_decided"]) == (3, 2, 1)
+    assert m["pairwise_accuracy"] == 1.0  # "a": the right side; "b" unreadable decides nothing; "c" is a tied label
     assert m["chance_accuracy"] == 0.5 and m["first_side_accuracy"] == 0.5
     assert m["format_error_rate"] == pytest.approx(1 / 3)
     assert m["mae_score_1"] == pytest.approx(2 / 3) and m["mae_score_2"] == pytest.approx(1 / 3)
     assert m["mae_ranking"] == pytest.approx(1.0)  # (1 + 1.5 + 0.5) / 3
     assert m["mean_raw_reward"] == pytest.approx(-8.5)  # (-1 - 23 - 1.5) / 3
     assert m["mean_reward"] == pytest.approx(14.5 / 23)  # (22/23 + 0 + 21.5/23) / 3
-    assert (m["pairwise_accuracy/math"], m["pairwise_accuracy/code"]) == (1.0, 0.5)  # "c" (a tie) left out
+    assert m["pairwise_accuracy/math"] == 1.0 and "pairwise_accuracy/code" not in m  # "c" (a tie) left out
     with pytest.raises(ValueError, match="3 pairs but 2 judgements"):
         preference_metrics(pairs, judgements[:2])
+    unreadable = preference_metrics(pairs[:2], [FALLBACK, FALLBACK])
+    assert "pairwise_accuracy" not in unreadable and unreadable["format_error_rate"] == 1.0  # no figure from nothing
 
 
 def test_environment_options():

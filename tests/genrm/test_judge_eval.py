@@ -17,7 +17,8 @@ def judged(monkeypatch):
 
     def fake_quality(cfg, pairs):
         calls.append((cfg, pairs))
-        return {"pairwise_accuracy": 0.5, "pairwise_accuracy_both_orders": 0.6, "pairs": 2.0 * len(pairs),
+        return {"pairwise_accuracy": 0.5, "pairwise_accuracy_both_orders": 0.6, "n_pairs": float(len(pairs)),
+                "n_judgements": 2.0 * len(pairs), "n_readable": 2.0 * len(pairs),
                 "pairwise_accuracy/helpfulness": 0.7}
 
     monkeypatch.setattr(genrm_train, "judge_quality", fake_quality)
