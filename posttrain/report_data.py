@@ -141,8 +141,11 @@ def eval_keys(stage: Stage) -> list[str]:
 
 
 def before_after(stage: Stage, key: str) -> dict[str, float | int | None]:
-    """First logged value (before training) and last (after); no "after" when logged only once."""
+    """First logged value (before training, at step 0) and last (after). Logged once, it is "before" at
+    step 0 and "after" later (a figure the starting model had none of, e.g. accuracy over readable verdicts)."""
     steps, values = stage.series(key)
+    if len(steps) == 1 and steps[0] > 0:
+        return {"before": None, "after": values[0], "delta": None, "before_step": None, "after_step": steps[0]}
     after = values[-1] if len(steps) > 1 else None
     return {"before": values[0], "after": after, "delta": None if after is None else after - values[0],
             "before_step": steps[0], "after_step": steps[-1] if after is not None else None}

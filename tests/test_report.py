@@ -152,6 +152,18 @@ def test_stage_with_only_eval_rows(tmp_path):
     assert [p.name for p in images(index)] == ["eval.png"]
 
 
+def test_a_figure_logged_only_after_training_is_an_after_value(tmp_path):
+    """The starting judge wrote nothing readable, so it has no per-verdict accuracy; the trained one has."""
+    write_stage(tmp_path / "genrm", [
+        {"stage": "genrm", "step": 0, "time": 1.0, "eval/genrm_judge/format_error_rate": 1.0},
+        {"stage": "genrm", "step": 4, "time": 9.0, "eval/genrm_judge/format_error_rate": 0.0,
+         "eval/genrm_judge/pairwise_accuracy": 0.6}])
+    table = summary(tmp_path)["stages"]["genrm"]["eval"]
+    assert table["eval/genrm_judge/pairwise_accuracy"] == {"before": None, "after": 0.6, "delta": None,
+                                                           "before_step": None, "after_step": 4}
+    assert table["eval/genrm_judge/format_error_rate"]["delta"] == -1.0
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_report(tmp_path):
     write_stage(tmp_path / "rlvr", RLVR_ROWS)
     precious = tmp_path / "data"

@@ -90,11 +90,11 @@ class InstructionEnv(DefaultHooks):
     """Instructions with checkable constraints (word counts, keywords, case, format).
 
     Options:
-        source: dataset (JSONL/Parquet file, folder or hub id); None = the built-in generator
-        size: generator train prompts
-        test_size: generator held-out prompts
+        source: IFEval-shaped rows (prompt, instruction_id_list, kwargs), e.g. google/IFEval; None = generated
+        size: generated train tasks
+        test_size: generated held-out tasks
         limit: first N rows of source (None = all)
-        on_invalid: a bad row of source: skip (counted, logged) | error
+        on_invalid: a row with an unknown or malformed constraint: skip (counted, logged) | error
         system: system prompt added to every sample (None = none)
     """
 

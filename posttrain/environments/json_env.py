@@ -72,11 +72,11 @@ class JsonSchemaEnv(DefaultHooks):
     """Answers that must be JSON valid under a given JSON schema (checked with jsonschema).
 
     Options:
-        source: dataset (JSONL/Parquet file, folder or hub id); None = the built-in generator
-        size: generator train prompts
-        test_size: generator held-out prompts
+        source: rows with schema and prompt, e.g. NousResearch/json-mode-eval; None = generated schemas
+        size: generated train schemas
+        test_size: generated held-out schemas
         limit: first N rows of source (None = all)
-        on_invalid: a bad row of source: skip (counted, logged) | error
+        on_invalid: a row without a usable schema or prompt: skip (counted, logged) | error
         system: system prompt added to every sample (None = none)
     """
 

@@ -39,6 +39,24 @@ def test_rlhf_step_with_a_local_genrm_mixed_with_math(tmp_path, tiny_llama_dir):
     assert rows[-1]["stage"] == "rlhf" and rows[-1]["step"] == 1
 
 
+def test_rlhf_against_a_judge_server_that_is_down_exits_2_naming_it(tmp_path, tiny_llama_dir, capsys):
+    """Before: exit 0 after 35 s, every reward 0.5, nothing trained. Now: the probe fails before any
+    engine starts or step runs."""
+    import socket
+
+    from posttrain.cli import main
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    code = main(["rlhf", "--config", str(CONFIGS / "rlhf" / "tiny_smoke.yaml"), f"run_dir={tmp_path}", "run.dashboard=false",
+                 "environments=[{name: genrm, options: {size: 4, judge: {backend: openai, base_url: " + url
+                 + ", max_retries: 1, retry_backoff_s: 0.01}}}]"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"the judge at {url} does not answer (connection" in err
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
+
+
 @pytest.mark.slow
 def test_genrm_train_warmup_then_rl(tmp_path, tiny_llama_dir):
     from posttrain.genrm.train import train
@@ -54,7 +72,8 @@ def test_genrm_train_warmup_then_rl(tmp_path, tiny_llama_dir):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     judged = [r for r in rows if "eval/genrm_judge/pairwise_accuracy_both_orders" in r]
     assert [r["step"] for r in judged] == [0, 1]
-    assert all(r["eval/genrm_judge/prompts"] == 8 and 0 <= r["eval/genrm_judge/pairwise_accuracy"] <= 1 for r in judged)
+    assert all(r["eval/genrm_judge/prompts"] == 8 and 0 <= r["eval/genrm_judge/pairwise_accuracy_both_orders"] <= 1
+               for r in judged)
     train(cfg, resume=True)  # a finished stage run again judges nothing twice
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "eval/genrm_judge/prompts" in r]) == 2
