@@ -317,18 +317,22 @@ def write_resolved(cfg: Config, run_dir: str | os.PathLike[str], name: str = "co
     return target
 
 
-def describe(cls: type[BaseModel], prefix: str = "", helps: dict[str, str] | None = None) -> list[str]:
+def describe(cls: type[BaseModel], prefix: str = "", helps: dict[str, str] | None = None,
+             defaults: BaseModel | None = None) -> list[str]:
     """One line per leaf field: ``key: type = default  # help`` (for ``keys`` and ``env show``); a
-    required field shows no default. ``helps`` supplies help for fields without a description."""
+    required field shows no default. A section's defaults are those of the section as its parent
+    sets it (``generation.max_new_tokens`` of ``genrm eval`` is 96, not GenerationConfig's 256): what
+    runs. ``helps`` supplies help for fields without a description."""
     lines = []
     for name, field in cls.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
+        value = getattr(defaults, name) if defaults is not None else \
+            None if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(ann, type) and issubclass(ann, Config):
-            lines.extend(describe(ann, key + "."))
+            lines.extend(describe(ann, key + ".", defaults=value if isinstance(value, ann) else None))
             continue
-        default = "" if field.is_required() else \
-            f" = {json.dumps(field.get_default(call_default_factory=True), default=_plain)}"
+        default = "" if field.is_required() else f" = {json.dumps(value, default=_plain)}"
         help_text = field.description or (helps or {}).get(name)
         lines.append(f"{key}: {type_name(ann)}{default}" + (f"  # {help_text}" if help_text else ""))
     return lines

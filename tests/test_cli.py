@@ -196,3 +196,25 @@ def test_third_party_request_logs_are_warnings_unless_verbose(capsys):
 
     main(["config", "chat"])
     assert logging.getLogger("httpx").level == logging.WARNING
+
+
+def test_keys_show_the_defaults_that_run():
+    """Every `posttrain config COMMAND` line's default is the value that command's config really has
+    (a section's own defaults, not its class's: genrm eval generates 96 tokens, not 256)."""
+    import json
+
+    from posttrain.config import describe, load_config
+    from posttrain.stage_cli import CONFIGS, config_class
+
+    for command in CONFIGS:
+        cls = config_class(command)
+        resolved = load_config(cls, None, []).model_dump(mode="json")
+        for line in describe(cls):
+            key, _, rest = line.partition(": ")
+            if " = " not in rest.split("  # ")[0]:
+                continue  # required, no default
+            shown = json.loads(rest.split("  # ")[0].split(" = ", 1)[1])
+            value = resolved
+            for part in key.split("."):
+                value = value[part]
+            assert shown == value, (command, key, shown, value)
