@@ -163,6 +163,10 @@ class RunConfig(Config):
     score_concurrency: int = Field(8, ge=1, description="completions scored at once")
     score_timeout_s: float = Field(60.0, gt=0.0, description="per-completion scoring limit")
     curriculum: bool = Field(False, description="easy -> hard by measured pass rate within each environment")
+    refill_rounds: int = Field(0, ge=0, description=(
+        "dynamic sampling (DAPO), bounded: while fewer than prompts_per_step groups have differing rewards, draw "
+        "prompts_per_step more prompts and roll them out, at most this many extra rounds per step; the step then "
+        "trains the first prompts_per_step such groups. 0 = off"))
     solved_filter: SolvedFilterConfig = Field(SolvedFilterConfig(), description=(
         "drop training prompts the starting policy always solves (k samples each) before step 1"))
     metrics_port: int | None = Field(None, ge=1, le=65535, description=(

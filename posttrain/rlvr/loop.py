@@ -49,7 +49,7 @@ from posttrain.rlvr.batch import build_batch
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.evaluate import evaluate_modes
 from posttrain.rlvr.policy_loss import overlong_mask
-from posttrain.rlvr.scoring import play_and_score
+from posttrain.rlvr.scoring import Played, play_and_score
 from posttrain.rlvr.solved_filter import drop_solved
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.types import Rollout
@@ -133,8 +133,18 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     gen = cfg.generation.model_copy(update={"seed": cfg.generation.seed + 1_000_003 * (step + 1)})
     # single-turn prompts: generate [gen] then score [score]; multi-turn ones play episodes that
     # their environment scores as they end [gen]
-    played = play_and_score(envs, drawn, engines, gen, n, cfg.episodes, concurrency=cfg.run.score_concurrency,
-                            timeout=cfg.run.score_timeout_s, group_timeout=cfg.timeouts.judge_s, timer=timer)
+
+    def play(prompts: Sequence[tuple[str, Sample]], round_: int) -> Played:
+        sampling = gen if round_ == 0 else gen.model_copy(update={"seed": gen.seed + 7919 * round_})
+        return play_and_score(envs, prompts, engines, sampling, n, cfg.episodes, concurrency=cfg.run.score_concurrency,
+                              timeout=cfg.run.score_timeout_s, group_timeout=cfg.timeouts.judge_s, timer=timer)
+
+    played = play(drawn, 0)
+    rounds = 1
+    while rounds <= cfg.run.refill_rounds and informative_groups(played.scores, n) < cfg.run.prompts_per_step:
+        more = sampler.next_batch(cfg.run.prompts_per_step)  # DAPO's dynamic sampling, bounded by refill_rounds
+        played, drawn = played.then(play(more, rounds)), [*drawn, *more]
+        rounds += 1
     rollouts = [r for group in played.groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
     scores = played.scores
     if samples is not None:
@@ -147,6 +157,8 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
         keep &= overlong_mask([r.finish_reason for r in rollouts]).bool()
     keep &= torch.tensor([s.kind.trained for s in scores])  # infra failures say nothing about the completion
     keep &= torch.tensor([r.model_tokens > 0 for r in rollouts])  # an episode that failed before its first turn
+    if rounds > 1:  # refilled: train at most prompts_per_step informative groups, the earliest drawn
+        keep &= first_groups(keep, n, cfg.run.prompts_per_step)
     # Only rollouts that carry gradient go to the trainer: a dropped one would still cost a
     # forward and backward pass (most groups are all-0 or all-1 early and late in training).
     kept = [i for i in range(len(rollouts)) if keep[i]]
@@ -166,10 +178,24 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
         metrics["sync/max_abs_logprob_diff"] = sync.max_abs_logprob_diff
         metrics["sync/seconds"] = sync.seconds
     metrics["rollout/engine_restarts"] = float(engines.restarts)
+    metrics["rollout/rounds"] = float(rounds)
     gen_tokens = sum(r.model_tokens for r in rollouts)
     metrics["rollout/gen_tokens"] = float(gen_tokens)
     metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timer.seconds["time/gen_s"], 1e-9)
     return metrics
+
+
+def informative_groups(scores: Sequence[Score], n: int) -> int:
+    """Groups whose rewards differ (the ones GRPO can learn from)."""
+    rewards = [s.reward for s in scores]
+    return sum(len(set(rewards[i:i + n])) > 1 for i in range(0, len(rewards), n))
+
+
+def first_groups(keep: torch.Tensor, n: int, limit: int) -> torch.Tensor:
+    """``keep`` limited to its first ``limit`` groups that keep any rollout (whole groups)."""
+    groups = keep.view(-1, n).any(dim=1)
+    chosen = groups & (groups.cumsum(0) <= limit)
+    return chosen.repeat_interleave(n)
 
 
 def run_progress(cfg: RLVRConfig, step: int, elapsed_s: float) -> float:

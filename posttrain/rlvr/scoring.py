@@ -41,6 +41,18 @@ class Played:
     scores: list[Score]  # flat, prompt-major: group i = scores[i*n:(i+1)*n]
     metrics: dict[str, float]  # per multi-turn environment: env/<name>/turns_mean, tool calls, errors
 
+    def then(self, more: Played) -> Played:
+        """This step's rollouts followed by ``more`` (a refill round): positions continue, metrics
+        present in both are averaged weighted by their groups."""
+        for k, group in enumerate(more.groups, start=len(self.groups)):
+            for r in group:
+                r.prompt_index = k
+        a, b = len(self.groups), len(more.groups)
+        metrics = {**self.metrics, **more.metrics}
+        for key in self.metrics.keys() & more.metrics.keys():
+            metrics[key] = (self.metrics[key] * a + more.metrics[key] * b) / (a + b)
+        return Played(self.groups + more.groups, self.scores + more.scores, metrics)
+
 
 def play_and_score(envs: dict[str, Environment], drawn: Sequence[tuple[str, Sample]], engines: Any,
                    gen: GenerationConfig, n: int, episodes: EpisodeConfig, *, concurrency: int, timeout: float,

@@ -264,3 +264,57 @@ def test_a_step_writes_its_samples_as_text(tmp_path):
     rl_step(cfg, 5, _make_sampler(cfg, envs), envs, OneRolloutPerSample(), trainer=None,
             samples=SampleLog(tmp_path, 0, lambda *a: texts.append(a)))
     assert len(read_rows(tmp_path)) == 2 and len(texts) == 1
+
+
+class QuarterInformativeEnv:
+    """Rollout 'a' solves prompts whose number is a multiple of 4, nothing solves the others: one
+    prompt in four gives a group whose rewards differ (with rollouts alternating 'a', 'b')."""
+
+    name = "quarter"
+
+    def samples(self, split, seed):
+        return [Sample(f"{split}/{i}", [{"role": "user", "content": str(i)}]) for i in range(64)]
+
+    async def score(self, sample, completion):
+        return Score(float(int(sample.id.rsplit("/", 1)[1]) % 4 == 0 and completion == "a"))
+
+
+class AlternatingRollouts(SyncingRollouts):
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, gen, n):
+        self.calls.append((len(prompts), gen.seed))
+        return [[Rollout(prompt_index=p, sample_index=i, prompt_ids=[1], token_ids=[2], logprobs=[0.0],
+                         text="ab"[i % 2], finish_reason="stop", reasoning=None, answer="ab"[i % 2],
+                         reasoning_closed=True, reasoning_tokens=0) for i in range(n)] for p in range(len(prompts))]
+
+
+@pytest.mark.parametrize("refill_rounds", [0, 3])
+def test_refill_rounds_draw_more_prompts_until_the_step_has_informative_groups(tmp_path, refill_rounds):
+    from posttrain.rlvr.loop import _make_sampler, rl_step
+
+    cfg = config(tmp_path, 1).model_copy(update={"environments": [EnvConfig(name="quarter")]})
+    cfg.run.prompts_per_step, cfg.run.refill_rounds, cfg.rollout.samples_per_prompt = 4, refill_rounds, 2
+    envs, trainer, engines = {"quarter": QuarterInformativeEnv()}, RecordingTrainer(), AlternatingRollouts()
+    sampler = _make_sampler(cfg, envs)
+    metrics = rl_step(cfg, 0, sampler, envs, engines, trainer)
+    rounds = int(metrics["rollout/rounds"])
+    assert rounds > 1 or refill_rounds == 0  # this seed draws too few informative prompts at first
+    assert len(engines.calls) == rounds and all(size == 4 for size, _ in engines.calls)
+    assert len({seed for _, seed in engines.calls}) == rounds  # every round samples afresh
+    informative = 4 * rounds - metrics["rollout/zero_variance_groups"]
+    if refill_rounds == 0:
+        assert rounds == 1
+    else:  # it stopped as soon as 4 groups differed, or after 1 + 3 rounds
+        assert 1 <= rounds <= 4 and (informative >= 4 or rounds == 4)
+    assert trainer.trained == 2 * min(informative, 4)  # at most prompts_per_step groups train
+
+
+def test_informative_and_first_groups():
+    from posttrain.rlvr.loop import first_groups, informative_groups
+
+    scores = [Score(r) for r in (1, 1, 0, 1, 0, 0, 1, 0)]
+    assert informative_groups(scores, 2) == 2
+    keep = torch.tensor([True, True, False, False, True, True, True, True])
+    assert first_groups(keep, 2, 2).tolist() == [True, True, False, False, True, True, False, False]
