@@ -26,6 +26,7 @@ CONFIGS: dict[str, str] = {
     "genrm eval": "posttrain.genrm.config:GenRMEvalConfig",
     "pipeline": "posttrain.pipeline:PipelineConfig",
     "eval": "posttrain.held_out:EvalConfig",
+    "dpo": "posttrain.preference.config:DPOStageConfig",
 }
 
 

@@ -90,7 +90,7 @@ def find_class(name: str) -> Callable[..., Environment]:
         target = name
     module_name, _, attr = target.partition(":")
     try:
-        module = _import_module(module_name)
+        module = import_user_module(module_name)
     except ImportError as exc:
         raise EnvironmentLoadError(f"environment {name!r}: cannot import {module_name!r}: {exc}") from exc
     try:
@@ -99,7 +99,7 @@ def find_class(name: str) -> Callable[..., Environment]:
         raise EnvironmentLoadError(f"environment {name!r}: {module_name!r} has no attribute {attr!r}") from None
 
 
-def _import_module(module_name: str) -> types.ModuleType:
+def import_user_module(module_name: str) -> types.ModuleType:
     """``module_name`` imported; not found on the path, then from the current folder, as ``python -m``
     finds it (also for the Ray workers started later: the folder goes on ``PYTHONPATH`` too)."""
     try:

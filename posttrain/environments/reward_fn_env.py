@@ -60,14 +60,14 @@ class _Reward:
 
 
 def _load_reward(spec: str | dict[str, Any] | RewardSpec) -> _Reward:
-    from posttrain.environments.registry import _import_module
+    from posttrain.environments.registry import import_user_module
 
     spec = RewardSpec.model_validate(spec)
     module_name, sep, attr = spec.function.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"reward {spec.function!r} must be module:function, e.g. my_rewards:exact_match")
     try:
-        func = getattr(_import_module(module_name), attr)
+        func = getattr(import_user_module(module_name), attr)
     except ImportError as exc:
         raise EnvironmentLoadError(f"reward {spec.function!r}: cannot import {module_name!r}: {exc}") from exc
     except AttributeError:

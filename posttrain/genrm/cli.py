@@ -39,8 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("rlhf", help="RL against a GenRM (circular pairwise judging), optionally mixed with RLVR envs")
-    add_config_arguments(p, "configs/rlhf/smollm2_genrm.yaml", ["run.steps=20", "environments.genrm.options.judge.model=M"],
-                         "rlhf")
+    add_config_arguments(p, "configs/rlhf/smollm2_genrm.yaml",
+                         ["run.steps=20", "environments.genrm.options.judge.model=M"], "rlhf")
     p.set_defaults(func=_rlhf)
     g = sub.add_parser("genrm", help="train or evaluate a generative reward model")
     gsub = g.add_subparsers(dest="genrm_command", required=True)

@@ -70,7 +70,8 @@ class GenRMEvalConfig(Config):
     split: str = "test"
     limit: int | None = Field(None, ge=1, description="pairs evaluated (None = all)")
     both_orders: bool = Field(True, description="judge every pair in both orders (cancels position bias)")
-    prompt_style: PromptStyle = Field("rubric", description="judge prompt the GenRM was trained with: rubric | compact | minimal")
+    prompt_style: PromptStyle = Field("rubric", description=(
+        "judge prompt the GenRM was trained with: rubric | compact | minimal"))
     scoring: Scoring = Field("generate", description=(
         "generate = the written values; expected = each written integer replaced by its expectation under "
         f"the judge's top-{MAX_TOP_LOGPROBS} token distribution (as judge.scoring)"))

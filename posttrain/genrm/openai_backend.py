@@ -122,8 +122,8 @@ class OpenAIJudge:
                                                 daemon=True)
                 self._thread.start()
             loop = self._loop
-        batch = list(work) if isinstance(work, list) else None
-        return asyncio.run_coroutine_threadsafe(self._batch(batch) if batch is not None else work(), loop)  # type: ignore[operator]
+        coroutine = self._batch(list(work)) if isinstance(work, list) else work()
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
 
     async def _batch(self, batch: list[Conversation]) -> list[JudgeCall]:
         if not batch:

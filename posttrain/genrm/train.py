@@ -43,7 +43,8 @@ def train(cfg: GenRMTrainConfig, resume: bool = False) -> dict[str, float]:
 
 
 JUDGE_EVAL = "eval/genrm_judge/"
-CONSTANT = ("n_pairs", "n_judgements", "chance_accuracy", "first_side_accuracy", "mean_raw_reward")  # same either side
+# the same before and after, or counts: left out of the before/after rows
+CONSTANT = ("n_pairs", "n_judgements", "n_decided", "chance_accuracy", "first_side_accuracy", "mean_raw_reward")
 
 
 def log_judge_eval(cfg: GenRMTrainConfig, model: str, before: bool) -> None:

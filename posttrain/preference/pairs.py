@@ -1,0 +1,90 @@
+"""Preference data -> TRL's conversational preference rows.
+
+Two shapes are read, from the shipped set, a local JSONL/Parquet/CSV file or folder, or a hub id:
+
+* HelpSteer3 (``context``, ``response1``, ``response2``, ``overall_preference``; the GenRM's data,
+  :mod:`posttrain.genrm.preference_data`): the preferred response is ``chosen``; ties are dropped;
+* ``prompt`` / ``chosen`` / ``rejected`` (TRL's and most hub preference sets): the prompt a string or
+  chat messages, each response a string or a list holding the assistant message.
+
+Each row becomes ``{"prompt": messages, "chosen": [assistant], "rejected": [assistant],
+"chat_template_kwargs": {"enable_thinking": ...}, "margin": m}``: TRL renders it with the model's
+tokenizer, which is our reasoning-aware chat template (thinking off by default: preference
+responses are answers). ``margin`` is how strongly the label prefers (1-3 on HelpSteer3's scale, 1
+when the data does not say), for Bradley-Terry reward models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.dataset_io import load_rows
+from posttrain.environments.data import DataError, validate_rows
+from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
+
+Messages = list[dict[str, str]]
+
+
+def preference_rows(source: str = SHIPPED, split: str = "train", *, limit: int | None = None,
+                    subset: str | None = None, system: str | None = None,
+                    enable_thinking: bool = False) -> list[dict[str, Any]]:
+    """The pairs of ``split`` of ``source`` as TRL rows (bad rows reported by row and field, then dropped)."""
+    template = {"enable_thinking": enable_thinking}
+    if _plain_shape(source, split, subset):
+        rows = validate_rows(load_rows(source, split=split, limit=limit, subset=subset),
+                             lambda i, row: _plain_row(row), source=source)
+    else:
+        rows = []
+        for pair in load_pairs(source, split, limit=limit, subset=subset):
+            better = preferred_side(pair.ranking)
+            chosen, rejected = (pair.response_1, pair.response_2) if better == 1 else (pair.response_2, pair.response_1)
+            rows.append({"prompt": list(pair.context), "chosen": [_assistant(chosen)],
+                         "rejected": [_assistant(rejected)], "margin": abs(pair.ranking - 3.5) + 0.5})
+    out = []
+    for row in rows:
+        prompt = row["prompt"] if not system or row["prompt"][0]["role"] == "system" else \
+            [{"role": "system", "content": system}, *row["prompt"]]
+        out.append({**row, "prompt": prompt, "chat_template_kwargs": template})
+    return out
+
+
+def _plain_shape(source: str, split: str, subset: str | None) -> bool:
+    if source.startswith("posttrain:"):
+        return False
+    first = load_rows(source, split=split, limit=1, subset=subset)
+    return bool(first) and {"chosen", "rejected"} <= set(first[0])
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def _plain_row(row: Any) -> dict[str, Any]:
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise DataError("no 'prompt' field (rows need prompt, chosen, rejected)")
+    prompt = _messages(row["prompt"], "prompt", last_role="user")
+    chosen, rejected = (_response(row.get(k), k) for k in ("chosen", "rejected"))
+    margin = 1.0 if row.get("margin") is None else row["margin"]  # a column other rows lack reads None
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin <= 0:
+        raise DataError(f"field 'margin' must be a positive number (got {margin!r})")
+    return {"prompt": prompt, "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)],
+            "margin": float(margin)}
+
+
+def _messages(value: Any, field: str, last_role: str) -> Messages:
+    if isinstance(value, str) and value.strip():
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        if value[-1]["role"] != last_role:
+            raise DataError(f"field {field!r} must end with a {last_role} message (got {value[-1]['role']!r})")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"field {field!r} must be a non-empty string or a list of {{role, content}} messages")
+
+
+def _response(value: Any, field: str) -> str:
+    if isinstance(value, list):
+        value = _messages(value, field, last_role="assistant")[-1]["content"]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"field {field!r} must be a non-empty string or a list ending with the assistant message")
+    return value
