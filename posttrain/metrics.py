@@ -1,6 +1,6 @@
-"""Step metrics to three places: ``metrics.jsonl`` in the run folder, TensorBoard events, and
-Ray custom metrics (``ray.util.metrics`` gauges, shown on the dashboard's metrics endpoint with
-a ``ray_`` prefix). Each sink is optional and a failing sink never stops training.
+"""Step metrics to ``metrics.jsonl`` in the run folder (always), TensorBoard events, Ray custom
+metrics (``ray.util.metrics`` gauges, shown on the metrics endpoint with a ``ray_`` prefix) and,
+when chosen, W&B / MLflow (:mod:`posttrain.trackers`). A failing sink never stops training.
 """
 
 from __future__ import annotations
