@@ -36,3 +36,17 @@ def load_rows(source: str, split: str = "train", limit: int | None = None,
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return [dict(row) for row in ds]
+
+
+def messages_of(value: Any, field: str, last_role: str | None = None) -> list[dict[str, str]]:
+    """A dataset cell as chat messages: a non-empty string is one user turn; a list of ``{role, content}``
+    messages is kept (ending with ``last_role`` when given); anything else is a DataError naming ``field``."""
+    if isinstance(value, str) and value.strip():
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        if last_role is not None and value[-1]["role"] != last_role:
+            raise DataError(f"field {field!r} must end with a {last_role} message (got {value[-1]['role']!r})")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"field {field!r} must be a non-empty string or a non-empty list of {{role, content}} messages "
+                    f"(got {type(value).__name__})")

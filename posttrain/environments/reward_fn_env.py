@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.dataset_io import load_rows
+from posttrain.dataset_io import load_rows, messages_of
 from posttrain.environments.base import DefaultHooks, Messages, Sample, Score, ScoreKind, checked
 from posttrain.environments.data import DataError, OnInvalid, validate_rows
 from posttrain.errors import EnvironmentLoadError
@@ -80,15 +80,8 @@ def _load_reward(spec: str | dict[str, Any] | RewardSpec) -> _Reward:
     return _Reward(attr, func, spec.weight, wants)
 
 
-def _prompt_messages(value: Any, system: str | None) -> Messages:
-    if isinstance(value, str) and value.strip():
-        messages = [{"role": "user", "content": value}]
-    elif isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        messages = [{"role": m["role"], "content": m["content"]} for m in value]
-    else:
-        raise DataError("the prompt must be a non-empty string or a non-empty list of {role, content} messages "
-                        f"(got {type(value).__name__})")
+def _prompt_messages(value: Any, field: str, system: str | None) -> Messages:
+    messages = messages_of(value, field)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     return messages
@@ -140,7 +133,8 @@ class RewardFunctionEnv(DefaultHooks):
             if not isinstance(row, dict) or self.prompt_column not in row:
                 raise DataError(f"no column {self.prompt_column!r} (prompt_column)")
             answer = row.get(self.answer_column) if self.answer_column else None
-            return Sample(id=f"{self.name}/{split}/{i}", messages=_prompt_messages(row[self.prompt_column], self.system),
+            messages = _prompt_messages(row[self.prompt_column], self.prompt_column, self.system)
+            return Sample(id=f"{self.name}/{split}/{i}", messages=messages,
                           answer=answer, info={"row": row})
 
         rows = load_rows(source, split=split, limit=limit, subset=subset)

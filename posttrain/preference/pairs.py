@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.dataset_io import load_rows
+from posttrain.dataset_io import load_rows, messages_of
 from posttrain.environments.data import DataError, validate_rows
 from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
 
@@ -62,7 +62,7 @@ def _assistant(text: str) -> dict[str, str]:
 def _plain_row(row: Any) -> dict[str, Any]:
     if not isinstance(row, dict) or "prompt" not in row:
         raise DataError("no 'prompt' field (rows need prompt, chosen, rejected)")
-    prompt = _messages(row["prompt"], "prompt", last_role="user")
+    prompt = messages_of(row["prompt"], "prompt", last_role="user")
     chosen, rejected = (_response(row.get(k), k) for k in ("chosen", "rejected"))
     margin = 1.0 if row.get("margin") is None else row["margin"]  # a column other rows lack reads None
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin <= 0:
@@ -71,20 +71,9 @@ def _plain_row(row: Any) -> dict[str, Any]:
             "margin": float(margin)}
 
 
-def _messages(value: Any, field: str, last_role: str) -> Messages:
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        if value[-1]["role"] != last_role:
-            raise DataError(f"field {field!r} must end with a {last_role} message (got {value[-1]['role']!r})")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(f"field {field!r} must be a non-empty string or a list of {{role, content}} messages")
-
-
 def _response(value: Any, field: str) -> str:
     if isinstance(value, list):
-        value = _messages(value, field, last_role="assistant")[-1]["content"]
+        value = messages_of(value, field, last_role="assistant")[-1]["content"]
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"field {field!r} must be a non-empty string or a list ending with the assistant message")
     return value
