@@ -58,11 +58,13 @@ def overrides_of(args: argparse.Namespace, *flags: str) -> list[str]:
 
 
 def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any], Any],
-                       plan: Callable[[Any], list[tuple[str, Any]]] | None = None, flags: Sequence[str] = ()) -> int:
+                       plan: Callable[[Any], list[tuple[str, Any]]] | None = None, flags: Sequence[str] = (),
+                       dry_run_extra: Callable[[Any], str] | None = None) -> int:
     """`keys` lists the config's keys; else build it and run ``call(cfg)``, printing its result as JSON
     when there is one. ``--dry-run`` instead prints the resolved config (or ``plan(cfg)``'s titled
     sections), builds every environment it names and reads their data, writing nothing.
-    ``flags``: overrides the command's own options stand for (``--model M`` -> ``model.name=M``)."""
+    ``flags``: overrides the command's own options stand for (``--model M`` -> ``model.name=M``);
+    ``dry_run_extra(cfg)``: text printed after the dry run's config (SFT's per-rank memory plan)."""
     if args.overrides[:1] == ["keys"]:
         print("\n".join(describe(cls)))
         return 0
@@ -74,6 +76,8 @@ def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any]
                 from posttrain.environments.registry import check_environments
 
                 print("\n".join(f"# {line}" for line in check_environments(section.environments)))
+        if dry_run_extra is not None:
+            print(dry_run_extra(cfg))
         return 0
     result = call(cfg)
     if result is not None:

@@ -76,11 +76,7 @@ def _sft(args: argparse.Namespace) -> int:
 
         print(train(cfg, resume=args.resume, stop_after=args.stop_after))
 
-    if args.dry_run and args.overrides[:1] != ["keys"]:  # the resolved config, then the memory plan
-        run_config_command(SFTConfig, args, call)
-        print(_memory_plan(load_config(SFTConfig, args.config, overrides_of(args)), args))
-        return 0
-    return run_config_command(SFTConfig, args, call)
+    return run_config_command(SFTConfig, args, call, dry_run_extra=lambda cfg: _memory_plan(cfg, args))
 
 
 def _preview_command(args: argparse.Namespace) -> int:
