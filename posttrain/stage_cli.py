@@ -27,6 +27,8 @@ CONFIGS: dict[str, str] = {
     "pipeline": "posttrain.pipeline:PipelineConfig",
     "eval": "posttrain.held_out:EvalConfig",
     "dpo": "posttrain.preference.config:DPOStageConfig",
+    "rm train": "posttrain.preference.config:RMStageConfig",
+    "rm eval": "posttrain.preference.config:RMEvalConfig",
 }
 
 

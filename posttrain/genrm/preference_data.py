@@ -189,18 +189,25 @@ def load_pairs(source: str = SHIPPED, split: str = "train", *, limit: int | None
         raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
     if ties not in ("skip", "midpoint"):
         raise ValueError(f"ties must be skip or midpoint (got {ties!r})")
-    rows = _read(source, split, limit, subset)
+    return pairs_of_rows(read_rows(source, split, limit, subset), source, on_invalid=on_invalid, ties=ties)
+
+
+def pairs_of_rows(rows: list[Any], source: str, *, on_invalid: OnInvalid = "skip",
+                  ties: Ties = "skip") -> list[PreferencePair]:
+    """HelpSteer3-shaped ``rows`` (read from ``source``) -> pairs, bad rows reported by row and field."""
     pairs = validate_rows(rows, lambda i, row: pair_from_row(i, row, ties), source=source, on_invalid=on_invalid)
     kept = [p for p in pairs if p is not None]
     if len(kept) < len(pairs):
         log.info("%s: dropped %d tie(s) (overall_preference 0); set ties=midpoint to keep them", source,
                  len(pairs) - len(kept))
     if not kept:
-        raise DataError(f"{source} (split {split!r}): every row is a tie; set ties=midpoint to keep them")
+        raise DataError(f"{source}: every row is a tie; set ties=midpoint to keep them")
     return kept
 
 
-def _read(source: str, split: str, limit: int | None, subset: str | None) -> list[dict[str, Any]]:
+def read_rows(source: str, split: str, limit: int | None = None, subset: str | None = None) -> list[Any]:
+    """The raw rows of ``split`` of a preference set (shipped, file, folder or hub id; a missing
+    ``test`` split of a folder or hub set reads ``validation``)."""
     from posttrain.dataset_io import load_rows
 
     if source.startswith("posttrain:"):

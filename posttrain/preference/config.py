@@ -24,6 +24,8 @@ class PreferenceDataConfig(Config):
     test_path: str | None = Field(None, description="held-out pairs (None = the test split of path)")
     test_limit: int | None = Field(100, ge=1, description="held-out pairs evaluated before and after (None = all)")
     system: str | None = Field(None, description="system message added to prompts that have none")
+    on_invalid: Literal["skip", "error"] = Field("skip", description=(
+        "a bad row (reported by row and field): skip it with a warning, or refuse the dataset"))
     enable_thinking: bool = Field(False, description=(
         "render the responses after an opened <think> (the chat template's thinking on); off: they are answers"))
 
@@ -50,6 +52,8 @@ class PreferenceTrainConfig(Config):
     lr: float = Field(5e-6, gt=0)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
+    max_minutes: float | None = Field(None, gt=0, description=(
+        "time budget: stop at the first step past it, with a checkpoint, and finish as usual (None = no limit)"))
     batch_size: int = Field(8, ge=1, description="pairs per optimizer step (over every process)")
     micro_batch_size: int = Field(2, ge=1, description="pairs per forward pass; batch_size is a multiple of it")
     max_length: int = Field(1024, ge=16, description="prompt + response tokens; longer pairs are cut at the end")
@@ -88,3 +92,37 @@ class DPOStageConfig(Config):
 
     def start_model(self) -> ModelConfig:
         return self.model if self.init_from is None else self.model.model_copy(update={"name": self.init_from})
+
+
+class RMLossConfig(Config):
+    margin_scale: float = Field(1.0, ge=0, description=(
+        "Bradley-Terry with a margin: loss = -log sigmoid(r_chosen - r_rejected - margin_scale * margin), the "
+        "margin being how strongly the label prefers (HelpSteer3: 1-3, Llama 2's RM recipe); 0 = plain BT"))
+    center_rewards_coefficient: float | None = Field(None, ge=0, description=(
+        "pull rewards toward mean 0 (TRL's center_rewards_coefficient; 0.01 is the paper's value)"))
+
+
+class RMStageConfig(Config):
+    """A Bradley-Terry scalar reward model on preference pairs (TRL's RewardTrainer), in our run folder."""
+
+    model: ModelConfig = ModelConfig()
+    init_from: str | None = Field(None, description="start from this model folder instead of model.name")
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    rm: RMLossConfig = RMLossConfig()
+    train: PreferenceTrainConfig = PreferenceTrainConfig(lr=1e-5)
+    lora: LoraConfig = LoraConfig()
+    loggers: list[Logger] = Field(default_factory=lambda: ["jsonl", "tensorboard"], description=LOGGERS_HELP)
+    progress: bool = Field(True, description="show a progress bar")
+    run_dir: str = Field("runs/rm", description="run folder: config, metrics, checkpoints/, model/")
+
+    def start_model(self) -> ModelConfig:
+        return self.model if self.init_from is None else self.model.model_copy(update={"name": self.init_from})
+
+
+class RMEvalConfig(Config):
+    """Held-out pairwise accuracy of a scalar reward model (overall and per category)."""
+
+    model: ModelConfig = Field(ModelConfig(name="runs/rm/model"), description="the reward model (RUN/model)")
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    max_length: int = Field(1024, ge=16, description="tokens per sequence; longer ones keep their end")

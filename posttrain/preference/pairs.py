@@ -11,48 +11,54 @@ Each row becomes ``{"prompt": messages, "chosen": [assistant], "rejected": [assi
 "chat_template_kwargs": {"enable_thinking": ...}, "margin": m}``: TRL renders it with the model's
 tokenizer, which is our reasoning-aware chat template (thinking off by default: preference
 responses are answers). ``margin`` is how strongly the label prefers (1-3 on HelpSteer3's scale, 1
-when the data does not say), for Bradley-Terry reward models.
+when the data does not say), for Bradley-Terry reward models; ``category`` the pair's domain ("" when
+the data has none), for per-category accuracy.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from posttrain.dataset_io import load_rows, messages_of
-from posttrain.environments.data import DataError, validate_rows
-from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
+from posttrain.dataset_io import messages_of
+from posttrain.environments.data import DataError, OnInvalid, validate_rows
+from posttrain.genrm.preference_data import SHIPPED, pairs_of_rows, preferred_side, read_rows
 
 Messages = list[dict[str, str]]
 
 
+def preference_split(data: Any, split: str) -> list[dict[str, Any]]:
+    """The ``train`` or ``test`` (held-out) rows of a stage's ``data`` section (:class:`PreferenceDataConfig`)."""
+    test = split == "test"
+    return preference_rows(data.test_path or data.path if test else data.path, split,
+                           limit=data.test_limit if test else data.limit, subset=data.subset, system=data.system,
+                           enable_thinking=data.enable_thinking, on_invalid=data.on_invalid)
+
+
 def preference_rows(source: str = SHIPPED, split: str = "train", *, limit: int | None = None,
                     subset: str | None = None, system: str | None = None,
-                    enable_thinking: bool = False) -> list[dict[str, Any]]:
-    """The pairs of ``split`` of ``source`` as TRL rows (bad rows reported by row and field, then dropped)."""
-    template = {"enable_thinking": enable_thinking}
-    if _plain_shape(source, split, subset):
-        rows = validate_rows(load_rows(source, split=split, limit=limit, subset=subset),
-                             lambda i, row: _plain_row(row), source=source)
+                    enable_thinking: bool = False, on_invalid: OnInvalid = "skip") -> list[dict[str, Any]]:
+    """The pairs of ``split`` of ``source`` as TRL rows; bad rows are reported by row and field, then
+    dropped (``on_invalid="error"``: the dataset is refused)."""
+    raw = read_rows(source, split, limit, subset)
+    if raw and isinstance(raw[0], dict) and {"chosen", "rejected"} <= set(raw[0]):
+        rows = validate_rows(raw, lambda i, row: _plain_row(row), source=source, on_invalid=on_invalid)
     else:
         rows = []
-        for pair in load_pairs(source, split, limit=limit, subset=subset):
+        for pair in pairs_of_rows(raw, source, on_invalid=on_invalid):
             better = preferred_side(pair.ranking)
             chosen, rejected = (pair.response_1, pair.response_2) if better == 1 else (pair.response_2, pair.response_1)
             rows.append({"prompt": list(pair.context), "chosen": [_assistant(chosen)],
-                         "rejected": [_assistant(rejected)], "margin": abs(pair.ranking - 3.5) + 0.5})
+                         "rejected": [_assistant(rejected)], "margin": abs(pair.ranking - 3.5) + 0.5,
+                         "category": pair.category})
+    if not rows:
+        raise DataError(f"no usable preference pair in {source!r} (split {split!r})")
+    template = {"enable_thinking": enable_thinking}
     out = []
     for row in rows:
         prompt = row["prompt"] if not system or row["prompt"][0]["role"] == "system" else \
             [{"role": "system", "content": system}, *row["prompt"]]
         out.append({**row, "prompt": prompt, "chat_template_kwargs": template})
     return out
-
-
-def _plain_shape(source: str, split: str, subset: str | None) -> bool:
-    if source.startswith("posttrain:"):
-        return False
-    first = load_rows(source, split=split, limit=1, subset=subset)
-    return bool(first) and {"chosen", "rejected"} <= set(first[0])
 
 
 def _assistant(text: str) -> dict[str, str]:
@@ -68,7 +74,7 @@ def _plain_row(row: Any) -> dict[str, Any]:
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin <= 0:
         raise DataError(f"field 'margin' must be a positive number (got {margin!r})")
     return {"prompt": prompt, "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)],
-            "margin": float(margin)}
+            "margin": float(margin), "category": str(row.get("category") or "")}
 
 
 def _response(value: Any, field: str) -> str:

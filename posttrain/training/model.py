@@ -67,8 +67,11 @@ def freeze_lower_layers(model: Any, n: int) -> int:
     return frozen
 
 
-def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig) -> Any:
-    """Gradient checkpointing, then LoRA or full fine-tuning, then router and lower-layer freezing."""
+def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig, *, task_type: str = "CAUSAL_LM",
+                         modules_to_save: list[str] | None = None) -> Any:
+    """Gradient checkpointing, then LoRA or full fine-tuning, then router and lower-layer freezing.
+    ``task_type`` / ``modules_to_save``: peft's, for LoRA on other heads (a reward model: SEQ_CLS, its
+    new ``score`` head trained in full)."""
     if train.gradient_checkpointing:
         if getattr(model, "supports_gradient_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -78,7 +81,8 @@ def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig) -> 
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                  target_modules=lora_targets(lora, model), task_type="CAUSAL_LM")
+                                  target_modules=lora_targets(lora, model), task_type=task_type,
+                                  modules_to_save=modules_to_save)
         try:
             model = get_peft_model(model, peft_cfg)
         except ValueError as exc:

@@ -70,7 +70,7 @@ def test_a_reference_free_dpo_step_loss_equals_the_hand_computed_one(tmp_path, t
     model = models.model_for(cfg.model, "cpu")
     rows = preference_rows(limit=4)
     logger = MetricsLogger(tmp_path, stage="dpo", loggers=["jsonl"], ray_metrics=False)
-    trainer = _trainer(cfg, model, tokenizer, Dataset.from_list(rows), Dataset.from_list(rows), tmp_path / "ck", logger)
+    trainer = _trainer(cfg, model, tokenizer, Dataset.from_list(rows), Dataset.from_list(rows), logger)
     batch = list(trainer.train_dataset)
     with torch.no_grad():
         margins = [_sum_logprob(model, r["prompt_ids"], r["chosen_ids"]) - _sum_logprob(model, r["prompt_ids"], r["rejected_ids"])
@@ -107,7 +107,7 @@ def test_dpo_stage_run_folder_checkpoints_and_resume(tmp_path, tiny_llama_dir, c
 def test_a_checkpoint_killed_mid_save_is_never_visible(tmp_path):
     from types import SimpleNamespace
 
-    from posttrain.preference.dpo import save_atomically
+    from posttrain.preference.trl_run import save_atomically
 
     root = tmp_path / "checkpoints"
     trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(root), save_total_limit=2),

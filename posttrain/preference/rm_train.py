@@ -1,0 +1,99 @@
+"""`posttrain rm train`: a Bradley-Terry scalar reward model with TRL's ``RewardTrainer``, in our run folder.
+
+What TRL does as it is: the loss (-log sigmoid(r_chosen - r_rejected - margin), plus the optional
+centring term), tokenising conversational pairs with the model's chat template, the collator, the
+optimizer and schedule. What we set: the model is loaded here as a one-label
+``AutoModelForSequenceClassification`` from any of our model names (built-ins, folders, hub ids) and
+prepared as every stage prepares it; LoRA trains the new ``score`` head in full
+(``modules_to_save``), as TRL advises; the label strength is the margin, scaled by
+``rm.margin_scale`` (0 drops it). Checkpoints, metrics, the time budget and ``RUN/model``:
+:mod:`posttrain.preference.trl_run`.
+
+Held-out metrics (``eval/rm/...``, step 0 = the untrained head, and the last step): pairwise
+accuracy with its standard error, per category, and the mean score margin -- read by
+:class:`~posttrain.preference.reward_model.RewardScorer`, the scorer of ``rm eval`` and the
+``reward_model`` environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain import models
+from posttrain.config import write_resolved
+from posttrain.errors import DataError
+from posttrain.metrics import MetricsLogger
+from posttrain.preference.config import RMStageConfig
+from posttrain.preference.pairs import preference_split
+from posttrain.preference.reward_model import EVAL_PREFIX, RewardScorer, load_reward_model, pair_scores, pairwise_metrics
+from posttrain.preference.trl_run import atomic, callbacks, fit, last_checkpoint, trainer_arguments
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: RMStageConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train the reward model; returns ``RUN/model``. ``stop_after``: stop after that step without
+    finishing (preemption drills, tests)."""
+    from datasets import Dataset
+
+    from posttrain.sft.train import save_final
+    from posttrain.training.model import count_params, prepare_for_training
+
+    run_dir = Path(cfg.run_dir)
+    last = last_checkpoint(run_dir, resume)
+    train_rows, test_rows = preference_split(cfg.data, "train"), preference_split(cfg.data, "test")
+    write_resolved(cfg, run_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    start = cfg.start_model()
+    tokenizer = models.tokenizer_for(start)
+    model = load_reward_model(start, models.default_device(), seed=cfg.train.seed)
+    model = prepare_for_training(model, cfg.train, cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"])
+    trainable, total = count_params(model)
+    log.info("reward model: %d train / %d held-out pairs, %.2fM of %.2fM params trainable, margin x%g",
+             len(train_rows), len(test_rows), trainable / 1e6, total / 1e6, cfg.rm.margin_scale)
+    metrics = MetricsLogger(run_dir, stage="rm", loggers=cfg.loggers, config=cfg.model_dump(mode="json"))
+    try:
+        trainer = _trainer(cfg, model, tokenizer, _dataset(Dataset, train_rows, cfg.rm.margin_scale), test_rows,
+                           metrics, stop_after)
+        if not fit(trainer, run_dir, metrics, last, EVAL_PREFIX, lambda t: held_out(t, test_rows)):
+            return run_dir / "model"
+    finally:
+        metrics.close()
+    final = save_final(trainer.model, tokenizer, run_dir)
+    log.info("final model: %s", final)
+    return final
+
+
+def _dataset(dataset_cls: Any, rows: list[dict[str, Any]], margin_scale: float) -> Any:
+    rows = [{k: v for k, v in r.items() if k != "category"} for r in rows]
+    for r in rows:
+        if margin_scale:
+            r["margin"] = margin_scale * r["margin"]
+        else:
+            del r["margin"]
+    return dataset_cls.from_list(rows)
+
+
+def _trainer(cfg: RMStageConfig, model: Any, tokenizer: Any, train_set: Any, test_rows: list[dict[str, Any]],
+             metrics: MetricsLogger, stop_after: int | None = None) -> Any:
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(**trainer_arguments(cfg.train, Path(cfg.run_dir), cfg.progress),
+                        center_rewards_coefficient=cfg.rm.center_rewards_coefficient or None)
+    trainer = atomic(RewardTrainer)(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                                    callbacks=callbacks(metrics, cfg.train.max_minutes, stop_after))
+    if not len(trainer.train_dataset):
+        raise DataError(f"no training pair fits train.max_length={cfg.train.max_length} tokens")
+    return trainer
+
+
+def held_out(trainer: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``eval/rm/...`` of the trainer's model on the held-out rows."""
+    scorer = RewardScorer(trainer.model, trainer.processing_class, batch_size=trainer.args.per_device_eval_batch_size,
+                          max_length=trainer.args.max_length)
+    return {EVAL_PREFIX + k: v for k, v in pairwise_metrics(rows, *pair_scores(scorer, rows)).items()}

@@ -1,0 +1,156 @@
+"""A TRL trainer (``DPOTrainer``, ``RewardTrainer``) run in our run folder: what ``posttrain dpo`` and
+``posttrain rm train`` share.
+
+* **Atomic checkpoints**: the HF Trainer writes ``checkpoint-N`` in place, so a kill leaves a
+  half-written folder that resume would pick up. Here each is written under a hidden name and
+  renamed into ``RUN/checkpoints/checkpoint-N`` when complete; ``--resume`` continues from the last
+  (optimizer, schedule, RNG and data position: the Trainer's own resume).
+* **Our metrics**: TRL's log rows go to ``RUN/metrics.jsonl`` (and TensorBoard, Ray gauges, W&B or
+  MLflow as ``loggers`` say) as ``train/...``, not to TRL's reporters; the stage's held-out metrics
+  are logged at step 0 and at the last step (the report's before/after), once each across resumes.
+* **A time budget** (``train.max_minutes``): the run stops at the first step past it, saves a
+  checkpoint there and ends as a finished run would (held-out after, ``RUN/model``).
+* **The final model** is ``RUN/model``, LoRA merged, written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.metrics import MetricsLogger
+from posttrain.preference.config import PreferenceTrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def last_checkpoint(run_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from; an error when the folder has one and ``resume`` is off."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last and not resume:
+        raise ConfigError(f"run_dir {str(run_dir)!r} already holds checkpoints: pass --resume to continue that run, "
+                          "or choose another run_dir")
+    return last
+
+
+def trainer_arguments(t: PreferenceTrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` keys both stages set the same way (batch sizes over every process,
+    checkpoints under ``RUN/checkpoints``, no TRL reporters, bf16 on CUDA, fp32 on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=max(1, t.batch_size // (t.micro_batch_size * world)),
+        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps or -1, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        logging_steps=1, save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_last,
+        eval_strategy="no", report_to=[], disable_tqdm=not progress, use_cpu=not cuda, bf16=cuda,
+        gradient_checkpointing=False,  # prepare_for_training set it up as configured
+        max_length=t.max_length, dataset_num_proc=None)
+
+
+def atomic(trainer_cls: type) -> type:
+    """``trainer_cls`` whose checkpoints appear whole (:func:`save_atomically`)."""
+
+    class Atomic(trainer_cls):  # type: ignore[misc, valid-type]
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            save_atomically(self, super()._save_checkpoint, model, trial)
+
+    Atomic.__name__ = f"Atomic{trainer_cls.__name__}"
+    return Atomic
+
+
+def callbacks(metrics: MetricsLogger, max_minutes: float | None, stop_after: int | None = None) -> list[Any]:
+    """Log rows into ``metrics`` (``train/...``); stop past ``max_minutes`` (with a checkpoint) or right
+    after step ``stop_after`` (an interruption: tests and preemption drills)."""
+    from transformers import TrainerCallback
+
+    class ToMetrics(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if logs and not any(k.startswith("eval_") for k in logs):
+                metrics.log(state.global_step, {f"train/{k}": v for k, v in logs.items()
+                                                if isinstance(v, (int, float)) and k != "epoch"})
+
+    class Budget(TrainerCallback):
+        def __init__(self) -> None:
+            self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.deadline is not None and time.monotonic() > self.deadline and not control.should_training_stop:
+                log.info("train.max_minutes=%g reached at step %d: saving and stopping", max_minutes, state.global_step)
+                control.should_training_stop = control.should_save = True
+            if not control.should_save:
+                self._interrupt(state)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._interrupt(state)  # after the step's checkpoint, as a kill right after it
+
+        def _interrupt(self, state: Any) -> None:
+            if stop_after is not None and state.global_step >= stop_after:
+                raise Interrupted(state.global_step)
+
+    return [ToMetrics(), Budget()]
+
+
+class Interrupted(Exception):
+    """Training stopped on purpose after a step (``stop_after``), as a kill would stop it."""
+
+
+def fit(trainer: Any, run_dir: Path, metrics: MetricsLogger, last: str | None, prefix: str,
+        held_out: Callable[[Any], dict[str, float]]) -> bool:
+    """Held-out metrics at step 0, training (from ``last``), held-out metrics at the last step; each
+    measurement skipped when a resumed run logged it already. False when interrupted (``stop_after``)."""
+    from posttrain.report_data import logged_at
+
+    if not logged_at(run_dir, 0, prefix):
+        metrics.log(0, held_out(trainer))
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except Interrupted as stop:
+        log.info("interrupted after step %d (stop_after)", stop.args[0])
+        return False
+    if not logged_at(run_dir, trainer.state.global_step, prefix):  # a finished run resumed: measured
+        metrics.log(trainer.state.global_step, held_out(trainer))
+    return True
+
+
+def save_atomically(trainer: Any, save: Any, model: Any, trial: Any) -> None:
+    """HF's ``_save_checkpoint`` into a hidden staging folder, renamed to ``checkpoint-N`` when complete.
+
+    The Trainer writes its checkpoint folder in place and rotates old ones afterwards; here the
+    whole folder appears at once (a kill mid-save leaves only the staging folder, removed next
+    time), then old ones are rotated as the Trainer would.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    root = Path(trainer.args.output_dir)
+    staging = root / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    keep = trainer.args.save_total_limit
+    trainer.args.output_dir, trainer.args.save_total_limit = str(staging), None
+    try:
+        save(model, trial)
+    finally:
+        trainer.args.output_dir, trainer.args.save_total_limit = str(root), keep
+    final = root / name
+    if final.exists():  # saved again at the same step (the end of a resumed, finished run)
+        shutil.rmtree(final)
+    os.replace(staging / name, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    done = sorted((p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+    for old in done[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
