@@ -1,4 +1,4 @@
-"""`posttrain pipeline`: SFT -> RLVR -> (GenRM training) -> RLHF as one Ray job, with a report.
+"""`posttrain pipeline`: SFT -> (DPO) -> RLVR -> (GenRM training) -> RLHF as one Ray job, with a report.
 
 Each stage runs in ``RUN/<stage>/`` with its own resolved config, metrics, TensorBoard events,
 checkpoints and final model (``RUN/<stage>/model``), and starts from the previous stage's
@@ -23,12 +23,17 @@ from posttrain.config import SFT_STAGE_S, Config, Logger, ModelConfig, write_res
 from posttrain.errors import ConfigError
 from posttrain.metrics import RayGauges, log_once
 from posttrain.genrm.config import GenRMTrainConfig, RLHFConfig, trained_prompt_style
+from posttrain.preference.config import DPOStageConfig
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.sft.config import SFTConfig
 
 log = logging.getLogger(__name__)
-StageName = Literal["sft", "rlvr", "genrm", "rlhf"]
-ORDER: tuple[str, ...] = ("sft", "rlvr", "genrm", "rlhf")
+StageName = Literal["sft", "dpo", "rlvr", "genrm", "rlhf"]
+ORDER: tuple[str, ...] = ("sft", "dpo", "rlvr", "genrm", "rlhf")
+DEFAULT_STAGES = ("sft", "rlvr", "genrm", "rlhf")  # dpo is optional: stages=[sft,dpo,rlvr,genrm,rlhf]
+# where a stage's starting weights come from: the last of these that ran (else its own init_from)
+PREVIOUS = {"dpo": ("sft",), "rlvr": ("dpo", "sft"), "rlhf": ("rlvr", "dpo", "sft")}
+TRAINERS = ("sft", "dpo")  # stages that train in one Ray actor (<stage>-0), without environments
 AUTO = "auto"  # genrm.options.judge.model: the model the pipeline's genrm stage trained
 
 
@@ -38,14 +43,17 @@ class PipelineTimeoutsConfig(Config):
     sft_stage_s: float = Field(SFT_STAGE_S, gt=0, description=(
         "the whole SFT stage in its Ray actor sft-0; past it the pipeline stops with an error naming "
         "the actor (re-running resumes SFT from its last checkpoint)"))
+    dpo_stage_s: float = Field(SFT_STAGE_S, gt=0, description="the whole DPO stage in its Ray actor dpo-0")
 
 
 class PipelineConfig(Config):
     """The whole post-training recipe; each stage's section is that stage's own config."""
 
     model: ModelConfig = ModelConfig()
-    stages: list[StageName] = Field(default_factory=lambda: list(ORDER), description="stages to run, in order")
+    stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES), description=(
+        "stages to run, in the order " + " -> ".join(ORDER) + " (dpo is optional)"))
     sft: SFTConfig = SFTConfig()
+    dpo: DPOStageConfig = DPOStageConfig()
     rlvr: RLVRConfig = RLVRConfig()
     genrm: GenRMTrainConfig = GenRMTrainConfig()
     rlhf: RLHFConfig = RLHFConfig()
@@ -63,6 +71,7 @@ class PipelineConfig(Config):
         """``loggers`` reaches every stage's own setting (``sft.loggers``, ``<stage>.run.loggers``)."""
         if self.loggers is not None:
             self.sft.loggers = list(self.loggers)
+            self.dpo.loggers = list(self.loggers)
             for section in (self.rlvr, self.genrm, self.rlhf):
                 section.run.loggers = list(self.loggers)
 
@@ -82,9 +91,8 @@ def stage_config(cfg: PipelineConfig, name: str, models: dict[str, str]) -> Any:
         return cfg.sft.model_copy(update={"model": cfg.model, "run_dir": run_dir})
     if name == "genrm":  # the judge is trained from the base model, not from the policy
         return cfg.genrm.model_copy(update={"model": cfg.model, "run_dir": run_dir})
-    previous = {"rlvr": ("sft",), "rlhf": ("rlvr", "sft")}[name]
-    init_from = next((models[p] for p in previous if p in models), getattr(cfg, name).init_from)
-    section = cfg.rlvr if name == "rlvr" else cfg.rlhf
+    section = getattr(cfg, name)
+    init_from = next((models[p] for p in PREVIOUS[name] if p in models), section.init_from)
     update: dict[str, Any] = {"model": cfg.model, "run_dir": run_dir, "init_from": init_from}
     if name == "rlhf":
         style = trained_prompt_style(cfg.genrm.environments)
@@ -155,7 +163,7 @@ def _local_cpus(cfg: PipelineConfig) -> int:
 
     need, style = 1, trained_prompt_style(cfg.genrm.environments)
     for name in cfg.stages:
-        if name != "sft":
+        if name not in TRAINERS:
             section = getattr(cfg, name)
             with opened([_with_judge(e, {"genrm": "planned"}, style) for e in section.environments]) as envs:
                 need = max(need, local_cpus(stage_roles(section, envs)))
@@ -168,6 +176,8 @@ def run_stage(name: str, stage_cfg: Any, cfg: PipelineConfig) -> str:
 
     if name == "sft":
         return _run_sft(stage_cfg, cfg)
+    if name == "dpo":
+        return _in_actor("dpo", stage_cfg, cfg.timeouts.dpo_stage_s)
     resume = latest_checkpoint(stage_cfg.run_dir) is not None
     if name == "genrm":
         from posttrain.genrm.train import train
@@ -188,11 +198,7 @@ def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
     folder = Path(sft.run_dir) / "model"
     if cfg.sft_eval_prompts and not logged_at(sft.run_dir, 0):
         _log_eval(cfg, sft.run_dir, cfg.model.name, step=0)
-    actor = cluster.start_actor(_SFTWorker, "sft-0", num_cpus=1)
-    try:
-        cluster.gather([actor.train.remote(sft)], ["sft-0"], cfg.timeouts.sft_stage_s, "SFT")
-    finally:
-        cluster.kill_actor(actor)
+    _in_actor("sft", sft, cfg.timeouts.sft_stage_s)
     if cfg.sft_eval_prompts:
         result = _log_eval(cfg, sft.run_dir, str(folder), step=last_step(sft.run_dir))
         if _rlvr_repeats_it(cfg):  # RLVR's starting eval is this one: same model, prompts and settings
@@ -205,18 +211,35 @@ def _rlvr_repeats_it(cfg: PipelineConfig) -> bool:
     from posttrain.report_data import run_rows
 
     run = cfg.rlvr.run
-    return ("rlvr" in cfg.stages and bool(run.eval_every) and run.eval_prompts == cfg.sft_eval_prompts
+    return ("rlvr" in cfg.stages and "dpo" not in cfg.stages and bool(run.eval_every) and run.eval_prompts == cfg.sft_eval_prompts
             and not run_rows(Path(cfg.run_dir) / "rlvr"))
 
 
-class _SFTWorker:
-    def train(self, sft: SFTConfig) -> str:
+def _in_actor(name: str, stage_cfg: Any, timeout_s: float) -> str:
+    """Train stage ``name`` (sft, dpo) in the Ray actor ``<name>-0`` (on the dashboard, its memory gone
+    with it), resuming from its checkpoints; returns its final model folder."""
+    from posttrain.orchestration import cluster
+
+    actor = cluster.start_actor(_TrainerWorker, f"{name}-0", num_cpus=1)
+    try:
+        return cluster.gather([actor.train.remote(name, stage_cfg)], [f"{name}-0"], timeout_s, name.upper())[0]
+    finally:
+        cluster.kill_actor(actor)
+
+
+class _TrainerWorker:
+    def train(self, name: str, stage_cfg: Any) -> str:
         import logging as _logging
 
-        from posttrain.sft.train import train
-
         _logging.basicConfig(level=_logging.INFO)
-        return str(train(sft.model_copy(update={"progress": False}), resume=True))
+        stage_cfg = stage_cfg.model_copy(update={"progress": False})
+        if name == "sft":
+            from posttrain.sft.train import train as sft_train
+
+            return str(sft_train(stage_cfg, resume=True) / "model")
+        from posttrain.preference.dpo import train as dpo_train
+
+        return str(dpo_train(stage_cfg, resume=True))
 
 
 def _log_eval(cfg: PipelineConfig, run_dir: str, model: str, step: int) -> dict[str, float]:

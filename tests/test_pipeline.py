@@ -47,6 +47,27 @@ def test_pipeline_smoke_sft_then_rlvr_resumes_by_skipping_done_stages(tmp_path, 
     assert (run / "rlvr" / "metrics.jsonl").read_text() == rlvr_rows
 
 
+def test_an_optional_dpo_stage_starts_from_sft_and_hands_its_model_on(tmp_path, tiny_llama_dir, capsys):
+    """stages=[sft, dpo]: DPO trains in the actor dpo-0 from the SFT model, with its held-out before/after
+    in the report; a following stage would start from the DPO model (plan)."""
+    from posttrain.config import load_config
+    from posttrain.pipeline import PipelineConfig, plan
+
+    run = tmp_path / "run"
+    dpo = ["dpo.data.limit=4", "dpo.data.test_limit=2", "dpo.train.max_steps=1", "dpo.train.batch_size=2",
+           "dpo.train.max_length=256", "dpo.train.save_every=1"]
+    assert cli(["pipeline", "--config", str(TINY), f"run_dir={run}", "stages=[sft,dpo]", "sft_eval_prompts=0",
+                *dpo]) == 0
+    state = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert list(state) == ["sft", "dpo"] and (run / "dpo" / "model" / "config.json").is_file()
+    assert yaml.safe_load((run / "dpo" / "config.yaml").read_text())["init_from"] == str(run / "sft" / "model")
+    rows = [json.loads(x) for x in (run / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/dpo/likelihood_accuracy" in r] == [0, 1]
+    assert "eval/dpo/likelihood_accuracy" in capsys.readouterr().out  # the report's before/after
+    cfg = load_config(PipelineConfig, TINY, [f"run_dir={run}", "stages=[sft,dpo,rlvr]"])
+    assert dict(plan(cfg))[f"stage rlvr (run_dir {run / 'rlvr'})"].init_from == str(run / "dpo" / "model")
+
+
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_then_a_rerun_skips_them(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"

@@ -47,6 +47,7 @@ _BUILTINS: dict[str, str] = {
     "reasoning_gym": "posttrain.environments.reasoning_gym_env:ReasoningGymEnv",
     "genrm_preference": "posttrain.genrm.preference_env:PreferenceEnv",
     "genrm": "posttrain.genrm.environment:GenRMEnv",
+    "reward_model": "posttrain.preference.reward_model_env:RewardModelEnv",
     "python_tool": "posttrain.environments.python_tool_env:PythonToolEnv",
     "guess_number": "posttrain.environments.guess_number_env:GuessNumberEnv",
     "http": "posttrain.environments.http_env:HttpEnv",

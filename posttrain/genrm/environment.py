@@ -59,7 +59,7 @@ from posttrain.errors import ServiceError
 from posttrain.genrm.judge import Conversation
 from posttrain.genrm.judge_format import Judgement, judge_messages
 from posttrain.genrm.length_control import LengthControl, apply_length_control
-from posttrain.genrm.preference_data import SHIPPED, load_pairs, preferred_side
+from posttrain.genrm.preference_data import SHIPPED, preference_prompts
 
 REWARD_RANGE = (0.0, 6.0)  # raw GenRM rewards (1-5 scores, ranking shifts, length terms) -> [0, 1]
 
@@ -121,17 +121,9 @@ class GenRMEnv(DefaultHooks):
     # ----------------------------------------------------------------- data
 
     def samples(self, split: str, seed: int) -> list[Sample]:
-        source = self.opts.test_source if split == "test" and self.opts.test_source else self.opts.source
-        limit = self.opts.test_size if split == "test" else self.opts.size
-        out, seen = [], set()
-        for pair in load_pairs(source, split):
-            key = repr(pair.context)
-            if key in seen:
-                continue
-            seen.add(key)
-            reference = pair.response_1 if preferred_side(pair.ranking) != 2 else pair.response_2
-            out.append(Sample(f"{split}/{pair.id}", list(pair.context), {"reference": reference}))
-        return out[:limit]
+        o = self.opts
+        return preference_prompts(o.test_source if split == "test" and o.test_source else o.source, split,
+                                  o.test_size if split == "test" else o.size)
 
     # ----------------------------------------------------------------- actors
 

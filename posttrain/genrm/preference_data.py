@@ -192,6 +192,22 @@ def load_pairs(source: str = SHIPPED, split: str = "train", *, limit: int | None
     return pairs_of_rows(read_rows(source, split, limit, subset), source, on_invalid=on_invalid, ties=ties)
 
 
+def preference_prompts(source: str, split: str, limit: int | None = None) -> list[Any]:
+    """The distinct conversations of a preference set as RL prompts (``Sample``), each with its preferred
+    response as ``answer["reference"]`` (what a greedy held-out rollout is compared with)."""
+    from posttrain.environments.base import Sample
+
+    out, seen = [], set()
+    for pair in load_pairs(source, split):
+        key = repr(pair.context)
+        if key in seen:
+            continue
+        seen.add(key)
+        reference = pair.response_1 if preferred_side(pair.ranking) != 2 else pair.response_2
+        out.append(Sample(f"{split}/{pair.id}", list(pair.context), {"reference": reference}))
+    return out[:limit]
+
+
 def pairs_of_rows(rows: list[Any], source: str, *, on_invalid: OnInvalid = "skip",
                   ties: Ties = "skip") -> list[PreferencePair]:
     """HelpSteer3-shaped ``rows`` (read from ``source``) -> pairs, bad rows reported by row and field."""

@@ -122,10 +122,16 @@ def evaluate(cfg: GenRMEvalConfig) -> dict[str, float]:
 
 def judge_quality(cfg: GenRMEvalConfig, pairs: list[Any]) -> dict[str, float]:
     """``cfg.model`` judges ``pairs`` (greedy; both orders when ``cfg.both_orders``) against their labels."""
-    from posttrain.genrm.expected_score import judge_verdicts
+    shown, calls = judge_calls(cfg, pairs)
+    return verdict_metrics(cfg, shown, calls, cfg.scoring)
+
+
+def judge_calls(cfg: GenRMEvalConfig, pairs: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(the pairs as shown to the judge -- each followed by its swapped twin when ``cfg.both_orders`` --,
+    one judge call each). With ``scoring=expected`` the calls carry top log-probs, so they can be read
+    both ways (:func:`verdict_metrics`)."""
     from posttrain.genrm.judge_format import judge_messages
     from posttrain.genrm.preference_data import swapped
-    from posttrain.genrm.preference_env import preference_metrics
 
     if cfg.both_orders:
         pairs = [p for pair in pairs for p in (pair, swapped(pair))]
@@ -134,18 +140,24 @@ def judge_quality(cfg: GenRMEvalConfig, pairs: list[Any]) -> dict[str, float]:
         generation = generation.model_copy(update={"top_logprobs": MAX_TOP_LOGPROBS})
     prompts = [judge_messages(p.context, p.response_1, p.response_2, style=cfg.prompt_style) for p in pairs]
     if cfg.judge is not None:
-        calls = _served_calls(cfg, generation, prompts)
-    else:
-        engine = _judge_engine(cfg)
-        try:
-            calls = [call_of(g) for g in engine.generate(prompts, generation, n=1)]
-        finally:
-            engine.shutdown()
-    judgements, expected_rate = judge_verdicts(calls, cfg.scoring)
-    metrics: dict[str, Any] = preference_metrics(pairs, judgements, both_orders=cfg.both_orders)
-    metrics["n_pairs"] = float(len(pairs) // 2 if cfg.both_orders else len(pairs))
+        return pairs, _served_calls(cfg, generation, prompts)
+    engine = _judge_engine(cfg)
+    try:
+        return pairs, [call_of(g) for g in engine.generate(prompts, generation, n=1)]
+    finally:
+        engine.shutdown()
+
+
+def verdict_metrics(cfg: GenRMEvalConfig, shown: list[Any], calls: list[Any], scoring: str) -> dict[str, float]:
+    """Judge quality of ``calls`` on the ``shown`` pairs, the verdicts read as written or as expectations."""
+    from posttrain.genrm.expected_score import judge_verdicts
+    from posttrain.genrm.preference_env import preference_metrics
+
+    judgements, expected_rate = judge_verdicts(calls, scoring)  # type: ignore[arg-type]
+    metrics: dict[str, Any] = preference_metrics(shown, judgements, both_orders=cfg.both_orders)
+    metrics["n_pairs"] = float(len(shown) // 2 if cfg.both_orders else len(shown))
     metrics["failed_call_rate"] = sum(not c.ok for c in calls) / len(calls)
-    if cfg.scoring == "expected":
+    if scoring == "expected":
         metrics["expected_values_rate"] = expected_rate
     return metrics
 

@@ -150,8 +150,8 @@ def shutdown_ray() -> None:
     _restore_env()
 
 
-def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, env: dict[str, str] | None = None,
-                placement: Any = None, **kwargs: Any) -> Any:
+def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, num_gpus: float = 0,
+                env: dict[str, str] | None = None, placement: Any = None, **kwargs: Any) -> Any:
     """Start ``cls`` as the named actor ``name``; refuse if one by that name is alive.
 
     ``placement`` (a :class:`posttrain.orchestration.placement.Slot`) runs it inside a
@@ -167,6 +167,8 @@ def start_actor(cls: type, name: str, *args: Any, num_cpus: float = 1, env: dict
         raise RuntimeError(f"a Ray actor named {name!r} already exists in namespace {NAMESPACE!r}; "
                            "shut the old one down first (or use other names)")
     options: dict[str, Any] = dict(name=name, num_cpus=num_cpus, max_restarts=0, max_concurrency=1)
+    if num_gpus:
+        options["num_gpus"] = num_gpus
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
     if placement is not None:
