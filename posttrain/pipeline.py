@@ -192,7 +192,6 @@ def run_stage(name: str, stage_cfg: Any, cfg: PipelineConfig) -> str:
 
 def _run_sft(sft: SFTConfig, cfg: PipelineConfig) -> str:
     """SFT in the Ray actor ``sft-0`` (visible on the dashboard), held-out eval before and after."""
-    from posttrain.orchestration import cluster
     from posttrain.report_data import last_step, logged_at
 
     folder = Path(sft.run_dir) / "model"
