@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from posttrain import models
-from posttrain.config import write_resolved
 from posttrain.errors import DataError
 from posttrain.metrics import MetricsLogger
 from posttrain.preference.config import RMStageConfig
 from posttrain.preference.pairs import preference_split
 from posttrain.preference.reward_model import EVAL_PREFIX, RewardScorer, load_reward_model, pair_scores, pairwise_metrics
-from posttrain.preference.trl_run import atomic, callbacks, fit, last_checkpoint, trainer_arguments
+from posttrain.preference.trl_run import (atomic, callbacks, fit, is_main_process, last_checkpoint, stage_metrics,
+                                        trainer_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ def train(cfg: RMStageConfig, *, resume: bool = False, stop_after: int | None = 
     run_dir = Path(cfg.run_dir)
     last = last_checkpoint(run_dir, resume)
     train_rows, test_rows = preference_split(cfg.data, "train"), preference_split(cfg.data, "test")
-    write_resolved(cfg, run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     start = cfg.start_model()
@@ -56,7 +55,7 @@ def train(cfg: RMStageConfig, *, resume: bool = False, stop_after: int | None = 
     trainable, total = count_params(model)
     log.info("reward model: %d train / %d held-out pairs, %.2fM of %.2fM params trainable, margin x%g",
              len(train_rows), len(test_rows), trainable / 1e6, total / 1e6, cfg.rm.margin_scale)
-    metrics = MetricsLogger(run_dir, stage="rm", loggers=cfg.loggers, config=cfg.model_dump(mode="json"))
+    metrics = stage_metrics(run_dir, "rm", cfg.loggers, cfg)
     try:
         trainer = _trainer(cfg, model, tokenizer, _dataset(Dataset, train_rows, cfg.rm.margin_scale), test_rows,
                            metrics, stop_after)
@@ -64,6 +63,8 @@ def train(cfg: RMStageConfig, *, resume: bool = False, stop_after: int | None = 
             return run_dir / "model"
     finally:
         metrics.close()
+    if not is_main_process():
+        return run_dir / "model"
     final = save_final(trainer.model, tokenizer, run_dir)
     log.info("final model: %s", final)
     return final

@@ -11,6 +11,10 @@
 * **A time budget** (``train.max_minutes``): the run stops at the first step past it, saves a
   checkpoint there and ends as a finished run would (held-out after, ``RUN/model``).
 * **The final model** is ``RUN/model``, LoRA merged, written atomically.
+* **Several processes** (``torchrun`` or ``accelerate launch``; the HF Trainer runs on accelerate,
+  DDP, or FSDP/DeepSpeed from an accelerate config): batch sizes count pairs over all of them,
+  rank 0 alone writes the config, metrics and ``RUN/model``, and checkpoints are staged and renamed
+  between barriers, every process writing its own part.
 """
 
 from __future__ import annotations
@@ -61,6 +65,30 @@ def trainer_arguments(t: PreferenceTrainConfig, run_dir: Path, progress: bool) -
         max_length=t.max_length, dataset_num_proc=None)
 
 
+def shared_dataset(rows: list[dict[str, Any]], run_dir: Path, name: str) -> Any:
+    """``rows`` as a ``datasets.Dataset`` backed by ``RUN/data/<name>.jsonl`` (written by rank 0, read by all).
+
+    TRL caches what it computes per dataset (DPO's reference log-probs) next to the dataset's files; an
+    in-memory dataset has none, so each process would cache in its own temporary folder and the others
+    would not find rank 0's file. A file-backed dataset gives every process the same cache. Call it
+    after the trainer's arguments exist (they set up the processes).
+    """
+    import json
+
+    from accelerate import PartialState
+    from datasets import Dataset
+
+    from posttrain.atomic import atomic_write_text
+
+    path = run_dir / "data" / f"{name}.jsonl"
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        return Dataset.from_json(str(path), cache_dir=str(run_dir / "data" / "cache"))
+
+
 def atomic(trainer_cls: type) -> type:
     """``trainer_cls`` whose checkpoints appear whole (:func:`save_atomically`)."""
 
@@ -88,7 +116,8 @@ def callbacks(metrics: MetricsLogger, max_minutes: float | None, stop_after: int
             self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.deadline is not None and time.monotonic() > self.deadline and not control.should_training_stop:
+            if self.deadline is not None and _any_process(time.monotonic() > self.deadline) \
+                    and not control.should_training_stop:
                 log.info("train.max_minutes=%g reached at step %d: saving and stopping", max_minutes, state.global_step)
                 control.should_training_stop = control.should_save = True
             if not control.should_save:
@@ -104,25 +133,44 @@ def callbacks(metrics: MetricsLogger, max_minutes: float | None, stop_after: int
     return [ToMetrics(), Budget()]
 
 
+def _any_process(flag: bool) -> bool:
+    """``flag`` of any process (all stop at the same step, or the others would wait for it forever)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class Interrupted(Exception):
     """Training stopped on purpose after a step (``stop_after``), as a kill would stop it."""
 
 
-def fit(trainer: Any, run_dir: Path, metrics: MetricsLogger, last: str | None, prefix: str,
+def fit(trainer: Any, run_dir: Path, metrics: MetricsLogger | NullMetrics, last: str | None, prefix: str,
         held_out: Callable[[Any], dict[str, float]]) -> bool:
     """Held-out metrics at step 0, training (from ``last``), held-out metrics at the last step; each
-    measurement skipped when a resumed run logged it already. False when interrupted (``stop_after``)."""
+    measurement skipped when a resumed run logged it already (every process decides the same, before
+    rank 0 writes). False when interrupted (``stop_after``)."""
     from posttrain.report_data import logged_at
 
-    if not logged_at(run_dir, 0, prefix):
-        metrics.log(0, held_out(trainer))
+    barrier = _barrier(trainer)
+
+    def measure(step: int) -> None:
+        barrier()
+        todo = not logged_at(run_dir, step, prefix)
+        barrier()
+        if todo:
+            metrics.log(step, held_out(trainer))  # every process measures (DPO's evaluate is collective)
+
+    measure(0)
     try:
         trainer.train(resume_from_checkpoint=last)
     except Interrupted as stop:
         log.info("interrupted after step %d (stop_after)", stop.args[0])
         return False
-    if not logged_at(run_dir, trainer.state.global_step, prefix):  # a finished run resumed: measured
-        metrics.log(trainer.state.global_step, held_out(trainer))
+    measure(trainer.state.global_step)  # a finished run resumed: measured already
     return True
 
 
@@ -137,7 +185,10 @@ def save_atomically(trainer: Any, save: Any, model: Any, trial: Any) -> None:
 
     root = Path(trainer.args.output_dir)
     staging = root / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    main, barrier = trainer.args.should_save, _barrier(trainer)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()  # every process writes its part (its RNG state) into the fresh staging folder
     name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     keep = trainer.args.save_total_limit
     trainer.args.output_dir, trainer.args.save_total_limit = str(staging), None
@@ -145,12 +196,45 @@ def save_atomically(trainer: Any, save: Any, model: Any, trial: Any) -> None:
         save(model, trial)
     finally:
         trainer.args.output_dir, trainer.args.save_total_limit = str(root), keep
-    final = root / name
-    if final.exists():  # saved again at the same step (the end of a resumed, finished run)
-        shutil.rmtree(final)
-    os.replace(staging / name, final)
-    shutil.rmtree(staging, ignore_errors=True)
-    done = sorted((p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
-    for old in done[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    if main:
+        final = root / name
+        if final.exists():  # saved again at the same step (the end of a resumed, finished run)
+            shutil.rmtree(final)
+        os.replace(staging / name, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        done = sorted((p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("-")[-1]))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _barrier(trainer: Any) -> Callable[[], None]:
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (torchrun, ``accelerate launch``), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class NullMetrics:
+    """The metrics of a process other than rank 0: rank 0 logs for all."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def stage_metrics(run_dir: Path, stage: str, loggers: list[str], config: Any) -> MetricsLogger | NullMetrics:
+    """The stage's metrics logger on rank 0 (which also writes the resolved config); a null one elsewhere."""
+    from posttrain.config import write_resolved
+
+    if not is_main_process():
+        return NullMetrics()
+    write_resolved(config, run_dir)
+    return MetricsLogger(run_dir, stage=stage, loggers=loggers, config=config.model_dump(mode="json"))

@@ -58,8 +58,6 @@ def _sum_logprob(model, prompt, completion):
 def test_a_reference_free_dpo_step_loss_equals_the_hand_computed_one(tmp_path, tiny_llama_dir):
     """-log sigmoid(beta * (log p(chosen) - log p(rejected))), summed over each response's tokens with the
     starting weights, averaged over the batch: TRL's logged loss of step 1 (one micro-batch = the batch)."""
-    from datasets import Dataset
-
     from posttrain import models
     from posttrain.metrics import MetricsLogger
     from posttrain.preference.dpo import _trainer
@@ -70,7 +68,7 @@ def test_a_reference_free_dpo_step_loss_equals_the_hand_computed_one(tmp_path, t
     model = models.model_for(cfg.model, "cpu")
     rows = preference_rows(limit=4)
     logger = MetricsLogger(tmp_path, stage="dpo", loggers=["jsonl"], ray_metrics=False)
-    trainer = _trainer(cfg, model, tokenizer, Dataset.from_list(rows), Dataset.from_list(rows), logger)
+    trainer = _trainer(cfg, model, tokenizer, rows, rows, logger)
     batch = list(trainer.train_dataset)
     with torch.no_grad():
         margins = [_sum_logprob(model, r["prompt_ids"], r["chosen_ids"]) - _sum_logprob(model, r["prompt_ids"], r["rejected_ids"])
@@ -110,7 +108,7 @@ def test_a_checkpoint_killed_mid_save_is_never_visible(tmp_path):
     from posttrain.preference.trl_run import save_atomically
 
     root = tmp_path / "checkpoints"
-    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(root), save_total_limit=2),
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(root), save_total_limit=2, should_save=True),
                               state=SimpleNamespace(global_step=3))
 
     def dies(model, trial):

@@ -133,3 +133,31 @@ def test_bad_preference_rows_are_named_by_row_and_field(tmp_path, caplog):
     only_bad.write_text("".join(json.dumps(r) + "\n" for r in bad))
     with pytest.raises(DataError, match="no valid rows"):
         preference_rows(str(only_bad))
+
+
+DPO_DDP = pytest.mark.xfail(strict=True, reason=(
+    "TRL 1.16's DPOTrainer (its fused LM head) under DDP on gloo: step 1's loss matches, its gradient norm "
+    "does not (1.18 in one process, 0.0005 in two); posttrain dpo warns when launched on several processes"))
+
+
+@pytest.mark.parametrize("command", [["rm", "train"], pytest.param(["dpo"], marks=DPO_DDP)])
+def test_two_processes_train_the_weights_of_one(tmp_path, tiny_llama_dir, command):
+    """torchrun (gloo) data parallel through the HF Trainer's accelerate: the same global batch of pairs, the
+    same losses and final weights as one process; rank 0 alone writes metrics and RUN/model."""
+    import os
+    import subprocess
+    import sys
+
+    preset = CONFIGS / ("rm" if command[0] == "rm" else "dpo") / "tiny_smoke.yaml"
+    args = ["--config", str(preset), "train.max_steps=3", "data.limit=12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for run, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        subprocess.run([sys.executable, *launch, "-m", "posttrain", *command, *args, f"run_dir={tmp_path / run}"],
+                       check=True, env=env, timeout=600, capture_output=True)
+    assert {p.name for p in (tmp_path / "two" / "checkpoints" / "checkpoint-3").glob("rng_state*")} == \
+        {"rng_state_0.pth", "rng_state_1.pth"}  # really two processes
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
+    losses = [[r["train/loss"] for r in metric_rows(tmp_path / run) if "train/loss" in r] for run in ("one", "two")]
+    assert len(losses[1]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
