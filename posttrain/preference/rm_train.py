@@ -90,6 +90,10 @@ def _trainer(cfg: RMStageConfig, model: Any, tokenizer: Any, train_set: Any, tes
                                     callbacks=callbacks(metrics, cfg.train.max_minutes, stop_after))
     if not len(trainer.train_dataset):
         raise DataError(f"no training pair fits train.max_length={cfg.train.max_length} tokens")
+    if len(trainer.train_dataset) < len(train_set):
+        log.warning("%d of %d training pairs are longer than train.max_length=%d tokens and are left out "
+                    "(TRL's RewardTrainer filters, it does not cut)", len(train_set) - len(trainer.train_dataset),
+                    len(train_set), cfg.train.max_length)
     return trainer
 
 
