@@ -72,13 +72,12 @@ def main() -> None:
 
     from posttrain.preference.rm_train import train
 
-    start = time.perf_counter()
-    train(rm_cfg, resume=(Path(args.rm_run) / "checkpoints").is_dir())
-    rm_seconds = time.perf_counter() - start
+    train(rm_cfg, resume=(Path(args.rm_run) / "checkpoints").is_dir())  # a finished run: nothing to do
     rows = [json.loads(x) for x in (Path(args.rm_run) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/rm/pairwise_accuracy" in r]
     before, after = evals[0], evals[-1]
     steps = max(r["step"] for r in rows)
+    rm_seconds = max(r["time"] for r in rows if "train/loss" in r) - before["time"]  # as for the GenRM
 
     pairs = load_pairs(data["test_path"] or data["path"], "test", limit=args.pairs)
     judge = judge_eval_config(genrm_cfg, str(args.genrm_run / "model")).model_copy(update={"scoring": "expected"})
@@ -108,7 +107,7 @@ def main() -> None:
     print(f"{'chance':38} {0.5:9.3f}")
     print(f"GenRM written verdicts readable: {written['n_readable']:.0f} of {written['n_judgements']:.0f}; "
           f"expected values read: {expected.get('expected_values_rate', 0):.2f}")
-    cats = sorted({k.split('/', 1)[1] for k in after if k.startswith("eval/rm/pairwise_accuracy/")})
+    cats = sorted({k.rsplit("/", 1)[1] for k in after if k.startswith("eval/rm/pairwise_accuracy/")})
     if cats:
         print(f"\nper category {'RM':>8} {'GenRM (written)':>16}")
         for c in cats:

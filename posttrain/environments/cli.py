@@ -45,15 +45,20 @@ def _show(args: argparse.Namespace) -> int:
     from posttrain.environments.multiturn import is_multiturn
     from posttrain.environments.options import describe_options
     from posttrain.environments.registry import find_class
+    from posttrain.errors import EnvironmentLoadError
 
-    with _opened(args) as env:
-        samples = list(env.samples(args.split, args.seed))
-        multiturn = is_multiturn(env)
-        golds = [env.gold_episode(s) if multiturn else None for s in samples[: args.n]]
+    options = "\n".join(f"  {line}" for line in describe_options(find_class(args.name)))
+    try:
+        with _opened(args) as env:
+            samples = list(env.samples(args.split, args.seed))
+            multiturn = is_multiturn(env)
+            golds = [env.gold_episode(s) if multiturn else None for s in samples[: args.n]]
+    except EnvironmentLoadError:  # bad or missing options: the list of them is what the user needs
+        print(f"options of {args.name} (environments[i].options; name: type = default  # help):\n{options}")
+        raise
     kind = f", multi-turn (at most {env.max_turns} turns)" if multiturn else ""
     print(f"{env.name}: {len(samples)} {args.split} samples (seed {args.seed}){kind}")
-    print("options (environments[i].options; name: type = default  # help):")
-    print("\n".join(f"  {line}" for line in describe_options(find_class(args.name))))
+    print(f"options (environments[i].options; name: type = default  # help):\n{options}")
     for tool in (env.tools if multiturn else ()):
         print(f"[tool] {json.dumps(tool)}")
     for s, gold in zip(samples[: args.n], golds):

@@ -29,8 +29,7 @@ from posttrain.errors import DataError
 from posttrain.metrics import MetricsLogger
 from posttrain.preference.config import DPOStageConfig
 from posttrain.preference.pairs import preference_split
-from posttrain.preference.trl_run import (atomic, callbacks, fit, is_main_process, last_checkpoint, shared_dataset,
-                                        stage_metrics,
+from posttrain.preference.trl_run import (atomic, callbacks, last_checkpoint, shared_dataset, train_and_save,
                                         trainer_arguments)
 
 log = logging.getLogger(__name__)
@@ -41,15 +40,13 @@ _EVAL_KEYS = {"eval_loss": "loss", "eval_rewards/accuracies": "reward_accuracy",
 def train(cfg: DPOStageConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run DPO; returns the final model folder (``RUN/model``). ``stop_after``: stop after that step
     without finishing (preemption drills, tests)."""
-    from posttrain.sft.train import save_final
     from posttrain.training.model import count_params, prepare_for_training
 
-    run_dir = Path(cfg.run_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.warning("DPO on several processes is not yet proven equal to one: with TRL 1.16 on CPU/gloo the "
                     "gradients differ (tests/preference/test_reward_model.py, the xfail case); compare a few "
                     "steps with a single-process run before relying on it")
-    last = last_checkpoint(run_dir, resume)
+    last = last_checkpoint(Path(cfg.run_dir), resume)
     train_rows, test_rows = preference_split(cfg.data, "train"), preference_split(cfg.data, "test")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -61,18 +58,9 @@ def train(cfg: DPOStageConfig, *, resume: bool = False, stop_after: int | None =
     log.info("DPO: %d train / %d held-out pairs, %.2fM of %.2fM params trainable, losses %s, beta %g, reference %s",
              len(train_rows), len(test_rows), trainable / 1e6, total / 1e6, cfg.dpo.loss_type, cfg.dpo.beta,
              cfg.dpo.reference)
-    metrics = stage_metrics(run_dir, "dpo", cfg.loggers, cfg)
-    try:
-        trainer = _trainer(cfg, model, tokenizer, train_rows, test_rows, metrics, stop_after)
-        if not fit(trainer, run_dir, metrics, last, EVAL_PREFIX, held_out):
-            return run_dir / "model"
-    finally:
-        metrics.close()
-    if not is_main_process():
-        return run_dir / "model"
-    final = save_final(trainer.model, tokenizer, run_dir)
-    log.info("final model: %s", final)
-    return final
+    return train_and_save(cfg, "dpo", tokenizer, last, EVAL_PREFIX,
+                          lambda metrics: _trainer(cfg, model, tokenizer, train_rows, test_rows, metrics, stop_after),
+                          held_out)
 
 
 def _trainer(cfg: DPOStageConfig, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],

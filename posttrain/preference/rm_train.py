@@ -25,11 +25,11 @@ import torch
 
 from posttrain import models
 from posttrain.errors import DataError
-from posttrain.metrics import MetricsLogger
 from posttrain.preference.config import RMStageConfig
 from posttrain.preference.pairs import preference_split
-from posttrain.preference.reward_model import EVAL_PREFIX, RewardScorer, load_reward_model, pair_scores, pairwise_metrics
-from posttrain.preference.trl_run import (atomic, callbacks, fit, is_main_process, last_checkpoint, stage_metrics,
+from posttrain.preference.reward_model import (EVAL_PREFIX, RewardScorer, load_reward_model, pair_scores,
+                                              pairwise_metrics)
+from posttrain.preference.trl_run import (atomic, callbacks, last_checkpoint, shared_dataset, train_and_save,
                                         trainer_arguments)
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,9 @@ log = logging.getLogger(__name__)
 def train(cfg: RMStageConfig, *, resume: bool = False, stop_after: int | None = None) -> Path:
     """Train the reward model; returns ``RUN/model``. ``stop_after``: stop after that step without
     finishing (preemption drills, tests)."""
-    from datasets import Dataset
-
-    from posttrain.sft.train import save_final
     from posttrain.training.model import count_params, prepare_for_training
 
-    run_dir = Path(cfg.run_dir)
-    last = last_checkpoint(run_dir, resume)
+    last = last_checkpoint(Path(cfg.run_dir), resume)
     train_rows, test_rows = preference_split(cfg.data, "train"), preference_split(cfg.data, "test")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -55,37 +51,29 @@ def train(cfg: RMStageConfig, *, resume: bool = False, stop_after: int | None = 
     trainable, total = count_params(model)
     log.info("reward model: %d train / %d held-out pairs, %.2fM of %.2fM params trainable, margin x%g",
              len(train_rows), len(test_rows), trainable / 1e6, total / 1e6, cfg.rm.margin_scale)
-    metrics = stage_metrics(run_dir, "rm", cfg.loggers, cfg)
-    try:
-        trainer = _trainer(cfg, model, tokenizer, _dataset(Dataset, train_rows, cfg.rm.margin_scale), test_rows,
-                           metrics, stop_after)
-        if not fit(trainer, run_dir, metrics, last, EVAL_PREFIX, lambda t: held_out(t, test_rows)):
-            return run_dir / "model"
-    finally:
-        metrics.close()
-    if not is_main_process():
-        return run_dir / "model"
-    final = save_final(trainer.model, tokenizer, run_dir)
-    log.info("final model: %s", final)
-    return final
+    return train_and_save(cfg, "rm", tokenizer, last, EVAL_PREFIX,
+                          lambda metrics: _trainer(cfg, model, tokenizer, train_rows, metrics, stop_after),
+                          lambda trainer: held_out(trainer, test_rows))
 
 
-def _dataset(dataset_cls: Any, rows: list[dict[str, Any]], margin_scale: float) -> Any:
-    rows = [{k: v for k, v in r.items() if k != "category"} for r in rows]
-    for r in rows:
+def _with_margins(rows: list[dict[str, Any]], margin_scale: float) -> list[dict[str, Any]]:
+    """TRL's rows: the margin scaled (dropped at 0: plain Bradley-Terry), no category."""
+    out = []
+    for row in rows:
+        kept = {k: v for k, v in row.items() if k not in ("category", "margin")}
         if margin_scale:
-            r["margin"] = margin_scale * r["margin"]
-        else:
-            del r["margin"]
-    return dataset_cls.from_list(rows)
+            kept["margin"] = margin_scale * row["margin"]
+        out.append(kept)
+    return out
 
 
-def _trainer(cfg: RMStageConfig, model: Any, tokenizer: Any, train_set: Any, test_rows: list[dict[str, Any]],
-             metrics: MetricsLogger, stop_after: int | None = None) -> Any:
+def _trainer(cfg: RMStageConfig, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
+             metrics: Any, stop_after: int | None = None) -> Any:
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(**trainer_arguments(cfg.train, Path(cfg.run_dir), cfg.progress),
                         center_rewards_coefficient=cfg.rm.center_rewards_coefficient or None)
+    train_set = shared_dataset(_with_margins(train_rows, cfg.rm.margin_scale), Path(cfg.run_dir), "train")
     trainer = atomic(RewardTrainer)(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
                                     callbacks=callbacks(metrics, cfg.train.max_minutes, stop_after))
     if not len(trainer.train_dataset):

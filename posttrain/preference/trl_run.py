@@ -174,6 +174,26 @@ def fit(trainer: Any, run_dir: Path, metrics: MetricsLogger | NullMetrics, last:
     return True
 
 
+def train_and_save(cfg: Any, stage: str, tokenizer: Any, last: str | None, prefix: str,
+                   make_trainer: Callable[[MetricsLogger | NullMetrics], Any],
+                   held_out: Callable[[Any], dict[str, float]]) -> Path:
+    """A stage's run: its metrics, ``make_trainer(metrics)``'s training between held-out measurements
+    (:func:`fit`), then ``RUN/model`` from rank 0; returns ``RUN/model`` (not written when interrupted)."""
+    from posttrain.sft.train import save_final
+
+    run_dir = Path(cfg.run_dir)
+    metrics = stage_metrics(run_dir, stage, cfg.loggers, cfg)
+    try:
+        trainer = make_trainer(metrics)
+        if not fit(trainer, run_dir, metrics, last, prefix, held_out) or not is_main_process():
+            return run_dir / "model"
+    finally:
+        metrics.close()
+    final = save_final(trainer.model, tokenizer, run_dir)
+    log.info("final model: %s", final)
+    return final
+
+
 def save_atomically(trainer: Any, save: Any, model: Any, trial: Any) -> None:
     """HF's ``_save_checkpoint`` into a hidden staging folder, renamed to ``checkpoint-N`` when complete.
 

@@ -29,12 +29,10 @@ def metric_rows(run_dir: Path) -> list[dict]:
 def test_a_reward_model_step_loss_is_bradley_terry_with_the_label_margin(tmp_path, tiny_llama_dir):
     """-log sigmoid(r_chosen - r_rejected - scale * margin) with the starting weights, averaged over the
     batch: TRL's logged loss of step 1; and our scorer reads the same rewards TRL trains on."""
-    from datasets import Dataset
-
     from posttrain import models
     from posttrain.metrics import MetricsLogger
     from posttrain.preference.reward_model import RewardScorer, load_reward_model, pair_scores
-    from posttrain.preference.rm_train import _dataset, _trainer
+    from posttrain.preference.rm_train import _trainer
 
     cfg = tiny(tmp_path, "rm.margin_scale=0.5", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1")
     tokenizer = models.tokenizer_for(cfg.model)
@@ -46,7 +44,7 @@ def test_a_reward_model_step_loss_is_bradley_terry_with_the_label_margin(tmp_pat
     expected = sum(-math.log(1 / (1 + math.exp(-(c - r - 0.5 * row["margin"]))))
                    for c, r, row in zip(chosen, rejected, rows)) / len(rows)
     logger = MetricsLogger(tmp_path, stage="rm", loggers=["jsonl"], ray_metrics=False)
-    trainer = _trainer(cfg, model, tokenizer, _dataset(Dataset, rows, 0.5), rows, logger)
+    trainer = _trainer(cfg, model, tokenizer, rows, logger)
     first = trainer.train_dataset[0]
     from posttrain.preference.reward_model import conversation_ids
 

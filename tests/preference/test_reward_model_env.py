@@ -86,3 +86,12 @@ def test_two_rlhf_steps_with_a_reward_model_actor_mixed_with_math(tmp_path, tiny
     assert last["env/reward_model/error_rate"] == 0.0 and "env/math/error_rate" in last  # math: a random model's
     assert len({r["env/reward_model/score"] for r in steps}) == 2  # the RM actor scored each step's rollouts
     assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_env_show_lists_the_options_even_when_a_required_one_is_missing(capsys):
+    from posttrain.cli import main
+
+    assert main(["env", "show", "reward_model"]) == 2
+    captured = capsys.readouterr()
+    assert "normalize: Literal['group', 'none'] = \"group\"" in captured.out
+    assert "model: required, not given" in captured.err
