@@ -53,7 +53,8 @@ class PreferenceTrainConfig(Config):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
     max_minutes: float | None = Field(None, gt=0, description=(
-        "time budget: stop at the first step past it, with a checkpoint, and finish as usual (None = no limit)"))
+        "training time budget (from the first step, per launch): stop at the first step past it, with a "
+        "checkpoint, and finish as usual (None = no limit)"))
     batch_size: int = Field(8, ge=1, description="pairs per optimizer step (over every process)")
     micro_batch_size: int = Field(2, ge=1, description="pairs per forward pass; batch_size is a multiple of it")
     max_length: int = Field(1024, ge=16, description="prompt + response tokens; longer pairs are cut at the end")

@@ -8,8 +8,9 @@
 * **Our metrics**: TRL's log rows go to ``RUN/metrics.jsonl`` (and TensorBoard, Ray gauges, W&B or
   MLflow as ``loggers`` say) as ``train/...``, not to TRL's reporters; the stage's held-out metrics
   are logged at step 0 and at the last step (the report's before/after), once each across resumes.
-* **A time budget** (``train.max_minutes``): the run stops at the first step past it, saves a
-  checkpoint there and ends as a finished run would (held-out after, ``RUN/model``).
+* **A time budget** (``train.max_minutes``, of training, counted from its first step in each
+  launch): the run stops at the first step past it, saves a checkpoint there and ends as a
+  finished run would (held-out after, ``RUN/model``).
 * **The final model** is ``RUN/model``, LoRA merged, written atomically.
 * **Several processes** (``torchrun`` or ``accelerate launch``; the HF Trainer runs on accelerate,
   DDP, or FSDP/DeepSpeed from an accelerate config): batch sizes count pairs over all of them,
@@ -112,7 +113,10 @@ def callbacks(metrics: MetricsLogger, max_minutes: float | None, stop_after: int
                                                 if isinstance(v, (int, float)) and k != "epoch"})
 
     class Budget(TrainerCallback):
-        def __init__(self) -> None:
+        deadline: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # the clock starts with training (after loading, tokenising, DPO's reference pass), per launch
             self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

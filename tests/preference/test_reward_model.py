@@ -159,3 +159,14 @@ def test_two_processes_train_the_weights_of_one(tmp_path, tiny_llama_dir, comman
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
     losses = [[r["train/loss"] for r in metric_rows(tmp_path / run) if "train/loss" in r] for run in ("one", "two")]
     assert len(losses[1]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_time_budget_stops_with_a_checkpoint_and_finishes_the_run(tmp_path, tiny_llama_dir):
+    from posttrain.preference.rm_train import train
+
+    train(tiny(tmp_path, "train.max_steps=5", "train.save_every=50", "train.max_minutes=1e-6"))
+    rows = metric_rows(tmp_path)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1]  # past the budget after the first step
+    assert [r["step"] for r in rows if "eval/rm/pairwise_accuracy" in r] == [0, 1]  # the held-out after
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1"]  # saved though not due
+    assert (tmp_path / "model" / "config.json").is_file()
