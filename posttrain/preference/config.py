@@ -123,7 +123,8 @@ class RMStageConfig(Config):
 class RMEvalConfig(Config):
     """Held-out pairwise accuracy of a scalar reward model (overall and per category)."""
 
-    model: ModelConfig = Field(ModelConfig(name="runs/rm/model"), description="the reward model (RUN/model)")
+    model: ModelConfig = Field(ModelConfig(name="runs/rm/model", chat_template="model"), description=(
+        "the reward model (RUN/model, or a hub RM), read with the chat template it was trained with"))
     data: PreferenceDataConfig = PreferenceDataConfig()
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     max_length: int = Field(1024, ge=16, description="tokens per sequence; longer ones keep their end")

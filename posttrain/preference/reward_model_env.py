@@ -174,7 +174,9 @@ class RewardModelActor:
         from posttrain.preference.reward_model import RewardScorer
 
         torch.set_num_threads(threads)
-        self.scorer = RewardScorer.load(ModelConfig(name=model), batch_size=batch_size, max_length=max_length)
+        # the chat template saved with the RM: what it was trained on (ours for `posttrain rm train`)
+        self.scorer = RewardScorer.load(ModelConfig(name=model, chat_template="model"), batch_size=batch_size,
+                                        max_length=max_length)
 
     def ready(self) -> bool:
         return True

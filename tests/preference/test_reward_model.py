@@ -67,7 +67,7 @@ def test_rm_stage_run_folder_and_eval_agree(tmp_path, tiny_llama_dir):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
     # the saved model, read again by `rm eval`, scores the held-out pairs as the trainer's model did
-    again = evaluate(RMEvalConfig(model=ModelConfig(name=str(tmp_path / "model")),
+    again = evaluate(RMEvalConfig(model=ModelConfig(name=str(tmp_path / "model"), chat_template="model"),
                                   data={"path": "posttrain:preferences", "test_limit": 4}))
     assert again["pairwise_accuracy"] == evals[1]["eval/rm/pairwise_accuracy"]
     assert again["mean_margin"] == pytest.approx(evals[1]["eval/rm/mean_margin"], abs=1e-5)
