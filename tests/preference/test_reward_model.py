@@ -170,3 +170,27 @@ def test_a_time_budget_stops_with_a_checkpoint_and_finishes_the_run(tmp_path, ti
     assert [r["step"] for r in rows if "eval/rm/pairwise_accuracy" in r] == [0, 1]  # the held-out after
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1"]  # saved though not due
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_lora_trains_and_merges_into_a_plain_model(tmp_path, tiny_llama_dir, stage):
+    """LoRA (the RM's new score head trained in full): RUN/model is a plain HF folder that loads as the stage's
+    model class and differs from the start."""
+    if stage == "rm":
+        from posttrain.preference.rm_train import train
+
+        cfg = tiny(tmp_path, "lora.enabled=true", "lora.r=4")
+    else:
+        from posttrain.preference.dpo import train
+
+        cfg = load_config(DPOStageConfig, CONFIGS / "dpo" / "tiny_smoke.yaml",
+                          [f"run_dir={tmp_path}", "lora.enabled=true", "lora.r=4"])
+    train(cfg)
+    weights = _weights(tmp_path)
+    assert not any("lora" in k for k in weights)  # merged
+    assert ("score.weight" in weights) == (stage == "rm")
+    if stage == "rm":
+        from posttrain.preference.reward_model import load_reward_model
+
+        start = load_reward_model(cfg.model, "cpu").state_dict()
+        assert not torch.equal(start["score.weight"], weights["score.weight"])  # the head was trained
