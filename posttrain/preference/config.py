@@ -57,7 +57,8 @@ class PreferenceTrainConfig(Config):
         "checkpoint, and finish as usual (None = no limit)"))
     batch_size: int = Field(8, ge=1, description="pairs per optimizer step (over every process)")
     micro_batch_size: int = Field(2, ge=1, description="pairs per forward pass; batch_size is a multiple of it")
-    max_length: int = Field(1024, ge=16, description="prompt + response tokens; longer pairs are cut at the end")
+    max_length: int = Field(1024, ge=16, description=(
+        "prompt + response tokens; DPO cuts longer pairs at the end, the RM leaves them out (TRL's trainers)"))
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -78,21 +79,27 @@ class PreferenceTrainConfig(Config):
         return self
 
 
-class DPOStageConfig(Config):
-    """DPO on preference pairs (TRL's DPOTrainer), in our run folder."""
+class PreferenceStageConfig(Config):
+    """What the DPO and reward-model stages share: model, data, training, LoRA, run folder."""
 
     model: ModelConfig = ModelConfig()
     init_from: str | None = Field(None, description="start from this model folder instead of model.name")
     data: PreferenceDataConfig = PreferenceDataConfig()
-    dpo: DPOLossConfig = DPOLossConfig()
     train: PreferenceTrainConfig = PreferenceTrainConfig()
     lora: LoraConfig = LoraConfig()
     loggers: list[Logger] = Field(default_factory=lambda: ["jsonl", "tensorboard"], description=LOGGERS_HELP)
     progress: bool = Field(True, description="show a progress bar")
-    run_dir: str = Field("runs/dpo", description="run folder: config, metrics, checkpoints/, model/")
+    run_dir: str = Field("runs/preference", description="run folder: config, metrics, checkpoints/, model/")
 
     def start_model(self) -> ModelConfig:
         return self.model if self.init_from is None else self.model.model_copy(update={"name": self.init_from})
+
+
+class DPOStageConfig(PreferenceStageConfig):
+    """DPO on preference pairs (TRL's DPOTrainer), in our run folder."""
+
+    dpo: DPOLossConfig = DPOLossConfig()
+    run_dir: str = Field("runs/dpo", description="run folder: config, metrics, checkpoints/, model/")
 
 
 class RMLossConfig(Config):
@@ -103,21 +110,12 @@ class RMLossConfig(Config):
         "pull rewards toward mean 0 (TRL's center_rewards_coefficient; 0.01 is the paper's value)"))
 
 
-class RMStageConfig(Config):
+class RMStageConfig(PreferenceStageConfig):
     """A Bradley-Terry scalar reward model on preference pairs (TRL's RewardTrainer), in our run folder."""
 
-    model: ModelConfig = ModelConfig()
-    init_from: str | None = Field(None, description="start from this model folder instead of model.name")
-    data: PreferenceDataConfig = PreferenceDataConfig()
     rm: RMLossConfig = RMLossConfig()
     train: PreferenceTrainConfig = PreferenceTrainConfig(lr=1e-5)
-    lora: LoraConfig = LoraConfig()
-    loggers: list[Logger] = Field(default_factory=lambda: ["jsonl", "tensorboard"], description=LOGGERS_HELP)
-    progress: bool = Field(True, description="show a progress bar")
     run_dir: str = Field("runs/rm", description="run folder: config, metrics, checkpoints/, model/")
-
-    def start_model(self) -> ModelConfig:
-        return self.model if self.init_from is None else self.model.model_copy(update={"name": self.init_from})
 
 
 class RMEvalConfig(Config):
