@@ -95,3 +95,27 @@ def plain_jinja():
             return jinja2.nodes.Scope(body, lineno=lineno)
 
     return jinja2.Environment(extensions=[Generation])
+
+
+_EXIT: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """After the session is over and reported, leave without interpreter finalisation.
+
+    Once (CI, 2026-12-01) the process segfaulted in finalisation after "1185 passed", turning a green
+    run red (exit 139); a rerun of the same tree exited 0. Some C extension's teardown (vLLM, Ray,
+    torch threads) is racing at exit; the tests' results are already final here, so the status they
+    give is the one returned. Set POSTTRAIN_TEST_FINALIZE=1 to exit normally (to chase that crash).
+    """
+    if "status" in _EXIT and os.environ.get("POSTTRAIN_TEST_FINALIZE") != "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT["status"])
