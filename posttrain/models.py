@@ -288,13 +288,17 @@ def default_device() -> str:
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str | None = None,
-               revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoModelForCausalLM
+               revision: str | None = None, trust_remote_code: bool = False, num_labels: int | None = None) -> Any:
+    """A causal LM; with ``num_labels`` a sequence classifier instead (a reward model: ``num_labels=1``;
+    from a causal LM's folder its head is new, drawn from torch's RNG)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(
+    auto, extra = (AutoModelForCausalLM, {}) if num_labels is None else \
+        (AutoModelForSequenceClassification, {"num_labels": num_labels})
+    model = auto.from_pretrained(
         resolve(name_or_path), dtype=torch_dtype(dtype, device), revision=revision,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, **extra,
     )
     return model.to(device).eval()
 

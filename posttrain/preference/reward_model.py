@@ -27,16 +27,11 @@ EVAL_PREFIX = "eval/rm/"
 
 def load_reward_model(cfg: ModelConfig, device: str | None = None, *, seed: int = 0) -> Any:
     """``cfg``'s model with a one-label classification head (a causal LM gets a new head drawn with ``seed``)."""
-    from transformers import AutoModelForSequenceClassification
-
     from posttrain import models
 
-    device = device or models.default_device()
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        models.resolve(cfg.name), num_labels=1, dtype=models.torch_dtype(cfg.dtype, device), revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code)
-    return model.to(device).eval()
+    return models.load_model(cfg.name, dtype=cfg.dtype, device=device, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code, num_labels=1)
 
 
 def conversation_ids(tokenizer: Any, messages: Messages, enable_thinking: bool = False) -> list[int]:
