@@ -3,10 +3,10 @@
 Why our own instead of ``model(labels=...)``: the HF path builds logits for every position
 (``[T, V]`` floats, 6 GiB at 32K tokens x 49K vocab in fp32, twice that with gradients). Here
 only positions that carry loss are projected, a chunk at a time, and each chunk is recomputed
-in the backward pass (activation checkpointing), so peak extra memory is one
-``[chunk, V]`` block however long the sequence. TRL 1.16 chunks too, but its CPU fallback
-keeps a ~3 GiB fixed cost and the loss here is the plain sum we need for exact token
-normalisation across micro-batches and data-parallel ranks.
+in the backward pass, so peak extra memory is one ``[chunk, V]`` block however long the
+sequence (one, not the three a checkpointed ``log_softmax`` keeps: :class:`_ChunkLogprobs`).
+TRL 1.16 chunks too, but its CPU fallback keeps a ~3 GiB fixed cost and the loss here is the
+plain sum we need for exact token normalisation across micro-batches and data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -15,16 +15,52 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    targets: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    # hidden: [c, H], weight: [V, H], targets: [c] -> [c] log p(target)
-    logits = F.linear(hidden, weight, bias).float() * inv_temp  # [c, V], freed after this call
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+class _ChunkLogprobs(torch.autograd.Function):
+    """``[c]`` log p(targets) of one chunk with one ``[c, V]`` fp32 buffer alive, forward or backward.
+
+    The plain composition (linear, ``.float()``, ``log_softmax``, ``gather``, recomputed under
+    ``checkpoint``) keeps three ``[c, V]`` tensors alive in its backward (logits, log-softmax and
+    their gradient): at 2048 positions x 49K vocab that is 1.2 GB of fixed cost per step, the
+    largest term of a small model's activation memory at long context. Here forward keeps only
+    the ``[c]`` log-sum-exp; backward recomputes the logits once and turns them, in place, into
+    ``g * (onehot - softmax) / temperature``, the gradient of the logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, inv_temp: float) -> torch.Tensor:
+        # hidden: [c, H], weight: [V, H], targets: [c] -> [c]
+        logits = _scaled_logits(hidden, weight, bias, inv_temp)  # [c, V] fp32, ours to overwrite
+        picked = logits.gather(1, targets[:, None])[:, 0]  # [c]
+        top = logits.amax(dim=1, keepdim=True)  # [c, 1]
+        lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top[:, 0])  # [c]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.inv_temp = inv_temp
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        logits = _scaled_logits(hidden, weight, bias, ctx.inv_temp)  # [c, V]
+        # d(picked - lse)/d logits = onehot(target) - softmax; chained with grad and 1/temperature
+        dlogits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        dlogits.scatter_add_(1, targets[:, None], grad[:, None].to(dlogits.dtype)).mul_(ctx.inv_temp)
+        dlogits = dlogits.to(weight.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        return (dlogits @ weight if need_h else None, dlogits.T @ hidden if need_w else None,
+                dlogits.sum(0) if need_b else None, None, None)
+
+
+def _scaled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   inv_temp: float) -> torch.Tensor:
+    """``[c, V]`` fp32 ``head(hidden) / temperature``, a fresh tensor the caller may overwrite."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.float() if logits.dtype != torch.float32 else logits
+    return logits.mul_(inv_temp) if inv_temp != 1.0 else logits
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -34,7 +70,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
     ``hidden: [N, H]`` final hidden states of the positions that predict ``targets: [N]``;
     ``weight: [V, H]`` the LM head. Each chunk is recomputed in backward, so at most one
-    ``[chunk_size, V]`` block of logits exists at a time.
+    ``[chunk_size, V]`` fp32 block of logits exists at a time (:class:`_ChunkLogprobs`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
@@ -45,10 +81,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_chunk_logprobs, h, weight, bias, t, 1.0 / temperature, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(h, weight, bias, t, 1.0 / temperature))
+        parts.append(_ChunkLogprobs.apply(h, weight, bias, t, 1.0 / temperature))
     return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
 
 
