@@ -5,6 +5,9 @@ RSS is that step's alone. The row is two packed documents whose seam is off the 
 boundaries; gradient checkpointing on; loss through ``training.context_parallel.cp_nll_sum``
 (CP=1 runs the same code in one process). "act" = peak RSS minus RSS after loading the model,
 the largest over ranks; the ratio column is CP=2 / CP=1; |dloss| is CP=2's loss minus CP=1's.
+The workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` (unless set): glibc otherwise raises its
+mmap threshold after the first large free and keeps later freed blocks in the heap, so peak RSS
+would measure the allocator's history (up to 2x the live tensors here), not the step's memory.
 
     python bench/sft_context_parallel.py                        # tiny-llama, 16K and 32K
     python bench/sft_context_parallel.py --models tiny-llama tiny-nemotron-h --tokens 32768 65536 131072
@@ -23,6 +26,7 @@ from worker_result import publish, run_worker  # bench/ is the script's folder
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # inherited by the workers: RSS tracks live memory
 GIB = 1024**3
 
 

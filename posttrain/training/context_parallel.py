@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from posttrain.errors import ConfigError
+from posttrain.training.cp_segments import PAD_DOC, Segment, SegmentAttention, plan
 from posttrain.training.loss import IGNORE_INDEX, shifted_targets, token_logprobs, trunk_and_head
 
 # Default query block: its [block, keys] mask stays under MASK_BUDGET elements whatever the row
@@ -53,7 +54,6 @@ from posttrain.training.loss import IGNORE_INDEX, shifted_targets, token_logprob
 MASK_BUDGET = 2**24
 MIN_QUERY_BLOCK = 64
 CP_ATTENTION = "posttrain_cp"  # config._attn_implementation of a model running under CP
-PAD_DOC = -1  # document id of padding (attention_mask 0, or the tail added to fill 2N chunks)
 # Layer kinds that carry a recurrent state or a causal convolution along the row: a rank needs
 # the previous rank's final state, passed on only for NemotronH's Mamba2 mixers (mamba_packing).
 STATEFUL = re.compile(r"Mamba|SSM|Ssm|DeltaNet|Rwkv|RWKV|LinearAttention|ShortConv")
@@ -135,6 +135,12 @@ class CPShard:
         if extra:
             x = torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)], 1)
         return x[:, self.index.to(x.device)]
+
+    @functools.cached_property
+    def segments(self) -> list[Segment] | None:
+        """The local queries cut at document and chunk edges, for the fused CPU path
+        (``cp_segments``); None when a row has a document split by padding."""
+        return plan(self.doc, self.doc_start, (int(self.index[0]), int(self.index[self.chunk])), self.chunk)
 
     @functools.cached_property
     def blocks(self) -> list[tuple[int, int, int, int]]:
@@ -284,6 +290,9 @@ def cp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     key, value = all_gather_kv(key, value, cp_shard.group)  # [B, Hkv, T, D] in row order
+    if query.device.type == "cpu" and not dropout and cp_shard.segments is not None:
+        out = SegmentAttention.apply(query, key, value, cp_shard.segments, scaling)  # [B, H, t, D]
+        return out.transpose(1, 2).contiguous(), None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
     for block in cp_shard.blocks:
