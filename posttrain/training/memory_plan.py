@@ -11,7 +11,9 @@ What ``posttrain sft --dry-run`` prints before a launch: bytes per rank of
 - **FSDP buffers**: the gathered (unsharded) parameters of the largest block, twice (prefetch);
 - **activations**, for ``tokens / cp`` tokens on this rank: with gradient checkpointing the saved
   input of every layer plus one layer's recomputed working set (forward and its gradients), plus
-  the chunked loss's ``[chunk, vocab]`` fp32 logits block (logits, log-softmax, their gradient).
+  the chunked loss's one ``[chunk, vocab]`` fp32 logits block (turned into its own gradient in
+  place; with bf16 weights also the head's bf16 output next to it) and the head-gradient
+  contribution of one chunk.
   Without checkpointing every layer's working set stays alive.
 
 Layer kinds: ``*`` attention, ``-`` MLP (NemotronH), ``M`` Mamba2, ``E`` MoE; a Llama-style block is
@@ -235,7 +237,8 @@ def plan(cfg: dict[str, Any], step: StepShape) -> MemoryPlan:
     else:
         rows[f"activations: all layers ({t} tok)"] = int(2 * sum(l.act_per_token for l in m.layers) * t * pb)
     chunk = min(step.loss_chunk, t)
-    rows[f"loss: [{chunk}, {m.vocab}] fp32 logits x3"] = 3 * chunk * m.vocab * 4 + 2 * t * m.hidden * pb
+    block = (4 + (pb if pb < 4 else 0)) * chunk * m.vocab  # fp32 logits (+ the head's own-dtype output)
+    rows[f"loss: [{chunk}, {m.vocab}] fp32 logits block"] = block + m.vocab * m.hidden * pb + 2 * t * m.hidden * pb
     notes = [f"{step.world} ranks = dp_shard {step.world // step.cp} x cp {step.cp}; {t} tokens per rank; "
              f"{'FSDP over ' + str(shard) + ' ranks' if shard > 1 else 'weights replicated'}; {step.dtype}"]
     if pb < 4 and not step.fp32_master:
