@@ -9,6 +9,8 @@ AdamW, one document of N tokens all labelled (what ``posttrain sft`` does in one
 Parameters, gradients and AdamW state are counted from the tensors; the rest of the step
 (activations, loss chunk) is measured as peak RSS during the step minus the RSS before it, less
 the gradients and optimizer state created meanwhile, so the interpreter and libraries drop out.
+The children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (unless set), so RSS tracks live tensors
+rather than blocks glibc keeps in its heap after raising its mmap threshold.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # inherited by the measuring children
 MIB = 1024**2
 
 
@@ -72,7 +75,7 @@ def estimate(name: str, tokens: int, chunk: int) -> dict[str, int]:
     cfg = load_hf_config(str(models.prepare(name)))
     rows = plan(cfg, StepShape(tokens=tokens, dtype="float32", loss_chunk=chunk)).rows
     pick = lambda word: sum(v for k, v in rows.items() if k.startswith(word))  # noqa: E731
-    act = pick("activations") + pick("loss")
+    act = pick("activations") + pick("loss") + pick("final hidden")
     return {"params": pick("parameters"), "grads": pick("gradients"), "optimizer": pick("optimizer"),
             "rest": act, "step_peak": pick("gradients") + pick("optimizer") + act}
 

@@ -9,12 +9,13 @@ What ``posttrain sft --dry-run`` prints before a launch: bytes per rank of
   ``StepShape.fp32_master`` plans the usual mixed-precision layout instead (fp32 moments + an fp32
   master copy: 12 bytes per bf16 weight), and the table's note gives that total too;
 - **FSDP buffers**: the gathered (unsharded) parameters of the largest block, twice (prefetch);
-- **activations**, for ``tokens / cp`` tokens on this rank: with gradient checkpointing the saved
-  input of every layer plus one layer's recomputed working set (forward and its gradients), plus
-  the chunked loss's one ``[chunk, vocab]`` fp32 logits block (turned into its own gradient in
-  place; with bf16 weights also the head's bf16 output next to it) and the head-gradient
-  contribution of one chunk.
-  Without checkpointing every layer's working set stays alive.
+- **activations**, for ``tokens / cp`` tokens on this rank: the final hidden states and their
+  gradient; with gradient checkpointing the saved input of every layer plus the larger of one
+  layer's recomputed working set (forward, plus :data:`GRAD_SHARE` of it in gradients) and the
+  chunked loss's block (one ``[chunk, vocab]`` fp32 logits tensor turned into its own gradient in
+  place, with bf16 weights also the head's bf16 output, and one chunk's head gradient): the loss
+  runs its backward and frees its block before the first layer is recomputed, so the two never
+  coexist. Without checkpointing every layer's working set stays alive next to the loss block.
 
 Layer kinds: ``*`` attention, ``-`` MLP (NemotronH), ``M`` Mamba2, ``E`` MoE; a Llama-style block is
 ``*`` + a gated MLP. NemotronH's pattern comes from ``hybrid_override_pattern`` (or
@@ -36,6 +37,11 @@ from typing import Any
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# At a layer's backward peak its forward working set is alive plus gradients worth about a fifth of it
+# (autograd frees each intermediate once used): measured live memory (bench/memory_plan_check.py,
+# MALLOC_MMAP_THRESHOLD_ fixed) gave 1.2x on tiny-llama and 1.07x on tiny-nemotron-h; 2x (the set and
+# all its gradients at once) over-counted by 1.5-1.7x.
+GRAD_SHARE = 0.25
 _KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "moe": "E", "mlp": "-"}
 
 
@@ -229,18 +235,27 @@ def plan(cfg: dict[str, Any], step: StepShape) -> MemoryPlan:
     if step.fsdp and shard > 1:
         rows["FSDP gathered blocks (2 x largest)"] = 2 * max(l.params for l in m.layers) * pb
     t = -(-step.tokens // step.cp)  # tokens on this rank
-    if step.gradient_checkpointing:
-        saved = len(m.layers) * t * m.hidden * pb
-        working = 2 * max(l.act_per_token for l in m.layers) * t * pb
-        rows[f"activations: saved layer inputs ({len(m.layers)} x {t} tok)"] = saved
-        rows["activations: one layer recomputed + grads"] = int(working)
-    else:
-        rows[f"activations: all layers ({t} tok)"] = int(2 * sum(l.act_per_token for l in m.layers) * t * pb)
     chunk = min(step.loss_chunk, t)
     block = (4 + (pb if pb < 4 else 0)) * chunk * m.vocab  # fp32 logits (+ the head's own-dtype output)
-    rows[f"loss: [{chunk}, {m.vocab}] fp32 logits block"] = block + m.vocab * m.hidden * pb + 2 * t * m.hidden * pb
+    loss = (f"loss: [{chunk}, {m.vocab}] fp32 logits block", block + m.vocab * m.hidden * pb)  # + a head grad
+    rows["final hidden + its gradient"] = 2 * t * m.hidden * pb
+    later = None
+    if step.gradient_checkpointing:
+        rows[f"activations: saved layer inputs ({len(m.layers)} x {t} tok)"] = len(m.layers) * t * m.hidden * pb
+        working = int((1 + GRAD_SHARE) * max(l.act_per_token for l in m.layers) * t * pb)
+        layer = ("activations: one layer recomputed + grads", working)
+        # the loss's backward finishes (its block freed) before the first layer is recomputed
+        (name, size), later = sorted([layer, loss], key=lambda row: row[1], reverse=True)
+        rows[name] = size
+    else:
+        held = sum(l.act_per_token for l in m.layers) + GRAD_SHARE * max(l.act_per_token for l in m.layers)
+        rows[f"activations: all layers ({t} tok)"] = int(held * t * pb)
+        rows[loss[0]] = loss[1]
     notes = [f"{step.world} ranks = dp_shard {step.world // step.cp} x cp {step.cp}; {t} tokens per rank; "
              f"{'FSDP over ' + str(shard) + ' ranks' if shard > 1 else 'weights replicated'}; {step.dtype}"]
+    if later:
+        notes.append(f"{later[0]} ({later[1] / GIB:.2f} GiB) not at the peak: the loss's backward frees it "
+                     "before the layers are recomputed, so only the larger of the two counts")
     if pb < 4 and not step.fp32_master:
         extra = (adam_master - adam_like_params) // shard
         notes.append(f"mixed-precision AdamW (fp32 moments + master) would add {extra / GIB:.2f} GiB per rank")
