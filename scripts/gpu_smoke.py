@@ -1,0 +1,329 @@
+"""The GPU path in one run: the Python half of ``scripts/gpu_smoke.sh`` (issue #21).
+
+Every part runs, is timed and becomes a row of one table (``ok``, ``FAILED`` with the error, or
+``skipped`` with what is missing); ``--json`` also writes the rows. Exit status: 0 when no part
+failed, 1 when one did, 3 at once when there is no CUDA device. A part that needs a package
+the machine lacks (vLLM, Ray) is skipped, never faked: a GPU box without network may hold
+torch and transformers only, and the rows say so.
+
+Parts: the environment; the chunked LM-head loss in bf16 (values and gradients against full
+logits, and its peak memory); CP attention's CUDA path (masked query blocks) against SDPA with the
+document mask; a bf16 SFT step on tiny-llama (CP loss against the plain loss, tokens/s, peak);
+HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights; two RLVR steps with
+weight sync and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_CUDA = 3
+PARTS: list[Callable[[], dict[str, Any]]] = []
+RESULTS: dict[str, float] = {}  # figures one part leaves for a later one (HF tokens/s for vLLM's ratio)
+DEVICE = "cuda"  # --self-check-on-cpu runs the torch parts on "cpu" (CI checks the script, not the GPU)
+
+
+class Skip(Exception):
+    """A part cannot run on this machine (a missing package, no second GPU); the reason is the row's."""
+
+
+def part(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    PARTS.append(fn)
+    return fn
+
+
+def run_parts(parts: list[Callable[[], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each part in turn: ``{"part", "status", "seconds", "figures" | "reason"}``; a failure never stops the rest."""
+    rows = []
+    for fn in parts:
+        t0 = time.perf_counter()
+        try:
+            row = {"status": "ok", "figures": fn()}
+        except Skip as why:
+            row = {"status": "skipped", "reason": str(why)}
+        except Exception as exc:  # the smoke reports every failure and goes on
+            row = {"status": "FAILED", "reason": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc(limit=6)}
+        rows.append({"part": fn.__name__, "seconds": round(time.perf_counter() - t0, 2), **row})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| part | status | s | figures |", "|---|---|---|---|"]
+    for r in rows:
+        what = r.get("reason") or ", ".join(f"{k} {v}" for k, v in r.get("figures", {}).items())
+        lines.append(f"| {r['part']} | {r['status']} | {r['seconds']} | {what} |")
+    return "\n".join(lines)
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> int:
+    """Start a peak-memory window; returns the bytes allocated now (0 on CPU, where it is not tracked)."""
+    import torch
+
+    if DEVICE != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_mib(base: int) -> int | None:
+    import torch
+
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20) if DEVICE == "cuda" else None
+
+
+def _gpu_only() -> None:
+    if DEVICE != "cuda":
+        raise Skip("GPU-only part (self-check on CPU)")
+
+
+def _need(*modules: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Skip(f"not installed here: {', '.join(missing)}")
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@part
+def environment() -> dict[str, Any]:
+    import torch
+
+    have = {m: importlib.util.find_spec(m) is not None for m in ("vllm", "ray", "trl", "peft", "mamba_ssm")}
+    out = {"torch": torch.__version__, **{f"has_{k}": v for k, v in have.items()}}
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        out.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return out
+
+
+@part
+def chunked_loss() -> dict[str, Any]:
+    import torch
+
+    from posttrain.training.loss import token_logprobs
+
+    torch.manual_seed(0)
+    n, hidden, vocab = (4096, 576, 49152) if DEVICE == "cuda" else (128, 64, 4096)  # SmolLM2-135M's head on GPU
+    h = torch.randn(n, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=DEVICE, dtype=torch.bfloat16) * 0.05).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device=DEVICE)
+    coef = torch.randn(n, device=DEVICE)
+    base = _reset_peak()
+    ours = token_logprobs(h, w, targets, chunk_size=1024)
+    got = torch.autograd.grad((coef * ours).sum(), (h, w))
+    peak_ours = _peak_mib(base)
+    base = _reset_peak()
+    full = torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    want = torch.autograd.grad((coef * full).sum(), (h, w))
+    peak_full = _peak_mib(base)
+    value_err = float((ours - full).abs().max())
+    grad_err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, want))
+    if value_err > 1e-2 or grad_err > 2e-2:
+        raise AssertionError(f"bf16 chunked loss off: values {value_err:.2e}, relative gradients {grad_err:.2e}")
+    return {"max_logprob_err": f"{value_err:.1e}", "max_rel_grad_err": f"{grad_err:.1e}",
+            "peak_mib_chunked": peak_ours, "peak_mib_full_logits": peak_full}
+
+
+def _packed_batch(lengths: list[int], device: str) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 49000, (1, sum(lengths)), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.clone()
+    labels[0, torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)] = -100  # no document predicts the next's start
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
+
+
+@part
+def cp_attention() -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from posttrain.training import context_parallel as cp
+
+    batch = _packed_batch([700, 1300, 48] if DEVICE == "cuda" else [70, 130, 8], DEVICE)
+    local, shard = cp.shard_batch(batch, 1, 0)  # one rank: the CUDA path is the masked query blocks
+    t = local["input_ids"].shape[1]
+    errs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 8, t, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 2, t, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, 2, t, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+        ours = cp.cp_attention(None, q, k, v, None, cp_shard=shard)[0].transpose(1, 2)  # [1, H, t, D]
+        pos = torch.arange(t, device=DEVICE)
+        mask = (shard.doc[0, :, None] == shard.doc[0, None, :]) & (pos[None] <= pos[:, None])
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], enable_gqa=True)
+        g = torch.randn_like(ref)
+        ga, gb = torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)
+        pairs = [(ours, ref), *zip(ga, gb)]  # output, dq, dk, dv: error relative to the largest value
+        errs[str(dtype).split(".")[-1]] = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
+    if errs["float32"] > 1e-5 or errs["bfloat16"] > 2e-2:
+        raise AssertionError(f"CP attention on {DEVICE} differs from SDPA (max relative error): {errs}")
+    return {f"max_rel_err_{k}": f"{v:.1e}" for k, v in errs.items()}
+
+
+def _tiny_llama(dtype: Any) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.models import _tiny_llama_config
+
+    spec = _tiny_llama_config()
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=49152, **spec)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE)
+
+
+@part
+def sft_step() -> dict[str, Any]:
+    import torch
+
+    from posttrain.training import context_parallel as cp
+    from posttrain.training.loss import causal_lm_nll_sum
+
+    model = _tiny_llama(torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = _packed_batch([3000, 4000, 1192] if DEVICE == "cuda" else [300, 400, 119], DEVICE)
+    plain, n = causal_lm_nll_sum(model, batch, chunk_size=2048)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    nll, count = cp.cp_nll_sum(model, batch, None, 2048)
+    (nll / count).backward()
+    opt.step()
+    _sync()
+    seconds = time.perf_counter() - t0
+    diff = abs(float(nll) / count - float(plain) / n)
+    if count != n or diff > 2e-2:
+        raise AssertionError(f"CP=1 loss {float(nll) / count:.5f} vs plain {float(plain) / n:.5f} ({count} vs {n} tokens)")
+    return {"tokens": count, "loss_diff_vs_plain": f"{diff:.1e}", "tok_per_s": round(count / seconds),
+            "peak_mib": _peak_mib(base)}
+
+
+def _generate_tokens_per_s(generate: Callable[[], int]) -> float:
+    generate()  # warm-up: kernels, graphs
+    t0 = time.perf_counter()
+    tokens = generate()
+    return tokens / (time.perf_counter() - t0)
+
+
+PROMPTS, NEW_TOKENS = 32, 128  # per generate call; the CPU self-check uses a quarter of each
+
+
+@part
+def hf_generate() -> dict[str, Any]:
+    import torch
+
+    model = _tiny_llama(torch.bfloat16).eval()
+    prompts, new = (PROMPTS, NEW_TOKENS) if DEVICE == "cuda" else (PROMPTS // 4, NEW_TOKENS // 4)
+    ids = torch.randint(3, 49000, (prompts, 64), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def run() -> int:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        _sync()
+        return (out.shape[1] - ids.shape[1]) * prompts
+
+    rate = _generate_tokens_per_s(run)
+    RESULTS["hf_tok_per_s"] = rate
+    return {"tok_per_s": round(rate)}
+
+
+@part
+def vllm_generate() -> dict[str, Any]:
+    _gpu_only()
+    _need("vllm")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    folder = Path(tempfile.mkdtemp(prefix="smoke-tiny-llama-"))
+    _tiny_llama(torch.bfloat16).save_pretrained(folder)
+    llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
+              max_model_len=512, seed=0)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 164 + i))} for i in range(PROMPTS)]
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)
+
+    def run() -> int:
+        return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
+
+    rate = _generate_tokens_per_s(run)
+    hf = RESULTS.get("hf_tok_per_s")
+    return {"tok_per_s": round(rate), **({"vs_hf_generate": f"{rate / hf:.1f}x"} if hf else {})}
+
+
+@part
+def rlvr_two_steps() -> dict[str, Any]:
+    _gpu_only()
+    _need("vllm", "ray", "pydantic", "datasets")
+    run_dir = Path(tempfile.mkdtemp(prefix="smoke-rlvr-"))
+    cmd = [sys.executable, "-m", "posttrain", "rlvr", "--config", str(ROOT / "configs/rlvr/tiny_smoke.yaml"),
+           "run.steps=2", f"run_dir={run_dir}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    if done.returncode:
+        raise RuntimeError(f"posttrain rlvr exited {done.returncode}: {done.stderr[-800:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = {k: v for row in rows for k, v in row.items()}
+    keys = [k for k in last if any(w in k for w in ("sync", "step_seconds", "logprob", "mismatch"))]
+    return {k: (round(last[k], 4) if isinstance(last[k], float) else last[k]) for k in sorted(keys)[:8]}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--parts", nargs="+", help="run only these parts (default: all)")
+    parser.add_argument("--self-check-on-cpu", action="store_true", help=(
+        "run the torch parts on CPU, small: checks this script (CI), measures nothing about GPUs"))
+    args = parser.parse_args(argv)
+    global DEVICE
+    if args.self_check_on_cpu:
+        DEVICE = "cpu"
+    elif not cuda_available():
+        print("gpu_smoke: no CUDA device here (torch.cuda.is_available() is False): nothing to check", file=sys.stderr)
+        return NO_CUDA
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    chosen = [p for p in PARTS if not args.parts or p.__name__ in args.parts]
+    rows = run_parts(chosen)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if any(r["status"] == "FAILED" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
