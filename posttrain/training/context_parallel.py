@@ -11,10 +11,13 @@ How a batch ``[B, T]`` becomes ``N`` shards (Llama 3 style, all-gather of K/V):
    wrote it) and its global document id.
 4. In every attention layer the ``posttrain_cp`` implementation all-gathers K/V over the group
    (backward: reduce-scatter of their gradients, written with ``all_to_all_single`` since gloo
-   has no ``reduce_scatter``) and runs SDPA for the local queries, a block at a time, against
-   the keys from their documents' start to the block's end, masked to "same document and not
-   later in the row" from the global indices: exact causal attention. Each block is recomputed
-   in backward, so no ``[t, T]`` mask or score matrix outlives its block.
+   has no ``reduce_scatter``) and attends the local queries to their documents' past: exact
+   causal attention. On CPU a segment at a time on the fused flash kernel, unmasked prefix and
+   causal diagonal merged by log-sum-exp (``cp_segments``: no mask, no recompute); elsewhere (and
+   for dropout or a document split by padding) SDPA a query block at a time against the keys
+   from their documents' start to the block's end, masked to "same document and not later in the
+   row" from the global indices, each block recomputed in backward, so no ``[t, T]`` mask or
+   score matrix outlives its block.
 5. Each rank sums the NLL of its own targets; the token count is all-reduced over the group, so
    ``nll / count`` summed over ranks is the CP=1 token mean and the parameter gradients, summed
    over the group (or reduce-scattered by FSDP over ``dp_shard x cp``), equal the CP=1 ones.

@@ -48,7 +48,9 @@ class _ChunkLogprobs(torch.autograd.Function):
         logits = _scaled_logits(hidden, weight, bias, ctx.inv_temp)  # [c, V]
         # d(picked - lse)/d logits = onehot(target) - softmax; chained with grad and 1/temperature
         dlogits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
-        dlogits.scatter_add_(1, targets[:, None], grad[:, None].to(dlogits.dtype)).mul_(ctx.inv_temp)
+        dlogits.scatter_add_(1, targets[:, None], grad[:, None].to(dlogits.dtype))
+        if ctx.inv_temp != 1.0:
+            dlogits.mul_(ctx.inv_temp)
         dlogits = dlogits.to(weight.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         return (dlogits @ weight if need_h else None, dlogits.T @ hidden if need_w else None,
