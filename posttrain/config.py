@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.atomic import atomic_write_text
 from posttrain.errors import ConfigError
@@ -110,6 +110,10 @@ class RolloutConfig(Config):
     kv_cache_gib: int = Field(
         1, ge=1, description="vLLM-CPU KV cache in whole GiB (unset, vLLM-CPU reserves ~92% of RAM)"
     )
+    gpus_per_engine: float = Field(0, ge=0, description=(
+        "GPUs each engine reserves in the stage's placement group: a fraction shares a GPU (with the trainer "
+        "or other engines; set gpu_memory_utilization to its share), N > 1 whole GPUs shard the model "
+        "(vLLM tensor_parallel_size=N). 0 = CPU engines (vllm-cpu)"))
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on CUDA: fraction of GPU memory")
     max_model_len: int = Field(4096, ge=16, description="prompt + completion tokens per sequence")
     enforce_eager: bool | None = Field(None, description="no graph capture / compile; None = on for CPU")
@@ -123,6 +127,14 @@ class RolloutConfig(Config):
     start_timeout_s: float = Field(600.0, gt=0, description="engine start-up limit")
     call_timeout_s: float = Field(ROLLOUT_CALL_S, gt=0, description=(
         "limit of one generate/sync call; a hang becomes an error"))
+
+    @field_validator("gpus_per_engine")
+    @classmethod
+    def _whole_gpus_to_shard(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"more than one GPU per engine shards the model over whole GPUs (got {value}); "
+                             "use an integer, or a fraction below 1 to share one GPU")
+        return value
 
     def engine_threads(self) -> int:
         """OpenMP threads of one engine: ``threads_per_engine``, else its CPU reservation rounded up."""
@@ -235,10 +247,13 @@ def _fill_list_defaults(cls: type[BaseModel], defaults: Any, data: dict[str, Any
             _fill_list_defaults(type(default), default, data[key], value)
 
 
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike[str], _inside: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping. ``extends: other.yaml`` (relative to this file) starts it from that
+    file, merged as overrides are (a mapping edits, anything else replaces), so a preset can say only
+    how it differs from another."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
+        raise ConfigError(f"config file {str(path)!r} not found" + (f" (extended by {_inside[-1]})" if _inside else ""))
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -247,7 +262,16 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends must be the path of another YAML config, got {parent!r}")
+    chain = (*_inside, path.resolve())
+    base = (path.parent / parent).resolve()
+    if base in chain:
+        raise ConfigError(f"{path}: extends forms a cycle: {' -> '.join(str(p) for p in (*chain, base))}")
+    return deep_merge(load_yaml(base, chain), data)
 
 
 def load_config(

@@ -114,7 +114,8 @@ def plan(cfg: PipelineConfig) -> list[tuple[str, Any]]:
 def _with_judge(env: Any, models: dict[str, str], style: str) -> Any:
     """A genrm environment whose judge is 'auto' -> the trained GenRM, prompted in the style it learnt."""
     judge = dict(env.options.get("judge") or {})
-    if env.name != "genrm" or judge.get("model") not in (None, AUTO):
+    served = judge.get("backend", "local") != "local"  # a served judge's model None = whatever it serves
+    if env.name != "genrm" or served or judge.get("model") not in (None, AUTO):
         return env
     if "genrm" not in models:
         raise ConfigError("rlhf: the genrm environment's judge.model is 'auto' but no genrm stage has run; add "
@@ -219,7 +220,7 @@ def _in_actor(name: str, stage_cfg: Any, timeout_s: float) -> str:
     with it), resuming from its checkpoints; returns its final model folder."""
     from posttrain.orchestration import cluster
 
-    actor = cluster.start_actor(_TrainerWorker, f"{name}-0", num_cpus=1)
+    actor = cluster.start_actor(_TrainerWorker, f"{name}-0", num_cpus=1, num_gpus=stage_cfg.train.num_gpus)
     try:
         return cluster.gather([actor.train.remote(name, stage_cfg)], [f"{name}-0"], timeout_s, name.upper())[0]
     finally:

@@ -78,6 +78,16 @@ def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any]
                 from posttrain.environments.registry import check_environments
 
                 print("\n".join(f"# {line}" for line in check_environments(section.environments)))
+            if hasattr(section, "rollout") and hasattr(section, "train"):  # an RL stage: placement, trainer memory
+                from posttrain.models import cache_root
+                from posttrain.rlvr.actors import placement_lines
+                from posttrain.training.memory_plan import stage_plan
+
+                print("\n".join(f"# {line}" for line in placement_lines(section)))
+                plan_text = stage_plan(section.model, section.train, section.lora, section.train.workers,
+                                       cache_root=cache_root())
+                plan_text = plan_text.replace("memory plan, per rank:", "trainer memory plan, per worker:", 1)
+                print("\n".join(f"# {line}" for line in plan_text.splitlines()))
         if dry_run_extra is not None:
             print(dry_run_extra(cfg))
         return 0

@@ -113,3 +113,31 @@ def test_a_section_given_in_part_keeps_its_fields_default():
     assert load_config(Outer, None, ["judge.generation.enable_thinking=true"]).judge.generation.enable_thinking
     with pytest.raises(ConfigError, match="max_new_token"):
         load_config(Outer, None, ["judge.generation.max_new_token=7"])
+
+
+def test_extends_starts_from_another_file_and_catches_cycles(tmp_path) -> None:
+    from posttrain.config import load_yaml
+
+    (tmp_path / "base.yaml").write_text("a: {b: 1, c: 2}\nitems: [1, 2]\nname: base\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\na: {c: 3}\nitems: [9]\n")
+    assert load_yaml(tmp_path / "sub" / "child.yaml") == {"a": {"b": 1, "c": 3}, "items": [9], "name": "base"}
+    (tmp_path / "x.yaml").write_text("extends: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("extends: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_yaml(tmp_path / "x.yaml")
+    (tmp_path / "lost.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*extended by"):
+        load_yaml(tmp_path / "lost.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: [1]\n")
+    with pytest.raises(ConfigError, match="extends must be the path"):
+        load_yaml(tmp_path / "bad.yaml")
+
+
+def test_gpus_per_engine_above_one_must_be_whole() -> None:
+    from posttrain.config import RolloutConfig
+
+    assert RolloutConfig(gpus_per_engine=0.5).gpus_per_engine == 0.5
+    assert RolloutConfig(gpus_per_engine=4).gpus_per_engine == 4
+    with pytest.raises(ValueError, match="whole GPUs"):
+        RolloutConfig(gpus_per_engine=1.5)

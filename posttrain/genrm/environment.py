@@ -60,6 +60,7 @@ from posttrain.genrm.judge import Conversation
 from posttrain.genrm.judge_format import Judgement, judge_messages
 from posttrain.genrm.length_control import LengthControl, apply_length_control
 from posttrain.genrm.preference_data import SHIPPED, preference_prompts
+from posttrain.orchestration.placement import bundle
 
 REWARD_RANGE = (0.0, 6.0)  # raw GenRM rewards (1-5 scores, ranking shifts, length terms) -> [0, 1]
 
@@ -132,7 +133,7 @@ class GenRMEnv(DefaultHooks):
         if self.opts.judge.backend != "local" or self._given_backend:
             return {}
         r = self.opts.judge_rollout
-        return {"genrm": [{"CPU": r.cpus_per_engine}] * r.num_engines}
+        return {"genrm": [bundle(r.cpus_per_engine, r.gpus_per_engine)] * r.num_engines}
 
     def start(self, resources: StageResources) -> None:
         """Start the judge (local: GenRM engines ``genrm-0..`` in the stage's placement group)."""

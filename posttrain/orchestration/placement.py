@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
+def bundle(cpus: float, gpus: float = 0) -> dict[str, float]:
+    """One actor's reservation: ``{"CPU": cpus}``, with ``"GPU"`` only when it asks for some."""
+    return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where one actor runs: bundle ``bundle`` of placement group ``pg``."""

@@ -50,6 +50,8 @@ class DPOLossConfig(Config):
 
 class PreferenceTrainConfig(Config):
     lr: float = Field(5e-6, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description=(
+        "GPUs the pipeline's dpo-0 actor reserves (it trains on one if any); a torchrun launch sees its own"))
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
     max_minutes: float | None = Field(None, gt=0, description=(

@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.config import EpisodeConfig, ModelConfig
 from posttrain.environments.base import Environment, StageResources
-from posttrain.orchestration.placement import StagePlacement
+from posttrain.orchestration.placement import StagePlacement, bundle
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.episodes import EpisodeJob, EpisodeResult
@@ -72,14 +72,35 @@ class StageActors:
 
 def stage_roles(cfg: RLVRConfig, envs: dict[str, Environment]) -> dict[str, list[dict[str, float]]]:
     """The Ray resources each role of the stage reserves: one bundle per actor."""
-    roles = {"trainer": [{"CPU": cfg.train.num_cpus}] * cfg.train.workers,
-             "rollout": [{"CPU": cfg.rollout.cpus_per_engine}] * cfg.rollout.num_engines}
+    engine = bundle(cfg.rollout.cpus_per_engine, cfg.rollout.gpus_per_engine)
+    roles = {"trainer": [bundle(cfg.train.num_cpus, cfg.train.num_gpus)] * cfg.train.workers,
+             "rollout": [engine] * cfg.rollout.num_engines}
     if any(env.sandboxed for env in envs.values()):
-        roles["sandbox"] = [{"CPU": cfg.sandbox.num_cpus}] * cfg.sandbox.workers
+        roles["sandbox"] = [bundle(cfg.sandbox.num_cpus)] * cfg.sandbox.workers
     for env in envs.values():  # e.g. a GenRM's judge engines (genrm-0..)
         for role, bundles in env.roles().items():
             roles[role] = roles.get(role, []) + list(bundles)
     return roles
+
+
+def placement_lines(cfg: RLVRConfig) -> list[str]:
+    """What the stage asks Ray for, per role and in total (``--dry-run``): its placement group."""
+    from posttrain.environments.registry import opened
+
+    with opened(cfg.environments) as envs:
+        roles = stage_roles(cfg, envs)
+    total: dict[str, float] = {}
+    parts = []
+    for role, bundles in roles.items():
+        if not bundles:
+            continue
+        shown = {k: v for k, v in bundles[0].items() if v}
+        parts.append(f"{role} {len(bundles)} x {{{', '.join(f'{k} {v:g}' for k, v in shown.items())}}}")
+        for reserved in bundles:
+            for k, v in reserved.items():
+                total[k] = total.get(k, 0.0) + v
+    return [f"placement ({cfg.run.placement_strategy}): {'; '.join(parts)}",
+            "placement total: " + ", ".join(f"{k} {v:g}" for k, v in total.items() if v)]
 
 
 def local_cpus(roles: dict[str, list[dict[str, float]]]) -> int:

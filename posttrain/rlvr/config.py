@@ -104,6 +104,8 @@ class RLTrainConfig(Config):
         "trainer workers (trainer-0..) in one torch.distributed group; each trains a token-balanced "
         "share of every batch and gradients are summed, so the update equals one worker's"))
     num_cpus: float = Field(1.0, gt=0, description="CPU cores Ray reserves per trainer worker")
+    num_gpus: float = Field(0.0, ge=0, description=(
+        "GPUs Ray reserves per trainer worker (1 on a GPU cluster: the worker trains on it); 0 = train on CPU"))
     context_parallel: int = Field(1, ge=1, description=(
         "split every row of the logprob and loss passes over this many trainer workers (exact attention "
         "across them, see the SFT key); must divide train.workers, the rest are data-parallel"))

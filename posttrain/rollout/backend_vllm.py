@@ -100,6 +100,8 @@ class VLLMBackend:
         )
         if on_cuda():
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            if cfg.gpus_per_engine > 1:  # the actor owns them (CUDA_VISIBLE_DEVICES): vLLM's own workers
+                kw.update(tensor_parallel_size=int(cfg.gpus_per_engine), distributed_executor_backend="mp")
         else:
             # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator
             # (gen.set_offset), which CPU generators refuse: "CPU Generator does not use offset"

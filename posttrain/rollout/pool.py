@@ -54,7 +54,8 @@ class RolloutPool:
             for rank, name in enumerate(self.names):  # one at a time: vLLM start-up is CPU heavy
                 slot = placement.slot(name_prefix, rank) if placement is not None else None
                 actor = cluster.start_actor(RolloutEngine, name, model, cfg, rank, name, start=False,
-                                            num_cpus=cfg.cpus_per_engine, placement=slot,
+                                            num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
+                                            placement=slot,
                                             env={"OMP_NUM_THREADS": str(cfg.engine_threads())})
                 self.actors.append(actor)
                 self._gather([actor.start.remote()], [name], cfg.start_timeout_s, "start-up")

@@ -50,24 +50,9 @@ def _memory_plan(cfg: SFTConfig, args: argparse.Namespace) -> str:
     from posttrain.models import cache_root
     from posttrain.training import memory_plan as mp
 
-    try:
-        hf = mp.load_hf_config(cfg.model.name, cache_root())
-    except FileNotFoundError as exc:
-        return f"memory plan: skipped ({exc})"
-    lora = cfg.lora
-    targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (
-        ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj")
-        if hf.get("model_type") == "nemotron_h" else ())
     world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "float32"  # auto: float32 on CPU (bf16 on CUDA)
-    step = mp.StepShape(
-        tokens=cfg.train.micro_batch_tokens, dtype=dtype, world=world,
-        cp=getattr(cfg.train, "context_parallel", 1), fsdp=cfg.train.fsdp.enabled,
-        lora_r=lora.r if lora.enabled else 0, lora_targets=targets, freeze_layers=cfg.train.freeze_layers,
-        freeze_router=cfg.train.freeze_router, gradient_checkpointing=cfg.train.gradient_checkpointing,
-        loss_chunk=cfg.train.loss_chunk_size)
     device = mp.parse_bytes(args.device_memory) if args.device_memory else None
-    return mp.plan(hf, step).table(device)
+    return mp.stage_plan(cfg.model, cfg.train, cfg.lora, world, device, cache_root())
 
 
 def _sft(args: argparse.Namespace) -> int:

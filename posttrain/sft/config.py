@@ -45,6 +45,8 @@ class DataConfig(Config):
 
 class TrainConfig(Config):
     micro_batch_tokens: int = Field(4096, ge=16, description="tokens per forward pass (pack size); up to 262144")
+    num_gpus: float = Field(0.0, ge=0, description=(
+        "GPUs the pipeline's sft-0 actor reserves (it trains on one if any); a torchrun launch sees its own"))
     micro_batches_per_step: int = Field(1, ge=1, description="global micro-batches per optimizer step")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")

@@ -284,3 +284,24 @@ def load_hf_config(name: str, cache_root: Path | None = None) -> dict[str, Any]:
             return json.loads(c.read_text())
     raise FileNotFoundError(f"no HF config for {name!r}: give a config .json (e.g. configs/models/nano3.json), a model "
                             "folder with config.json, or prepare the built-in first (posttrain models prepare NAME)")
+
+
+def stage_plan(model: Any, train: Any, lora: Any, world: int, device_bytes: int | None = None,
+               cache_root: Path | None = None) -> str:
+    """The table ``--dry-run`` prints for a training stage's config sections (SFT's, or an RL stage's
+    trainer with ``world`` = its workers): ``model`` (ModelConfig), ``train``, ``lora``. A model whose
+    ``config.json`` cannot be read (a folder an earlier stage will write) gives one line saying so."""
+    try:
+        hf = load_hf_config(model.name, cache_root)
+    except FileNotFoundError as exc:
+        return f"memory plan: skipped ({exc})"
+    targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (
+        ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj")
+        if hf.get("model_type") == "nemotron_h" else ())
+    dtype = model.dtype if model.dtype != "auto" else "float32"  # auto: float32 on CPU (bf16 on CUDA)
+    step = StepShape(
+        tokens=train.micro_batch_tokens, dtype=dtype, world=world, cp=getattr(train, "context_parallel", 1),
+        fsdp=train.fsdp.enabled, lora_r=lora.r if lora.enabled else 0, lora_targets=targets,
+        freeze_layers=train.freeze_layers, freeze_router=train.freeze_router,
+        gradient_checkpointing=train.gradient_checkpointing, loss_chunk=train.loss_chunk_size)
+    return plan(hf, step).table(device_bytes)
