@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "posttrain.sft.cli", "posttrain.verifiers.cli", "posttrain.environments.cli", "posttrain.rlvr.cli",
     "posttrain.genrm.cli", "posttrain.pipeline_cli",
     "posttrain.report_cli", "posttrain.eval_cli", "posttrain.stage_cli", "posttrain.preference.cli",
+    "posttrain.export",
 )  # each has add_commands()
 
 # Command modules that check their input with plain ValueError / OSError raised in their own code

@@ -42,7 +42,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # MALLOC_MMAP_THRESHOLD_ fixed) gave 1.2x on tiny-llama and 1.07x on tiny-nemotron-h; 2x (the set and
 # all its gradients at once) over-counted by 1.5-1.7x.
 GRAD_SHARE = 0.25
-_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "moe": "E", "mlp": "-"}
+# NemotronH block types (transformers' names old and new) -> the pattern's letters
+LAYER_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "moe": "E", "mlp": "-"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _pattern(cfg: dict[str, Any]) -> str:
         return cfg["hybrid_override_pattern"]
     kinds = cfg.get("layers_block_type")
     if kinds:
-        return "".join(_KINDS[k] for k in kinds)
+        return "".join(LAYER_KINDS[k] for k in kinds)
     raise ValueError("nemotron_h config has neither hybrid_override_pattern nor layers_block_type")
 
 

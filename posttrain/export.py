@@ -1,0 +1,140 @@
+"""`posttrain export --fp8 MODEL --out DIR`: the recipe's last step, FP8 post-training quantisation.
+
+The chosen Linear layers' weights become ``float8_e4m3fn`` with one scale per output channel
+(absmax / 448); activations are quantised per token when the model runs (FP8 "dynamic": no
+calibration data). ``compressed-tensors`` writes the checkpoint, the format vLLM loads with its FP8
+kernels on Ada/Hopper GPUs and transformers can load back (dequantised). Selective as Nemotron 3
+Nano did it (DESIGN.md section 1): the LM head, every attention layer's projections and, in hybrid
+models, the Mamba layer that feeds each attention layer stay in bf16; Mamba's conv1d and MoE
+routers are not Linear layers and are left alone. ``selective=False`` quantises every Linear but the
+LM head. Not built: FP8 for MoE experts that transformers keeps fused as 3-D tensors (NemotronH's
+routed experts, most of Nano's weights): they stay bf16, and the summary and a warning say how much.
+
+``dequantized=DIR`` also writes the quantised weights back in bf16 as a plain model folder: on a
+machine without FP8 kernels (this CPU box) that is how the weights' quality is measured
+(``bench/fp8_export.py``). The activations' per-token FP8 rounding happens only in vLLM on GPU and
+is not in that measurement.
+
+The whole model is loaded once in bf16 on the CPU (62 GiB for Nano: a large host, not a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from posttrain.atomic import atomic_dir
+from posttrain.errors import ConfigError
+from posttrain.training.memory_plan import LAYER_KINDS
+
+log = logging.getLogger(__name__)
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+
+
+def kept_in_bf16(model: Any, selective: bool = True) -> list[str]:
+    """Names of the Linear layers that stay in bf16: the LM head always; with ``selective`` every
+    attention layer's projections and, in NemotronH, the Mamba layer right before each attention layer."""
+    import torch
+
+    head = model.get_output_embeddings()
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    kept = {name for name, module in linears.items() if module is head}
+    if not selective:
+        return sorted(kept)
+    attention = [name for name, module in model.named_modules() if type(module).__name__.endswith("Attention")]
+    feeding = []
+    layers = [(name, module) for name, module in model.named_modules() if hasattr(module, "block_type")]
+    kinds = [LAYER_KINDS.get(module.block_type) for _, module in layers]  # "M", "*", "E", "-"
+    for (prev_name, _), prev, kind in zip(layers, kinds, kinds[1:]):  # NemotronH: a Mamba layer before attention
+        if kind == "*" and prev == "M":
+            feeding.append(prev_name)
+    for name in linears:
+        if any(name.startswith(prefix + ".") for prefix in (*attention, *feeding)):
+            kept.add(name)
+    return sorted(kept)
+
+
+def export_fp8(model_dir: str, out: str, *, selective: bool = True, dequantized: str | None = None) -> dict[str, Any]:
+    """Quantise ``model_dir`` (a model name or folder) to an FP8 compressed-tensors folder ``out``.
+
+    Returns a summary: layers quantised and kept, weight bytes before and after. Both folders are
+    written atomically (a crash leaves no half folder) with the tokenizer and chat template."""
+    import torch
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    from posttrain import models
+
+    model = models.load_model(model_dir, dtype="bfloat16", device="cpu")
+    tokenizer = models.load_tokenizer(model_dir, template="model")  # the folder's own chat template, kept
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = sum(p.numel() * p.element_size() for name, module in model.named_modules()
+                  if type(module).__name__.endswith("Experts") for p in module.parameters(recurse=False))
+    if experts:
+        log.warning("%.2f GiB of fused MoE expert weights stay in bf16: they are 3-D tensors, not Linear layers, "
+                    "and this export quantises Linear layers only", experts / 2**30)
+    kept = kept_in_bf16(model, selective)
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=kept))
+    quantized = [name for name, module in model.named_modules() if hasattr(module, "weight_scale")]
+    if not quantized:
+        raise ConfigError(f"{model_dir}: no Linear layer left to quantise (kept in bf16: {len(kept)})")
+    with torch.no_grad():
+        for name in quantized:
+            module = model.get_submodule(name)
+            amax = module.weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # [out, 1]
+            module.weight_scale.copy_((amax / FP8_MAX).to(module.weight_scale.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        compressor.update_config(str(tmp))
+        tokenizer.save_pretrained(tmp)
+    after = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    summary = {"quantized_layers": len(quantized), "kept_bf16_layers": len(kept),
+               "weights_gib_bf16": round(before / 2**30, 4), "checkpoint_gib_fp8": round(after / 2**30, 4),
+               "experts_left_bf16_gib": round(experts / 2**30, 4), "out": str(out)}
+    if dequantized:
+        summary["dequantized"] = write_dequantized(out, dequantized)
+    log.info("FP8 export: %s", json.dumps(summary))
+    return summary
+
+
+def write_dequantized(fp8_dir: str, out: str) -> str:
+    """The FP8 folder's weights back in bf16 (as compressed-tensors decompresses them) as a plain folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(fp8_dir, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                                 dtype="bfloat16", device_map="cpu")
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(fp8_dir).save_pretrained(tmp)
+    return str(out)
+
+
+def _export(args: Any) -> int:
+    if not args.fp8:
+        raise ConfigError("posttrain export: say which format (--fp8; the only one so far)")
+    summary = export_fp8(args.model, args.out, selective=not args.all_layers, dequantized=args.dequantized)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("export", help="quantise a trained model for serving (--fp8: compressed-tensors FP8, vLLM)",
+                       description="posttrain export --fp8 MODEL --out DIR [--dequantized DIR] [--all-layers]")
+    p.add_argument("model", help="model folder (e.g. RUN/model), built-in name or hub id")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights per channel, FP8 activations per token (dynamic)")
+    p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--dequantized", metavar="DIR", help="also write the FP8 weights back in bf16 (quality checks on CPU)")
+    p.add_argument("--all-layers", action="store_true", help=(
+        "quantise attention and the layers feeding it too (default: kept in bf16, as the recipe did)"))
+    p.set_defaults(func=_export)
