@@ -31,6 +31,7 @@ from posttrain.training.memory_plan import LAYER_KINDS
 
 log = logging.getLogger(__name__)
 FP8_MAX = 448.0  # largest float8_e4m3fn value
+QUANT_PARAMS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")  # compressed-tensors'
 
 
 def kept_in_bf16(model: Any, selective: bool = True) -> list[str]:
@@ -109,13 +110,13 @@ def write_dequantized(fp8_dir: str, out: str) -> str:
 
     model = AutoModelForCausalLM.from_pretrained(fp8_dir, quantization_config=CompressedTensorsConfig(dequantize=True),
                                                  dtype="bfloat16", device_map="cpu")
-    model.config.quantization_config = None
+    model.config.quantization_config = None  # set, then dropped: config.json gets no quantization_config key
     del model.config.quantization_config
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer, model.is_quantized = None, False
+    # decompression leaves each layer's (now unused) weight_scale: a plain folder has weights only
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(QUANT_PARAMS)}
     with atomic_dir(Path(out)) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         AutoTokenizer.from_pretrained(fp8_dir).save_pretrained(tmp)
     return str(out)
 

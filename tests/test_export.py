@@ -24,7 +24,9 @@ def test_llama_export_keeps_attention_and_head_and_reads_back(tmp_path, tiny_lla
     assert "lm_head" in qc["ignore"] and "model.layers.1.self_attn.q_proj" in qc["ignore"]
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     back = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16)
-    assert getattr(back.config, "quantization_config", None) is None  # a plain folder
+    assert getattr(back.config, "quantization_config", None) is None  # a plain folder: weights only
+    with safe_open(str(plain / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if not k.endswith("weight")]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         q = f.get_tensor("model.layers.0.mlp.up_proj.weight")
         scale = f.get_tensor("model.layers.0.mlp.up_proj.weight_scale")
