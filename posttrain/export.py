@@ -69,7 +69,12 @@ def export_fp8(model_dir: str, out: str, *, selective: bool = True, dequantized:
     from posttrain import models
 
     model = models.load_model(model_dir, dtype="bfloat16", device="cpu")
-    tokenizer = models.load_tokenizer(model_dir, template="model")  # the folder's own chat template, kept
+    local = Path(model_dir)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    weights_only = local.is_dir() and not any((local / f).is_file() for f in tokenizer_files)
+    if weights_only:
+        log.warning("%s has no tokenizer: the FP8 folder will have none either", model_dir)
+    tokenizer = None if weights_only else models.load_tokenizer(model_dir, template="model")  # its own template
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     experts = sum(p.numel() * p.element_size() for name, module in model.named_modules()
                   if type(module).__name__.endswith("Experts") for p in module.parameters(recurse=False))
@@ -92,7 +97,8 @@ def export_fp8(model_dir: str, out: str, *, selective: bool = True, dequantized:
     with atomic_dir(Path(out)) as tmp:
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     after = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     summary = {"quantized_layers": len(quantized), "kept_bf16_layers": len(kept),
                "weights_gib_bf16": round(before / 2**30, 4), "checkpoint_gib_fp8": round(after / 2**30, 4),
@@ -117,7 +123,8 @@ def write_dequantized(fp8_dir: str, out: str) -> str:
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(QUANT_PARAMS)}
     with atomic_dir(Path(out)) as tmp:
         model.save_pretrained(tmp, state_dict=state)
-        AutoTokenizer.from_pretrained(fp8_dir).save_pretrained(tmp)
+        if (Path(fp8_dir) / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(fp8_dir).save_pretrained(tmp)
     return str(out)
 
 
@@ -135,7 +142,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("model", help="model folder (e.g. RUN/model), built-in name or hub id")
     p.add_argument("--fp8", action="store_true", help="FP8 weights per channel, FP8 activations per token (dynamic)")
     p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
-    p.add_argument("--dequantized", metavar="DIR", help="also write the FP8 weights back in bf16 (quality checks on CPU)")
+    p.add_argument("--dequantized", metavar="DIR", help=(
+        "also write the FP8 weights back in bf16 (quality checks on CPU)"))
     p.add_argument("--all-layers", action="store_true", help=(
         "quantise attention and the layers feeding it too (default: kept in bf16, as the recipe did)"))
     p.set_defaults(func=_export)

@@ -9,8 +9,8 @@ torch and transformers only, and the rows say so.
 Parts: the environment; the chunked LM-head loss in bf16 (values and gradients against full
 logits, and its peak memory); CP attention's CUDA path (masked query blocks) against SDPA with the
 document mask; a bf16 SFT step on tiny-llama (CP loss against the plain loss, tokens/s, peak);
-HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights; two RLVR steps with
-weight sync and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray).
+HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights; an FP8 export served by
+vLLM; two RLVR steps with weight sync and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray).
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ def sft_step() -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     diff = abs(float(nll) / count - float(plain) / n)
     if count != n or diff > 2e-2:
-        raise AssertionError(f"CP=1 loss {float(nll) / count:.5f} vs plain {float(plain) / n:.5f} ({count} vs {n} tokens)")
+        raise AssertionError(f"CP=1 loss {float(nll) / count:.5f} vs plain {float(plain) / n:.5f} "
+                             f"({count} vs {n} tokens)")
     return {"tokens": count, "loss_diff_vs_plain": f"{diff:.1e}", "tok_per_s": round(count / seconds),
             "peak_mib": _peak_mib(base)}
 
@@ -273,6 +274,25 @@ def vllm_generate() -> dict[str, Any]:
     rate = _generate_tokens_per_s(run)
     hf = RESULTS.get("hf_tok_per_s")
     return {"tok_per_s": round(rate), **({"vs_hf_generate": f"{rate / hf:.1f}x"} if hf else {})}
+
+
+@part
+def vllm_fp8() -> dict[str, Any]:
+    """``posttrain export --fp8`` of tiny-llama, served by vLLM's FP8 kernels: loads and generates."""
+    _gpu_only()
+    _need("vllm", "compressed_tensors")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from posttrain.export import export_fp8
+
+    folder = Path(tempfile.mkdtemp(prefix="smoke-fp8-"))
+    _tiny_llama(torch.bfloat16).save_pretrained(folder / "bf16")
+    summary = export_fp8(str(folder / "bf16"), str(folder / "fp8"), selective=False)
+    llm = LLM(model=str(folder / "fp8"), skip_tokenizer_init=True, gpu_memory_utilization=0.3, max_model_len=512)
+    out = llm.generate([{"prompt_token_ids": list(range(100, 164))}],
+                       SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False), use_tqdm=False)
+    return {"fp8_layers": summary["quantized_layers"], "generated": len(out[0].outputs[0].token_ids)}
 
 
 @part
