@@ -88,12 +88,18 @@ def _describe(roles: dict[str, list[dict[str, float]]]) -> str:
     return ", ".join(f"{role} {len(b)}x{b[0]}" for role, b in roles.items() if b)
 
 
-def _unplaceable(stage: str, roles: dict[str, list[dict[str, float]]], have: dict[str, float], timeout: float) -> str:
+def total(roles: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """What ``roles`` reserve together, by resource (``{"CPU": 3.0, "GPU": 4.0}``)."""
     want: dict[str, float] = {}
     for role_bundles in roles.values():
-        for bundle in role_bundles:
-            for k, v in bundle.items():
+        for reserved in role_bundles:
+            for k, v in reserved.items():
                 want[k] = want.get(k, 0.0) + float(v)
+    return want
+
+
+def _unplaceable(stage: str, roles: dict[str, list[dict[str, float]]], have: dict[str, float], timeout: float) -> str:
+    want = total(roles)
     return (f"{stage}: the cluster could not reserve {_describe(roles)} within {timeout:g} s "
             f"(asked in total {want}, cluster has {dict(have)}); lower the per-role reservations "
             "(train.num_cpus, rollout.cpus_per_engine, verifier.num_cpus) or add nodes")

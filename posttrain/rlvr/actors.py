@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.config import EpisodeConfig, ModelConfig
 from posttrain.environments.base import Environment, StageResources
-from posttrain.orchestration.placement import StagePlacement, bundle
+from posttrain.orchestration.placement import StagePlacement, bundle, total
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.trainer_group import TrainerGroup
 from posttrain.rollout.episodes import EpisodeJob, EpisodeResult
@@ -89,18 +89,13 @@ def placement_lines(cfg: RLVRConfig) -> list[str]:
 
     with opened(cfg.environments) as envs:
         roles = stage_roles(cfg, envs)
-    total: dict[str, float] = {}
     parts = []
     for role, bundles in roles.items():
-        if not bundles:
-            continue
-        shown = {k: v for k, v in bundles[0].items() if v}
-        parts.append(f"{role} {len(bundles)} x {{{', '.join(f'{k} {v:g}' for k, v in shown.items())}}}")
-        for reserved in bundles:
-            for k, v in reserved.items():
-                total[k] = total.get(k, 0.0) + v
+        if bundles:
+            shown = {k: v for k, v in bundles[0].items() if v}
+            parts.append(f"{role} {len(bundles)} x {{{', '.join(f'{k} {v:g}' for k, v in shown.items())}}}")
     return [f"placement ({cfg.run.placement_strategy}): {'; '.join(parts)}",
-            "placement total: " + ", ".join(f"{k} {v:g}" for k, v in total.items() if v)]
+            "placement total: " + ", ".join(f"{k} {v:g}" for k, v in total(roles).items() if v)]
 
 
 def local_cpus(roles: dict[str, list[dict[str, float]]]) -> int:
