@@ -260,6 +260,27 @@ def torch_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+
+
+def warn_if_bf16_emulated(what: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
+    """Warn (once per process and ``what``) when bf16 is asked of a CPU without AMX or AVX512-BF16:
+    there torch and vLLM emulate it, slower than fp32."""
+    if what in _warned:
+        return
+    _warned.add(what)
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:  # not Linux: unknown, say nothing
+        return
+    if not flags & _BF16_FLAGS:
+        log.warning("%s asks for bf16 but this CPU has neither AMX nor AVX512-BF16: it is emulated, slower "
+                    "than float32. Set it back to float32 on this machine.", what)
+
+
+_warned: set[str] = set()
+
+
 def default_device() -> str:
     import torch
 

@@ -268,3 +268,17 @@ def test_sft_trainer_and_engines_load_one_source_alike(loader_calls, tiny_llama_
     seen["engine"] = list(loader_calls)
 
     assert seen == {"sft": expected, "trainer": expected, "engine": expected}
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_once(tmp_path, caplog):
+    from posttrain.models import warn_if_bf16_emulated
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("flags\t\t: fpu sse avx2 avx512f\n")
+    new.write_text("flags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
+    with caplog.at_level("WARNING", logger="posttrain.models"):
+        warn_if_bf16_emulated("test.new", new)
+        assert not caplog.records
+        warn_if_bf16_emulated("test.old", old)
+        warn_if_bf16_emulated("test.old", old)
+    assert len(caplog.records) == 1 and "emulated" in caplog.records[0].getMessage()

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import LOGGERS_HELP, Config, Logger, ModelConfig
 from posttrain.genrm.preference_data import SHIPPED
-from posttrain.training.config import LoraConfig
+from posttrain.training.config import LoraConfig, MixedPrecision
 
 # TRL 1.16's DPO losses (trl.DPOConfig.loss_type)
 DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -66,6 +66,7 @@ class PreferenceTrainConfig(Config):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = False
+    mixed_precision: MixedPrecision = "none"
     freeze_router: bool = Field(False, description="freeze MoE router (gate) weights")
     freeze_layers: int = Field(0, ge=0, description="freeze the embeddings and the first N decoder layers")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")

@@ -51,7 +51,8 @@ def last_checkpoint(run_dir: Path, resume: bool) -> str | None:
 
 def trainer_arguments(t: PreferenceTrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` keys both stages set the same way (batch sizes over every process,
-    checkpoints under ``RUN/checkpoints``, no TRL reporters, bf16 on CUDA, fp32 on CPU)."""
+    checkpoints under ``RUN/checkpoints``, no TRL reporters, bf16 on CUDA, on CPU fp32 unless
+    ``mixed_precision: bf16``: the Trainer's CPU autocast)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     return dict(
@@ -61,7 +62,7 @@ def trainer_arguments(t: PreferenceTrainConfig, run_dir: Path, progress: bool) -
         learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps or -1, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
         logging_steps=1, save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_last,
-        eval_strategy="no", report_to=[], disable_tqdm=not progress, use_cpu=not cuda, bf16=cuda,
+        eval_strategy="no", report_to=[], disable_tqdm=not progress, use_cpu=not cuda, bf16=cuda or t.mixed_precision == "bf16",
         gradient_checkpointing=False,  # prepare_for_training set it up as configured
         max_length=t.max_length, dataset_num_proc=None)
 

@@ -22,7 +22,7 @@ from posttrain.config import (
     RolloutConfig,
 )
 from posttrain.environments.registry import ENVIRONMENTS_HELP, EnvConfig
-from posttrain.training.config import FsdpConfig, LoraConfig
+from posttrain.training.config import FsdpConfig, LoraConfig, MixedPrecision
 
 Variant = Literal["nano", "grpo", "dr_grpo", "dapo"]
 Baseline = Literal["loo", "mean"]
@@ -96,6 +96,7 @@ class RLTrainConfig(Config):
     micro_batch_tokens: int = Field(8192, ge=16, description="padded tokens per forward pass")
     loss_chunk_size: int = Field(1024, ge=1, description="positions per logits chunk")
     gradient_checkpointing: bool = True
+    mixed_precision: MixedPrecision = "none"
     freeze_router: bool = Field(False, description="freeze MoE routers during RL (recipe: on for MoE)")
     freeze_layers: int = Field(0, ge=0, description=(
         "freeze the embeddings and the first N decoder layers (backward stops there: a cheap fine-tune)"))

@@ -28,7 +28,7 @@ from posttrain.rollout.types import WeightUpdate
 from posttrain.training import context_parallel, parallel
 from posttrain.training.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.training.config import LoraConfig
-from posttrain.training.model import prepare_for_training
+from posttrain.training.model import forward_precision, prepare_for_training
 from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
 
 
@@ -68,19 +68,24 @@ class PolicyTrainer:
     def _idle_pass(self, temperature: float, backward: bool) -> None:
         """A forward (and backward of zero) on a filler row: this rank's part of the collectives."""
         assert self._filler is not None
-        out = completion_logprobs(self.model, self._filler, temperature, self.train_cfg.loss_chunk_size)
+        with self._precision():
+            out = completion_logprobs(self.model, self._filler, temperature, self.train_cfg.loss_chunk_size)
         if backward:
             (out.sum() * 0.0).backward()
 
     # ----------------------------------------------------------------- training
 
+    def _precision(self) -> Any:
+        return forward_precision(self.train_cfg.mixed_precision, str(next(self.model.parameters()).device))
+
     def _logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         """``[B, Tc]`` policy logprobs of ``batch``; with context parallelism each cp rank runs its share of the
         rows and gets the whole values back, with gradient through its own tokens only."""
-        if self.world is not None and self.world.cp > 1:
-            return cp_completion_logprobs(self.model, batch, self.world.cp_group(), temperature,
-                                          self.train_cfg.loss_chunk_size)
-        return completion_logprobs(self.model, batch, temperature, self.train_cfg.loss_chunk_size)
+        with self._precision():
+            if self.world is not None and self.world.cp > 1:
+                return cp_completion_logprobs(self.model, batch, self.world.cp_group(), temperature,
+                                              self.train_cfg.loss_chunk_size)
+            return completion_logprobs(self.model, batch, temperature, self.train_cfg.loss_chunk_size)
 
     def logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
         """[B, Tc] current-policy logprobs, no grad, micro-batched."""

@@ -23,7 +23,7 @@ class HFBackend:
 
         torch.set_num_threads(cfg.engine_threads())
         self.cfg = cfg
-        source = model.model_copy(update={"name": model_dir})  # model.name, resolved by the engine
+        source = model.model_copy(update={"name": model_dir, "dtype": cfg.engine_dtype(model)})  # name: resolved
         self.model = models.model_for(source)
         self.tokenizer = models.tokenizer_for(source)
         self.pad_id = self.tokenizer.pad_token_id

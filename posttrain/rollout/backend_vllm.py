@@ -85,6 +85,10 @@ class VLLMBackend:
         check_supported(model_dir)
         if not on_cuda():
             set_cpu_env(cfg, rank)
+            if cfg.engine_dtype(model) == "bfloat16":
+                from posttrain.models import warn_if_bf16_emulated
+
+                warn_if_bf16_emulated("rollout.dtype")
         from vllm import LLM
 
         from posttrain.rollout.vllm_budget import CLASS_PATH
@@ -93,7 +97,7 @@ class VLLMBackend:
         self._lora: Any = None
         kw: dict[str, Any] = dict(
             model=model_dir, tokenizer=model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            dtype=_dtype(model.dtype), max_model_len=cfg.max_model_len, seed=0,
+            dtype=_dtype(cfg.engine_dtype(model)), max_model_len=cfg.max_model_len, seed=0,
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_cuda(),
             enable_prefix_caching=True, logits_processors=[CLASS_PATH],
             logprobs_mode="processed_logprobs" if cfg.logprobs == "processed" else "raw_logprobs",

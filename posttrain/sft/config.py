@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.config import LOGGERS_HELP, Config, Logger, ModelConfig
-from posttrain.training.config import FsdpConfig, LoraConfig
+from posttrain.training.config import FsdpConfig, LoraConfig, MixedPrecision
 
 
 class DataConfig(Config):
@@ -60,6 +60,7 @@ class TrainConfig(Config):
         "pad = one document per row; auto = pack when exact for the model, else pad "
         "(Mamba layers in transformers ignore seq_idx and would leak state across documents)"))
     gradient_checkpointing: bool = True
+    mixed_precision: MixedPrecision = "none"
     loss_chunk_size: int = Field(2048, ge=1, description="positions per logits chunk of the loss")
     freeze_router: bool = Field(False, description="freeze MoE router (gate) weights")
     freeze_layers: int = Field(0, ge=0, description=(

@@ -33,7 +33,7 @@ from posttrain.sft.packing import Mode, Step, collate, plan_steps, resolve_packi
 from posttrain.training import context_parallel, parallel
 from posttrain.training.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.training.loss import causal_lm_nll_sum, in_root
-from posttrain.training.model import count_params, prepare_for_training
+from posttrain.training.model import count_params, forward_precision, prepare_for_training
 from posttrain.training.parallel import Parallel
 from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
 
@@ -57,11 +57,12 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, step: Step, samples: 
     for mb in step[d.dp_rank :: d.dp_size]:  # the ranks of one cp group take the same micro-batches
         batch = collate([(samples[i].input_ids, samples[i].loss_mask) for i in mb], mode, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        if d.cp > 1:  # this rank's share of every row; the other cp ranks hold the rest
-            nll, _ = in_root(model, context_parallel.cp_nll_sum, model, batch, d.cp_group(),
-                             cfg.train.loss_chunk_size, pad_id)
-        else:
-            nll, _ = causal_lm_nll_sum(model, batch, cfg.train.loss_chunk_size)
+        with forward_precision(cfg.train.mixed_precision, device):
+            if d.cp > 1:  # this rank's share of every row; the other cp ranks hold the rest
+                nll, _ = in_root(model, context_parallel.cp_nll_sum, model, batch, d.cp_group(),
+                                 cfg.train.loss_chunk_size, pad_id)
+            else:
+                nll, _ = causal_lm_nll_sum(model, batch, cfg.train.loss_chunk_size)
         (nll / loss_tokens).backward()
         nll_total += nll.detach().float().cpu()
     params = [p for p in model.parameters() if p.requires_grad]

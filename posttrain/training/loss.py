@@ -53,16 +53,25 @@ class _ChunkLogprobs(torch.autograd.Function):
             dlogits.mul_(ctx.inv_temp)
         dlogits = dlogits.to(weight.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dlogits @ weight if need_h else None, dlogits.T @ hidden if need_w else None,
-                dlogits.sum(0) if need_b else None, None, None)
+        with _no_autocast(hidden):
+            return ((dlogits @ weight).to(hidden.dtype) if need_h else None,
+                    dlogits.T @ hidden.to(weight.dtype) if need_w else None,
+                    dlogits.sum(0) if need_b else None, None, None)
 
 
 def _scaled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    inv_temp: float) -> torch.Tensor:
-    """``[c, V]`` fp32 ``head(hidden) / temperature``, a fresh tensor the caller may overwrite."""
-    logits = F.linear(hidden, weight, bias)
+    """``[c, V]`` fp32 ``head(hidden) / temperature``, a fresh tensor the caller may overwrite. Under
+    autocast (``train.mixed_precision``) the head still runs in its weights' dtype: bf16 logits would
+    put errors of ~0.05 into every logprob of a 49K-token softmax, and RL's importance ratios read them."""
+    with _no_autocast(hidden):
+        logits = F.linear(hidden.to(weight.dtype), weight, bias)
     logits = logits.float() if logits.dtype != torch.float32 else logits
     return logits.mul_(inv_temp) if inv_temp != 1.0 else logits
+
+
+def _no_autocast(t: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

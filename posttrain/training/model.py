@@ -3,6 +3,7 @@ gradient checkpointing, parameter counts."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -95,6 +96,19 @@ def prepare_for_training(model: Any, train: TrainingSetup, lora: LoraConfig, *, 
                  freeze_lower_layers(model, train.freeze_layers))
     model.train()
     return model
+
+
+def forward_precision(mixed_precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
+    """The context of a training forward pass: bf16 autocast for ``train.mixed_precision: bf16`` (backward
+    then runs each op in its forward's dtype), else none. The chunked loss keeps the LM head in fp32."""
+    if mixed_precision == "none":
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    if kind == "cpu":
+        from posttrain.models import warn_if_bf16_emulated
+
+        warn_if_bf16_emulated("train.mixed_precision: bf16")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
 
 def count_params(model: Any) -> tuple[int, int]:

@@ -122,3 +122,27 @@ def test_dr_grpo_divides_by_the_generation_length(monkeypatch, tiny_llama_dir):
     zeros = torch.zeros(1, 3)
     out = policy_loss(zeros, zeros, zeros, torch.tensor([-1.0]), torch.ones(1, 3), trainer.loss_cfg)
     assert out.loss.item() == pytest.approx(3 / 48)
+
+
+def test_mixed_precision_trains_in_bf16_with_fp32_weights_and_logprobs(tiny_llama_dir):
+    """``train.mixed_precision: bf16``: the policy's decoder runs in bf16 (the forward of the logprob pass
+    and of the update), its logprobs come back in fp32 close to the fp32 forward's, the weights stay
+    fp32, and an update still follows the advantages."""
+    train = RLTrainConfig(lr=1e-2, gradient_checkpointing=False, micro_batch_tokens=16, mixed_precision="bf16")
+    trainer = PolicyTrainer(ModelConfig(name="tiny-llama"), train, LoraConfig(), LossConfig(
+        importance_sampling=False, seq_error_threshold=None))
+    seen: set = set()
+    for name, m in trainer.model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    good, bad = rollout([1, 5, 9], [100, 101, 102]), rollout([1, 5, 9], [200, 201, 202])
+    batch = build_batch([good, bad], torch.tensor([1.0, -1.0]), torch.ones(2), trainer.tokenizer.pad_token_id)
+    before = trainer.logprobs(batch, 1.0)
+    assert seen == {torch.bfloat16} and before.dtype == torch.float32
+    trainer.model.eval()
+    ref = reference_logprobs(trainer.model, good.prompt_ids, good.token_ids)  # fp32: no autocast here
+    assert torch.allclose(before[0, :3], ref, atol=5e-2) and not torch.equal(before[0, :3], ref)
+    trainer.train_step(batch, 1.0)
+    after = trainer.logprobs(batch, 1.0)
+    assert after[0, :3].sum() > before[0, :3].sum() and after[1, :3].sum() < before[1, :3].sum()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -173,3 +173,28 @@ def test_sync_in_parts_as_a_sharded_trainer_stages_it(pool, hf_model):
         hf_model.load_state_dict(original, strict=False)
         pool.sync_weights(original)
         publisher.close()
+
+
+def test_a_bf16_engine_takes_the_fp32_trainers_weights(ray_cluster, tiny_llama_dir, hf_model):
+    """``rollout.dtype: bfloat16`` (an fp32 trainer, as ``train.mixed_precision: bf16`` keeps it): the engine
+    computes in bf16 -- its logprobs differ from the fp32 forward by more than fp32 noise, yet stay close --
+    and an fp32 weight update is cast on load: output changes and the logprob check stays at bf16 level."""
+    cfg = RolloutConfig(max_model_len=512, kv_cache_gib=1, dtype="bfloat16")
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, enable_thinking=False)
+    original = {k: v.clone() for k, v in full_state_dict(hf_model).items()}
+    with RolloutPool(ModelConfig(name=str(tiny_llama_dir)), cfg, name_prefix="bf16") as bf16_pool:
+        r = bf16_pool.generate(PROMPTS[:1], gen)[0][0]
+        greedy = GenerationConfig(max_new_tokens=12, enable_thinking=False)
+        before = [g[0].token_ids for g in bf16_pool.generate(PROMPTS, greedy)]
+        check = LogprobCheck.from_model(hf_model, r.prompt_ids + r.token_ids, len(r.prompt_ids))
+        assert 1e-4 < bf16_pool.logprob_diff(check) < 0.1
+        try:
+            with torch.no_grad():
+                for p in hf_model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            report = bf16_pool.sync_weights(full_state_dict(hf_model), check=LogprobCheck.from_model(
+                hf_model, r.prompt_ids + r.token_ids, len(r.prompt_ids)))
+            assert report.max_abs_logprob_diff is not None and 1e-4 < report.max_abs_logprob_diff < 0.1
+            assert [g[0].token_ids for g in bf16_pool.generate(PROMPTS, greedy)] != before
+        finally:
+            hf_model.load_state_dict(original, strict=False)

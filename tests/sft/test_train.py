@@ -134,3 +134,43 @@ def test_torchrun_two_processes_equal_one(tmp_path, arith_jsonl) -> None:
         acc.Reload()
         losses.append([e.value for e in acc.Scalars("train/loss")])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _linear_output_dtypes(model) -> tuple[set, object]:
+    """The dtypes the model's decoder Linear layers output (filled as they run), and the hooks' handles."""
+    seen: set = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    return seen, hooks
+
+
+def test_mixed_precision_runs_in_bf16_and_keeps_fp32_weights(tmp_path, arith_jsonl) -> None:
+    """``train.mixed_precision: bf16``: the decoder's matmuls run in bf16 (autocast), the weights and
+    their AdamW state stay fp32, and the step's loss is the fp32 step's to bf16 precision."""
+    from posttrain import models
+    from posttrain.sft import data as sft_data
+    from posttrain.sft.packing import plan_steps, resolve_packing
+    from posttrain.sft.train import build_optimizer, train_step
+    from posttrain.training import parallel
+
+    results = {}
+    for precision in ("none", "bf16"):
+        cfg = _cfg(tmp_path / precision, arith_jsonl, "tiny-llama", f"train.mixed_precision={precision}")
+        torch.manual_seed(0)
+        tokenizer = models.tokenizer_for(cfg.model)
+        model = models.model_for(cfg.model)
+        samples = sft_data.build(cfg.data, tokenizer, cfg.train.micro_batch_tokens).samples
+        mode = resolve_packing(cfg.train.packing, model)
+        step = plan_steps([len(s.input_ids) for s in samples], max_tokens=cfg.train.micro_batch_tokens,
+                          micro_batches_per_step=cfg.train.micro_batches_per_step, epochs=1, seed=0, mode=mode)[0]
+        optimizer, scheduler = build_optimizer(model, cfg, 4)
+        seen, hooks = _linear_output_dtypes(model)
+        result = train_step(model, optimizer, scheduler, step, samples, mode, tokenizer.pad_token_id, cfg,
+                            parallel.Parallel(), "cpu")
+        for h in hooks:
+            h.remove()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(v.dtype == torch.float32 for s in optimizer.state.values() for v in s.values() if v.dim())
+        results[precision] = (result.loss, seen)
+    assert results["none"][1] == {torch.float32} and results["bf16"][1] == {torch.bfloat16}
+    assert results["bf16"][0] == pytest.approx(results["none"][0], rel=2e-2)

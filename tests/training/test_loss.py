@@ -109,3 +109,28 @@ def test_one_logits_block_alive_in_backward() -> None:
     block = chunk * vocab * 4
     peak = _peak_bytes(lambda: out.backward())
     assert block <= peak < 1.5 * block + weight.numel() * 4
+
+
+def test_head_stays_fp32_under_autocast() -> None:
+    """Under bf16 autocast (``train.mixed_precision: bf16``) the head and log-softmax still run in fp32:
+    the logprobs equal the fp32 reference (a bf16 head is ~1e-2 off), the hidden state's gradient
+    comes back in its own dtype and the head's in fp32."""
+    from posttrain.training.loss import token_logprobs
+
+    torch.manual_seed(2)
+    hidden = torch.randn(30, 64).bfloat16().requires_grad_()  # a trunk's output under autocast
+    weight = (torch.randn(500, 64) * 0.5).requires_grad_()
+    targets = torch.randint(0, 500, (30,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = token_logprobs(hidden, weight, targets, chunk_size=8)
+        with torch.no_grad():
+            in_bf16 = torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(1, targets[:, None])[:, 0]
+    ref = torch.log_softmax(hidden.float() @ weight.T, -1).gather(1, targets[:, None])[:, 0]
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert float((in_bf16 - ref).abs().max()) > 1e-3  # what the head in bf16 would have given
+    g_hidden, g_weight = torch.autograd.grad(ours.sum(), (hidden, weight))
+    r_hidden, r_weight = torch.autograd.grad(ref.sum(), (hidden, weight))
+    assert g_hidden.dtype == torch.bfloat16 and g_weight.dtype == torch.float32
+    torch.testing.assert_close(g_weight, r_weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_hidden, r_hidden)
