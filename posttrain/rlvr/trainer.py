@@ -147,12 +147,14 @@ class PolicyTrainer:
     def _update(self, mini: TrainBatch, old: torch.Tensor | None, temperature: float,
                 total: int) -> dict[str, float]:
         """One optimizer step. ``mini`` is this worker's share, ``total`` the token count of the
-        whole minibatch: every worker normalises by it, so the summed gradients are the batch's."""
+        whole minibatch. Each micro-batch's loss is a sum (of tokens, or of sequence means); the
+        summed gradients are divided at the end by the tokens (or sequences) that counted over the
+        whole minibatch: tokens the mismatch mask rejected are out of the denominator too."""
         if total == 0:  # every rollout masked (zero-variance groups, overlong...): nothing to learn
             return {"tokens/trained": 0.0, "train/skipped_updates": 1.0}
-        seq_mean = self.loss_cfg.aggregation != "token_mean"
+        token_mean = self.loss_cfg.aggregation == "token_mean"
         metrics: dict[str, float] = {}
-        abs_diff_sum, abs_diff_max, seqs = 0.0, 0.0, 0
+        abs_diff_sum, abs_diff_max, counted, rejected = 0.0, 0.0, 0, 0
         parts = [rows for rows in micro_batches(mini, self.train_cfg.micro_batch_tokens)
                  if mini.select(rows).num_tokens > 0]
         for rows in self._passes(parts):
@@ -163,38 +165,43 @@ class PolicyTrainer:
             new = self._logprobs(sub, temperature)  # cp > 1: the same loss on every cp rank, own tokens' grad
             sub_old = old[rows].to(new.device) if old is not None else new.detach()
             out = policy_loss(new, sub_old, sub.rollout_logprobs.to(new.device), sub.advantages.to(new.device),
-                              sub.mask.to(new.device), self.loss_cfg, total_tokens=total)
-            loss = out.loss
-            if seq_mean:  # this micro-batch's sequence mean back to a sum; divided by the minibatch's count below
-                counted = int((out.mask.sum(-1) > 0).sum())
-                loss, seqs = loss * counted, seqs + counted
+                              sub.mask.to(new.device), self.loss_cfg, total_tokens=1.0)
+            loss = out.loss  # token_mean: the token sum
+            kept = int(out.mask.sum())
+            rejected += sub.num_tokens - kept
+            if token_mean:
+                counted += kept
+            else:  # this micro-batch's sequence mean back to a sum
+                n_seq = int((out.mask.sum(-1) > 0).sum())
+                loss, counted = loss * n_seq, counted + n_seq
             loss.backward()
             metrics = _merge(metrics, out.metrics, weight=sub.num_tokens / total)
             diff = ((sub_old - sub.rollout_logprobs.to(new.device)).abs() * sub.mask.to(new.device))
             abs_diff_sum += float(diff.sum())
             abs_diff_max = max(abs_diff_max, float(diff.max()) if diff.numel() else 0.0)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self._finish_grads(params, seqs if seq_mean else None)
+        self._finish_grads(params, counted)
         grad_norm = parallel.grad_norm(params, self.train_cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update({"mismatch/logprob_abs_mean": abs_diff_sum / total, "mismatch/logprob_abs_max": abs_diff_max})
+        metrics.update({"mismatch/logprob_abs_mean": abs_diff_sum / total, "mismatch/logprob_abs_max": abs_diff_max,
+                        "mismatch/rejected_token_share": rejected / total})
         metrics = self._across_workers(metrics)
         metrics["train/grad_norm"] = grad_norm  # computed from the summed gradients: the same on every worker
         return metrics
 
-    def _finish_grads(self, params: list[torch.nn.Parameter], seqs: int | None) -> None:
-        """Sum the gradients over the group; for sequence means (``seqs``: this worker's counted
-        sequences) divide by the minibatch's count of sequences that kept trained tokens."""
+    def _finish_grads(self, params: list[torch.nn.Parameter], counted: int) -> None:
+        """Sum the gradients over the group and divide them by ``counted`` (this worker's trained tokens,
+        or sequences for sequence means) summed over the minibatch's workers."""
         if self.world is not None:
             if not self.sharded:  # FSDP summed them in backward
                 parallel.all_reduce_grads(params, self.world)
-            if seqs is not None:  # the cp ranks of a data-parallel rank counted the same sequences
-                seqs = int(parallel.all_sum([seqs], self.world)[0]) // self.world.cp
-        if seqs:  # None: token mean, already normalised; 0: nothing counted, the gradients are zero
+            # the cp ranks of a data-parallel rank counted the same tokens
+            counted = int(parallel.all_sum([counted], self.world)[0]) // self.world.cp
+        if counted:  # 0: nothing counted, the gradients are zero
             for p in params:
                 if p.grad is not None:
-                    p.grad.div_(seqs)
+                    p.grad.div_(counted)
 
     def _across_workers(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each worker's metrics are partial sums weighted by the whole minibatch's tokens: add them up."""

@@ -89,6 +89,8 @@ class VLLMBackend:
                 from posttrain.models import warn_if_bf16_emulated
 
                 warn_if_bf16_emulated("rollout.dtype")
+        if cfg.dtype != "auto":  # asked for: fp32 checkpoints and updates are cast on load, one warning per tensor
+            logging.getLogger("vllm.model_executor.models.utils").addFilter(_IntendedCast(cfg.dtype))
         from vllm import LLM
 
         from posttrain.rollout.vllm_budget import CLASS_PATH
@@ -177,6 +179,19 @@ class VLLMBackend:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # before the process exits, or /dev/shm/psm_* leaks
+
+
+class _IntendedCast(logging.Filter):
+    """Drops vLLM's "Attempted to load weight ... into parameter with dtype X" when X is ``rollout.dtype``."""
+
+    def __init__(self, dtype: str) -> None:
+        super().__init__()
+        self.dtype = f"torch.{dtype}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("Attempted to load weight")):
+            return True
+        return not (isinstance(record.args, tuple) and record.args and str(record.args[-1]) == self.dtype)
 
 
 def _sample(out: Any, top_k: int = 0) -> GeneratedTokens:

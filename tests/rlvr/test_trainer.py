@@ -146,3 +146,32 @@ def test_mixed_precision_trains_in_bf16_with_fp32_weights_and_logprobs(tiny_llam
     after = trainer.logprobs(batch, 1.0)
     assert after[0, :3].sum() > before[0, :3].sum() and after[1, :3].sum() < before[1, :3].sum()
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_rejected_tokens_are_out_of_the_loss_denominator(tiny_llama_dir, aggregation):
+    """A rollout the mismatch mask rejects (its engine logprobs are far from the trainer's) neither trains
+    nor counts: the step's gradient equals the gradient of the batch without it (slime PR 657). Counting its
+    tokens in the token mean's divisor would shrink the gradient by 9 / 12 here."""
+    from posttrain.rlvr.batch import TrainBatch
+
+    def fresh():
+        train = RLTrainConfig(lr=1e-3, gradient_checkpointing=False, micro_batch_tokens=16, max_grad_norm=None)
+        return PolicyTrainer(ModelConfig(name="tiny-llama"), train, LoraConfig(),
+                             LossConfig(aggregation=aggregation, seq_error_threshold=2.0, is_cap=2.0))
+
+    def on_policy(trainer, rs, adv) -> TrainBatch:
+        batch = build_batch(rs, torch.tensor(adv), torch.ones(len(rs)), trainer.tokenizer.pad_token_id)
+        batch.rollout_logprobs = trainer.logprobs(batch, 1.0)  # the engine agreed with the trainer
+        return batch
+
+    good, other = rollout([1, 5, 9], list(range(100, 109))), rollout([2, 7], [200, 201, 202])  # 2 passes
+    rejected = fresh()
+    both = on_policy(rejected, [good, other], [1.0, -1.0])
+    both.rollout_logprobs[1] -= 3.0  # exp(mean |diff|) = 20 > 2: masked
+    with_it = rejected.train_step(both, 1.0)
+    alone = fresh()
+    without = alone.train_step(on_policy(alone, [good], [1.0]), 1.0)
+    assert with_it["tokens/trained"] == without["tokens/trained"] == 9
+    assert with_it["mismatch/rejected_token_share"] == pytest.approx(3 / 12)
+    assert with_it["train/grad_norm"] == pytest.approx(without["train/grad_norm"], rel=1e-5)

@@ -125,3 +125,20 @@ def test_hf_update_without_head_is_refused_unless_the_head_is_the_embedding(requ
     else:
         backend._load(state)
         assert backend.model.get_output_embeddings().weight is backend.model.get_input_embeddings().weight
+
+
+def test_vllm_cast_warnings_are_dropped_only_for_the_asked_dtype():
+    import logging
+
+    import torch
+
+    from posttrain.rollout.backend_vllm import _IntendedCast
+
+    def record(msg, *args):
+        return logging.LogRecord("vllm.model_executor.models.utils", logging.WARNING, __file__, 1, msg, args, None)
+
+    cast = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+    f = _IntendedCast("bfloat16")
+    assert not f.filter(record(cast, "layers.0.mlp.up_proj.weight", torch.float32, torch.bfloat16))
+    assert f.filter(record(cast, "layers.0.mlp.up_proj.weight", torch.float32, torch.float16))  # not asked: kept
+    assert f.filter(record("Loading model weights took %.2f GiB", 0.5))
