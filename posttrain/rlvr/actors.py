@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 from posttrain.config import EpisodeConfig, ModelConfig
@@ -120,7 +121,10 @@ class Engines:
     """The rollout pool, restarted when an engine dies: generation is retried, a sync redone.
 
     Training is never repeated: a crash after the update only costs a restart and a sync of
-    the weights the trainer already has.
+    the weights the trainer already has. Every rollout carries the ``policy_version`` of the
+    weights that sampled it. Calls hold a lock, so the producer thread of an asynchronous run
+    (``rlvr.async_rollouts``) and the controller never use the pool at once: a weight sync lands
+    between two generation calls.
     """
 
     def __init__(self, model: ModelConfig, cfg: RLVRConfig, trainer: TrainerGroup,
@@ -128,27 +132,54 @@ class Engines:
         self.model, self.cfg, self.trainer, self.placement = model, cfg, trainer, placement
         self.pool = RolloutPool(model, cfg.rollout, placement=placement)
         self.restarts = 0
+        self._lock = threading.RLock()
+        self._turn = threading.Condition()
+        self._syncs_waiting = 0  # a waiting sync goes before the next generation call
+
+    @property
+    def version(self) -> int:
+        """The trainer's update count in the engines' weights."""
+        return self.pool.policy_version
 
     def generate(self, prompts: list[Any], gen: Any, n: int) -> list[list[Rollout]]:
-        return self._retry(lambda: self.pool.generate(prompts, gen, n), "generate")
+        self._after_syncs()
+        return self._retry(lambda: _tagged(self.pool.generate(prompts, gen, n), self.pool.policy_version), "generate")
 
     def play(self, jobs: list[EpisodeJob], gen: Any, n: int, limits: EpisodeConfig) -> list[list[list[EpisodeResult]]]:
         """Multi-turn episodes (see ``RolloutPool.play``); after an engine died, all are replayed from
         their start on fresh engines (an episode's tokens would otherwise mix two engines' samples)."""
-        return self._retry(lambda: self.pool.play(jobs, gen, n, limits), "episodes")
+        def play() -> list[list[list[EpisodeResult]]]:
+            played = self.pool.play(jobs, gen, n, limits)
+            _tagged([[e.rollout for e in episodes] for job in played for episodes in job], self.pool.policy_version)
+            return played
+
+        self._after_syncs()
+        return self._retry(play, "episodes")
 
     def sync(self, probe: Rollout | None = None) -> Any:
-        return self._retry(lambda: _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir, probe), "sync")
+        with self._turn:
+            self._syncs_waiting += 1
+        try:
+            return self._retry(lambda: _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir, probe), "sync")
+        finally:
+            with self._turn:
+                self._syncs_waiting -= 1
+                self._turn.notify_all()
+
+    def _after_syncs(self) -> None:
+        with self._turn:
+            self._turn.wait_for(lambda: self._syncs_waiting == 0)
 
     def _retry(self, call: Any, what: str) -> Any:
-        for attempt in range(self.cfg.run.max_step_retries + 1):
-            try:
-                return call()
-            except EngineCrashedError as exc:
-                if attempt == self.cfg.run.max_step_retries:
-                    raise
-                log.warning("%s: %s; restarting the rollout engines", what, exc)
-                self.restart()
+        with self._lock:
+            for attempt in range(self.cfg.run.max_step_retries + 1):
+                try:
+                    return call()
+                except EngineCrashedError as exc:
+                    if attempt == self.cfg.run.max_step_retries:
+                        raise
+                    log.warning("%s: %s; restarting the rollout engines", what, exc)
+                    self.restart()
         raise AssertionError("unreachable")
 
     def restart(self) -> None:
@@ -160,6 +191,13 @@ class Engines:
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+
+
+def _tagged(groups: list[list[Rollout]], version: int) -> list[list[Rollout]]:
+    for group in groups:
+        for r in group:
+            r.policy_version = version
+    return groups
 
 
 def _sync(pool: RolloutPool, trainer: TrainerGroup, sync_dir: str, probe: Rollout | None = None) -> Any:

@@ -183,6 +183,11 @@ class RunConfig(Config):
         "rollouts per step written as text (prompt, completion, reward) to RUN/samples.jsonl, TensorBoard and "
         "the report: each group's best and worst; 0 = none"))
     max_step_retries: int = Field(1, ge=0, description="engine restarts per generate/sync after a rollout actor died")
+    max_staleness: int = Field(0, ge=0, description=(
+        "asynchronous RL: the engines generate (and score) up to this many steps ahead while the trainer trains, "
+        "so a step's rollouts may come from weights up to k updates old (the truncated IS weight and the "
+        "mismatch mask correct and bound the lag); generation waits rather than sample from older weights and "
+        "no finished rollout is dropped. 0 = the synchronous loop. Give trainer and engines their own cores"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
         "how the stage's actor bundles go onto nodes: PACK (few nodes), SPREAD / STRICT_SPREAD (one per node)"))
 

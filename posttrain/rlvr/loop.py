@@ -13,6 +13,10 @@
         engines   <- new weights, prefix cache reset, logprob check                 [sync]
         log, checkpoint every K steps
 
+With ``run.max_staleness = k > 0`` the [gen] and [score] of the next k steps run on a producer
+thread (``rlvr.async_rollouts``) while the trainer trains; each rollout carries the version of the
+weights that sampled it, and the loss's truncated IS weight and mismatch mask correct the lag.
+
 The actors live in one placement group per stage (``rlvr.actors.StageActors``). Everything
 that can fail on hostile output (scoring) is turned into reward 0 plus a counted error by
 ``score_safely``; a dead rollout engine is restarted (generation retried, a sync redone,
@@ -22,9 +26,11 @@ training never repeated), a dead sandbox actor by Ray (its job re-sent).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from contextlib import closing
+from contextlib import closing, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ from posttrain.metrics import MetricsLogger, PhaseTimer
 from posttrain.orchestration import cluster
 from posttrain.rlvr.actors import Engines, StageActors, local_cpus
 from posttrain.rlvr.advantages import group_advantages
+from posttrain.rlvr.async_rollouts import RolloutProducer, staleness_metrics
 from posttrain.rlvr.batch import build_batch
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.evaluate import evaluate_modes
@@ -90,20 +97,35 @@ def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str
             metrics_log.log(0, drop_solved(cfg, sampler, envs, engines))
         started = time.monotonic()
         samples = SampleLog(cfg.run_dir, cfg.run.log_samples, metrics_log.log_text)
-        for step in range(start_step, cfg.run.steps):
-            sampler.set_progress(run_progress(cfg, step, time.monotonic() - started))
-            last = rl_step(cfg, step, sampler, envs, engines, trainer, samples)
-            out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
-            done = step + 1 == cfg.run.steps or out_of_time
-            if cfg.run.eval_every and ((step + 1) % cfg.run.eval_every == 0 or done):
-                last.update(_evaluate(cfg, engines, envs))
-            metrics_log.log(step + 1, last)
-            log.info(_one_line(step + 1, last))
-            if (step + 1) % cfg.run.save_every == 0 or done:
-                _save(trainer, cfg, step + 1, sampler, envs)
-            if out_of_time:
-                log.info("run.max_minutes=%g reached after step %d; stopping", cfg.run.max_minutes, step + 1)
-                break
+        lock = threading.Lock()  # the sampler: drawn from by an asynchronous run's producer thread
+        producer = RolloutProducer(lambda s: collect(cfg, s, sampler, envs, engines, lock), cfg.run.max_staleness,
+                                   start_step, cfg.run.steps) if cfg.run.max_staleness else None
+        quiet = producer.paused if producer is not None else nullcontext  # evals and checkpoints: nothing in flight
+        with closing(producer) if producer is not None else nullcontext():
+            for step in range(start_step, cfg.run.steps):
+                with lock:
+                    sampler.set_progress(run_progress(cfg, step, time.monotonic() - started))
+                if producer is None:
+                    last = rl_step(cfg, step, sampler, envs, engines, trainer, samples)
+                else:  # the oldest produced step; the producer plays the next ones meanwhile
+                    last = learn(cfg, step, producer.take(step), sampler, envs, engines, trainer, samples, lock)
+                    producer.finished(step)
+                    last.update(producer.metrics())
+                out_of_time = cfg.run.max_minutes is not None and time.monotonic() - started > 60 * cfg.run.max_minutes
+                done = step + 1 == cfg.run.steps or out_of_time
+                if cfg.run.eval_every and ((step + 1) % cfg.run.eval_every == 0 or done):
+                    with quiet():
+                        evaluated = time.monotonic()
+                        last.update(_evaluate(cfg, engines, envs))
+                        last["time/eval_s"] = time.monotonic() - evaluated
+                metrics_log.log(step + 1, last)
+                log.info(_one_line(step + 1, last))
+                if (step + 1) % cfg.run.save_every == 0 or done:
+                    with quiet(), lock:
+                        _save(trainer, cfg, step + 1, sampler, envs)
+                if out_of_time:
+                    log.info("run.max_minutes=%g reached after step %d; stopping", cfg.run.max_minutes, step + 1)
+                    break
         log.info("final model: %s", trainer.export(str(Path(cfg.run_dir) / "model")))
     return last
 
@@ -124,11 +146,29 @@ def _restore(cfg: RLVRConfig, trainer: TrainerGroup, engines: Engines, sampler: 
     return int(state["step"])
 
 
+@dataclass
+class Collected:
+    """A step's played prompts, before learning: what the producer of an asynchronous run hands over."""
+
+    drawn: list[tuple[str, Sample]]
+    played: Played
+    rounds: int
+    timer: PhaseTimer
+
+
 def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, Environment],
             engines: Engines, trainer: TrainerGroup, samples: SampleLog | None = None) -> dict[str, float]:
+    return learn(cfg, step, collect(cfg, step, sampler, envs, engines), sampler, envs, engines, trainer, samples)
+
+
+def collect(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, Environment], engines: Engines,
+            sampler_lock: Any = None) -> Collected:
+    """Draw the step's prompts, roll them out and score them (refilled while too few groups differ)."""
+    lock = sampler_lock or nullcontext()
     timer = PhaseTimer()
     n = cfg.rollout.samples_per_prompt
-    drawn = sampler.next_batch(cfg.run.prompts_per_step)  # [(env name, sample)]
+    with lock:
+        drawn = sampler.next_batch(cfg.run.prompts_per_step)  # [(env name, sample)]
     # a fresh sampling seed per step (reproducible, so a resumed run draws the same rollouts)
     gen = cfg.generation.model_copy(update={"seed": cfg.generation.seed + 1_000_003 * (step + 1)})
     # single-turn prompts: generate [gen] then score [score]; multi-turn ones play episodes that
@@ -142,9 +182,19 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     played = play(drawn, 0)
     rounds = 1
     while rounds <= cfg.run.refill_rounds and informative_groups(played.scores, n) < cfg.run.prompts_per_step:
-        more = sampler.next_batch(cfg.run.prompts_per_step)  # DAPO's dynamic sampling, bounded by refill_rounds
+        with lock:
+            more = sampler.next_batch(cfg.run.prompts_per_step)  # DAPO's dynamic sampling, bounded by refill_rounds
         played, drawn = played.then(play(more, rounds)), [*drawn, *more]
         rounds += 1
+    return Collected(drawn, played, rounds, timer)
+
+
+def learn(cfg: RLVRConfig, step: int, collected: Collected, sampler: MixedSampler, envs: dict[str, Environment],
+          engines: Engines, trainer: TrainerGroup, samples: SampleLog | None = None,
+          sampler_lock: Any = None) -> dict[str, float]:
+    """Advantages, masks, the update and the weight sync of one collected step; its metrics."""
+    drawn, played, rounds, timer = collected.drawn, collected.played, collected.rounds, collected.timer
+    n = cfg.rollout.samples_per_prompt
     rollouts = [r for group in played.groups for r in group]  # prompt-major: group i = rollouts[i*n:(i+1)*n]
     scores = played.scores
     if samples is not None:
@@ -162,6 +212,9 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
     # Only rollouts that carry gradient go to the trainer: a dropped one would still cost a
     # forward and backward pass (most groups are all-0 or all-1 early and late in training).
     kept = [i for i in range(len(rollouts)) if keep[i]]
+    # before the update the trainer's weights are the engines' (synced every step): the rollouts' lag
+    lag = staleness_metrics([r.policy_version for r in rollouts], engines.version, cfg.run.max_staleness) \
+        if cfg.run.max_staleness else {}
     with timer("train"):
         if kept:
             batch = build_batch([rollouts[i] for i in kept], adv.advantages[kept], torch.ones(len(kept)), pad_id=0)
@@ -171,9 +224,10 @@ def rl_step(cfg: RLVRConfig, step: int, sampler: MixedSampler, envs: dict[str, E
             train_metrics = {"tokens/trained": 0.0, "train/skipped_updates": 1.0}
     with timer("sync"):
         sync = engines.sync(rollouts[kept[0]]) if kept else None  # no update: the engines are current
-    _update_curriculum(sampler, drawn, scores, n)
+    with sampler_lock or nullcontext():
+        _update_curriculum(sampler, drawn, scores, n)
     metrics = {**train_metrics, **timer.seconds, **_step_metrics(envs, drawn, rollouts, scores, n, adv, keep),
-               **played.metrics}
+               **played.metrics, **lag}
     if sync is not None:
         metrics["sync/max_abs_logprob_diff"] = sync.max_abs_logprob_diff
         metrics["sync/seconds"] = sync.seconds

@@ -76,6 +76,7 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_rollout: to
             "loss/clip_fraction": float((was_clipped * mask).sum() / n),
             "loss/ratio_mean": float((ratio * mask).sum() / n),
             "loss/is_weight_mean": float((is_weight * mask).sum() / n),
+            "loss/is_weight_max": float((is_weight * mask).max()) if mask.numel() else 0.0,
             "mismatch/seq_error_max": float(mismatch.max()) if mismatch.numel() else 0.0,
             "mismatch/masked_sequences": float((mask.sum(-1) == 0).sum()),
             "tokens/trained": float(mask.sum()),

@@ -12,6 +12,8 @@ does its job.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from typing import Any
 
@@ -34,9 +36,12 @@ from posttrain.training.sharded_checkpoint import export_gathered, load_any_chec
 
 class PolicyTrainer:
     def __init__(self, model: ModelConfig, train: RLTrainConfig, lora: LoraConfig, loss: LossConfig,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cores: list[int] | None = None) -> None:
         """``model``: the policy's starting point (``RLVRConfig.start_model()``), loaded as the engines
-        load it; ``loss``: ``RLVRConfig.loss_config()`` (Dr.GRPO's divisor already resolved)."""
+        load it; ``loss``: ``RLVRConfig.loss_config()`` (Dr.GRPO's divisor already resolved); ``cores``:
+        CPU cores this process keeps to (an asynchronous run's, beside the engines')."""
+        if cores is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)
         torch.manual_seed(seed)
         if train.threads:
             torch.set_num_threads(train.threads)
@@ -239,8 +244,11 @@ class PolicyTrainer:
 
     def publish_weights(self, sync_dir: str) -> WeightUpdate:
         """Stage the current weights for the rollout engines (full, or the LoRA adapter) in
-        ``sync_dir`` (/dev/shm: same host) and return the handle; the pool applies and releases it.
-        Written here so the tensors never travel through the controller."""
+        ``sync_dir`` (/dev/shm: same host) and return the handle, tagged with this trainer's update
+        count; the pool applies and releases it. Written here so the tensors never travel through the controller."""
+        return dataclasses.replace(self._publish(sync_dir), policy_version=self.steps_done)
+
+    def _publish(self, sync_dir: str) -> WeightUpdate:
         from posttrain.rollout.weight_sync import ShmPublisher, full_state_dict
 
         if self._publisher is None or self._publisher.root != sync_dir:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from posttrain.orchestration import cluster
+from posttrain.rlvr.async_rollouts import trainer_cores
 
 if TYPE_CHECKING:
     from posttrain.orchestration.placement import StagePlacement
@@ -47,7 +48,7 @@ class TrainerGroup:
                 slot = placement.slot("trainer", rank) if placement is not None else None
                 self.actors.append(cluster.start_actor(
                     PolicyTrainer, name, cfg.start_model(), cfg.train, cfg.lora, cfg.loss_config(), cfg.run.seed,
-                    num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus, placement=slot))
+                    trainer_cores(cfg, rank), num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus, placement=slot))
             if size > 1:
                 address = self._rank0("group_address", what="start-up")
                 self._wait([a.join_group.remote(address, rank, size, timeout_s) for rank, a in enumerate(self.actors)],

@@ -50,6 +50,7 @@ class RolloutPool:
         self.actors: list[Any] = []
         self.publisher = ShmPublisher(cfg.sync_dir)
         self._live_lora: WeightUpdate | None = None
+        self.policy_version = 0  # of the last update every engine applied (0: the weights they started with)
         try:
             for rank, name in enumerate(self.names):  # one at a time: vLLM start-up is CPU heavy
                 slot = placement.slot(name_prefix, rank) if placement is not None else None
@@ -158,6 +159,7 @@ class RolloutPool:
         if self._live_lora is not None:
             self.publisher.release(self._live_lora)
         self._live_lora = update if update.kind == "lora" else None
+        self.policy_version = update.policy_version
         report = SyncReport(version=update.version, kind=update.kind, seconds=time.perf_counter() - start,
                             num_bytes=update.num_bytes, per_engine_seconds=dict(zip(self.names, seconds)))
         if check is not None:

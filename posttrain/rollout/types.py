@@ -107,6 +107,7 @@ class Rollout:
     # sampled; None = every token is (one turn, no cut).
     loss_mask: list[int] | None = None
     turns: int = 1
+    policy_version: int = 0  # the trainer's updates in the weights that sampled it (WeightUpdate.policy_version)
 
     @property
     def model_tokens(self) -> int:
@@ -130,6 +131,7 @@ class WeightUpdate:
     num_bytes: int
     num_tensors: int
     node_id: str = ""  # Ray node whose /dev/shm holds ``path`` ("" = not known: assume the engines' own)
+    policy_version: int = 0  # optimizer updates in these weights (the trainer's count; 0 = the start)
 
 
 @dataclass

@@ -318,3 +318,62 @@ def test_informative_and_first_groups():
     assert informative_groups(scores, 2) == 2
     keep = torch.tensor([True, True, False, False, True, True, True, True])
     assert first_groups(keep, 2, 2).tolist() == [True, True, False, False, True, True, False, False]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_async_rollouts_carry_their_version_and_lag_at_most_k(tmp_path, tiny_llama_dir, k):
+    """run.max_staleness=k through real actors: the engines generate ahead while the trainer trains;
+    every trained rollout's weights are at most k updates old, and the engines still hold the
+    trainer's weights after each sync."""
+    cfg = config(tmp_path, 4)
+    cfg.run.max_staleness = k
+    last = main(cfg)
+    logged = rows(tmp_path)
+    assert [x["step"] for x in logged] == [1, 2, 3, 4]
+    for row in logged:
+        assert 0 <= row["async/staleness_mean"] <= row["async/staleness_max"] <= k
+        assert sum(row[f"async/staleness_{lag}"] for lag in range(k + 1)) == pytest.approx(1.0)
+        assert 0.0 <= row["async/trainer_idle_share"] <= 1.0 and 0.0 <= row["async/engine_idle_share"] <= 1.0
+    assert logged[0]["async/staleness_max"] == 0  # the first step is sampled by the starting weights
+    assert any(row["async/staleness_max"] >= 1 for row in logged[1:])  # later ones while the trainer trained
+    assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_async_resume_with_rollouts_in_flight_trains_no_step_twice(tmp_path, tiny_llama_dir, monkeypatch):
+    from posttrain.rlvr import loop
+
+    cfg = config(tmp_path, 4)
+    cfg.run.max_staleness, cfg.run.save_every = 1, 2
+    real = loop.learn
+
+    def dies_at_step_3(cfg_, step, *args, **kwargs):
+        if step == 2:  # step 4's rollouts are being produced meanwhile
+            raise RuntimeError("controller killed")
+        return real(cfg_, step, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "learn", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="controller killed"):
+        main(cfg)
+    monkeypatch.setattr(loop, "learn", real)
+    main(cfg, resume=True)
+    assert [x["step"] for x in rows(tmp_path)] == [1, 2, 3, 4]  # the lost in-flight rollouts counted nowhere
+
+
+@pytest.mark.slow
+def test_async_dead_rollout_engine_is_restarted(tmp_path, tiny_llama_dir, monkeypatch):
+    import toy_env
+
+    monkeypatch.setattr(toy_env.KillerVowelEnv, "killed", False)
+    cfg = config(tmp_path, 3)
+    cfg.run.max_staleness = 1
+    cfg.environments[0].name = "toy_env:KillerVowelEnv"
+    last = main(cfg)
+    assert last["rollout/engine_restarts"] == 1
+    assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3
+    assert [x["step"] for x in rows(tmp_path)] == [1, 2, 3]

@@ -42,6 +42,11 @@ def test_importance_weight_is_truncated():
     cfg = LossConfig(seq_error_threshold=None, is_cap=2.0)
     out = policy_loss(old, old, rollout, torch.tensor([1.0]), torch.ones(1, 2), cfg)
     assert out.loss.item() == pytest.approx(-(2.0 + 2.0) / 2)
+    assert out.metrics["loss/is_weight_max"] == pytest.approx(2.0)  # the cap, not 5
+    lagged = lp(0.5, 0.4)  # a policy one update behind the trainer: weights 1.0 and 1.25, under the cap
+    out = policy_loss(old, old, lagged, torch.tensor([1.0]), torch.ones(1, 2), cfg)
+    assert out.loss.item() == pytest.approx(-(1.0 + 1.25) / 2)
+    assert out.metrics["loss/is_weight_max"] == pytest.approx(1.25)
 
 
 def test_sequences_with_large_mismatch_are_masked():
