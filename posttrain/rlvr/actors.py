@@ -130,7 +130,9 @@ class Engines:
     def __init__(self, model: ModelConfig, cfg: RLVRConfig, trainer: TrainerGroup,
                  placement: StagePlacement | None = None) -> None:
         self.model, self.cfg, self.trainer, self.placement = model, cfg, trainer, placement
-        self.pool = RolloutPool(model, cfg.rollout, placement=placement)
+        # colocated engines sleep while the trainer trains (vLLM sleep mode)
+        self.rollout = cfg.rollout.model_copy(update={"enable_sleep_mode": True}) if cfg.run.colocate else cfg.rollout
+        self.pool = RolloutPool(model, self.rollout, placement=placement)
         self.restarts = 0
         self._lock = threading.RLock()
         self._turn = threading.Condition()
@@ -166,6 +168,13 @@ class Engines:
                 self._syncs_waiting -= 1
                 self._turn.notify_all()
 
+    def sleep(self) -> float:
+        """Colocated: the engines free the GPU for the trainer (KV cache freed, weights to host memory)."""
+        return self._retry(lambda: self.pool.sleep(1), "sleep")
+
+    def wake(self) -> float:
+        return self._retry(self.pool.wake, "wake")
+
     def _after_syncs(self) -> None:
         with self._turn:
             self._turn.wait_for(lambda: self._syncs_waiting == 0)
@@ -184,7 +193,7 @@ class Engines:
 
     def restart(self) -> None:
         self.pool.shutdown()
-        self.pool = RolloutPool(self.model, self.cfg.rollout, placement=self.placement)
+        self.pool = RolloutPool(self.model, self.rollout, placement=self.placement)
         self.restarts += 1
         # fresh engines hold the base weights: give them the trainer's
         _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir)

@@ -111,6 +111,9 @@ class RLTrainConfig(Config):
         "split every row of the logprob and loss passes over this many trainer workers (exact attention "
         "across them, see the SFT key); must divide train.workers, the rest are data-parallel"))
     fsdp: FsdpConfig = FsdpConfig()
+    offload_optimizer: bool = Field(False, description=(
+        "with run.colocate: AdamW's state goes to host memory while the engines generate and comes back to "
+        "train (the recipe's colocated memory saver; costs two host-device copies per step)"))
 
     @model_validator(mode="after")
     def _check_context_parallel(self) -> RLTrainConfig:
@@ -183,6 +186,11 @@ class RunConfig(Config):
         "rollouts per step written as text (prompt, completion, reward) to RUN/samples.jsonl, TensorBoard and "
         "the report: each group's best and worst; 0 = none"))
     max_step_retries: int = Field(1, ge=0, description="engine restarts per generate/sync after a rollout actor died")
+    colocate: bool = Field(False, description=(
+        "trainer and engines share the same GPUs (train.num_gpus and rollout.gpus_per_engine fractions of one "
+        "GPU): the engines sleep (vLLM sleep mode: KV cache freed, weights offloaded) while the trainer trains "
+        "and wake for the weight sync and the next generation; train.offload_optimizer also moves AdamW's state "
+        "off the GPU while they generate. Needs GPUs; the synchronous loop only"))
     max_staleness: int = Field(0, ge=0, description=(
         "asynchronous RL: the engines generate (and score) up to this many steps ahead while the trainer trains, "
         "so a step's rollouts may come from weights up to k updates old (the truncated IS weight and the "
@@ -234,4 +242,18 @@ class RLVRConfig(Config):
         names = [e.name for e in self.environments]
         if len(set(names)) != len(names):
             raise ValueError(f"environments must have distinct names (got {names})")
+        self._check_colocation()
         return self
+
+    def _check_colocation(self) -> None:
+        if self.train.offload_optimizer and not self.run.colocate:
+            raise ValueError("train.offload_optimizer frees GPU memory for colocated engines: set run.colocate=true "
+                             "(or leave it false)")
+        if not self.run.colocate:
+            return
+        if not (self.train.num_gpus > 0 and self.rollout.gpus_per_engine > 0):
+            raise ValueError("run.colocate=true shares GPUs between trainer and engines: set train.num_gpus and "
+                             "rollout.gpus_per_engine (e.g. 0.5 each on one GPU); on CPUs leave it false")
+        if self.run.max_staleness:
+            raise ValueError("run.colocate=true runs generation and training in turn on the same GPUs: it cannot "
+                             f"overlap them (run.max_staleness={self.run.max_staleness}); choose one")

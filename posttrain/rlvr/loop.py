@@ -10,6 +10,7 @@
                      a GenRM judges a whole group at once)                          [score]
         adv       <- group-relative advantages; masks for dead groups / overlong
         trainer   <- clipped policy-gradient update on trainer-0.. (one process group) [train]
+                     (run.colocate: the engines sleep meanwhile, rlvr.colocate)
         engines   <- new weights, prefix cache reset, logprob check                 [sync]
         log, checkpoint every K steps
 
@@ -53,6 +54,7 @@ from posttrain.rlvr.actors import Engines, StageActors, local_cpus
 from posttrain.rlvr.advantages import group_advantages
 from posttrain.rlvr.async_rollouts import RolloutProducer, staleness_metrics
 from posttrain.rlvr.batch import build_batch
+from posttrain.rlvr.colocate import trainer_turn
 from posttrain.rlvr.config import RLVRConfig
 from posttrain.rlvr.evaluate import evaluate_modes
 from posttrain.rlvr.policy_loss import overlong_mask
@@ -218,7 +220,9 @@ def learn(cfg: RLVRConfig, step: int, collected: Collected, sampler: MixedSample
     with timer("train"):
         if kept:
             batch = build_batch([rollouts[i] for i in kept], adv.advantages[kept], torch.ones(len(kept)), pad_id=0)
-            train_metrics = trainer.train_step(batch, cfg.generation.temperature)
+            with trainer_turn(cfg.run.colocate, cfg.train.offload_optimizer, engines, trainer) as swap:
+                train_metrics = trainer.train_step(batch, cfg.generation.temperature)
+            train_metrics = {**train_metrics, **swap}
         else:
             log.warning("step %d trains nothing: %s", step + 1, _why_nothing_trains(rewards, n, adv.zero_variance_groups))
             train_metrics = {"tokens/trained": 0.0, "train/skipped_updates": 1.0}

@@ -264,6 +264,22 @@ class PolicyTrainer:
                 return self._publisher.publish(get_peft_model_state_dict(self.model), "lora", config)
             return self._publisher.publish(full_state_dict(self.model), "full")
 
+    def offload_optimizer(self) -> None:
+        """AdamW's state to host memory (``train.offload_optimizer``: colocated engines get the GPU meanwhile)."""
+        self._move_optimizer("cpu")
+
+    def load_optimizer(self) -> None:
+        """AdamW's state back beside its parameters, before the next update."""
+        self._move_optimizer(None)
+
+    def _move_optimizer(self, device: str | None) -> None:
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim():  # moments; the step count stays put
+                    state[key] = value.to(device or param.device, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     def reference_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """Teacher-forced logprobs of ``token_ids[start:]`` (the engines must match them after a sync)."""
         from posttrain.rollout.weight_sync import sequence_logprobs

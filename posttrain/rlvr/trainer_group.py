@@ -74,6 +74,12 @@ class TrainerGroup:
     def publish_weights(self, sync_dir: str) -> WeightUpdate:
         return self._weights_call("publish_weights", sync_dir, what="publish weights")
 
+    def offload_optimizer(self) -> None:
+        self._all("offload_optimizer", what="optimizer offload")
+
+    def load_optimizer(self) -> None:
+        self._all("load_optimizer", what="optimizer reload")
+
     def staged_files_ref(self, update: WeightUpdate) -> Any:
         """A Ray ObjectRef of the update's files, staged on rank 0's node (not fetched here)."""
         return self.actors[0].staged_files.remote(update)

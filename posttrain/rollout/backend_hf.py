@@ -28,6 +28,7 @@ class HFBackend:
         self.tokenizer = models.tokenizer_for(source)
         self.pad_id = self.tokenizer.pad_token_id
         self._base_state: dict[str, Any] | None = None  # kept while a LoRA delta is merged in
+        self._device: Any = None  # where the model lives while awake (set by sleep)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec,
                  budget_mask: list[bool]) -> list[list[GeneratedTokens]]:
@@ -127,6 +128,19 @@ class HFBackend:
         if self._base_state is None:
             self._base_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self._load(merged_state(self._base_state, folder))
+
+    def sleep(self, level: int) -> None:
+        """The model to host memory (a CUDA engine's GPU memory freed for a colocated trainer); nothing on CPU."""
+        self._device = next(self.model.parameters()).device
+        if self._device.type != "cpu":
+            import torch
+
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self._device is not None and self._device.type != "cpu":
+            self.model.to(self._device)
 
     def shutdown(self) -> None:
         self.model = None

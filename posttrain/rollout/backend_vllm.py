@@ -107,7 +107,13 @@ class VLLMBackend:
         if on_cuda():
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             if cfg.gpus_per_engine > 1:  # the actor owns them (CUDA_VISIBLE_DEVICES): vLLM's own workers
-                kw.update(tensor_parallel_size=int(cfg.gpus_per_engine), distributed_executor_backend="mp")
+                kw.update(tensor_parallel_size=int(cfg.gpus_per_engine), distributed_executor_backend="mp",
+                          enable_expert_parallel=cfg.expert_parallel)
+            if cfg.quantization != "none":
+                kw["quantization"] = cfg.quantization
+        elif cfg.quantization != "none":
+            raise RolloutError(f"rollout.quantization={cfg.quantization} needs CUDA (vLLM-CPU has no FP8 kernels); "
+                               "set it to none on this machine")
         else:
             # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator
             # (gen.set_offset), which CPU generators refuse: "CPU Generator does not use offset"
@@ -115,6 +121,10 @@ class VLLMBackend:
             kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
         if cfg.enable_lora:
             kw.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
+        if cfg.enable_sleep_mode:
+            if not on_cuda():
+                raise RolloutError("rollout.enable_sleep_mode (run.colocate) needs CUDA: vLLM sleeps only on GPUs")
+            kw["enable_sleep_mode"] = True
         try:
             self.llm = LLM(**kw)
         except Exception as exc:  # vLLM raises many types; classify by message
@@ -173,6 +183,16 @@ class VLLMBackend:
             if self._lora is not None:
                 self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
             self._lora = LoRARequest(f"policy-v{update.version}", update.version, update.path)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int) -> None:
+        """Free the KV cache and offload the weights to host memory (1) or drop them (2: a full update follows)."""
+        if not self.cfg.enable_sleep_mode:
+            raise RolloutError("this engine started without sleep mode (rollout.enable_sleep_mode)")
+        self.llm.sleep(level=level)
+
+    def wake(self) -> None:
+        self.llm.wake_up()
         self.llm.reset_prefix_cache()
 
     def shutdown(self) -> None:

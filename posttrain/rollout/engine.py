@@ -149,6 +149,17 @@ class RolloutEngine:
                 self._remote_copy = None
         return time.perf_counter() - start
 
+    def sleep(self, level: int = 1) -> float:
+        """Give the device's memory back between generations (``run.colocate``); seconds it took."""
+        start = time.perf_counter()
+        self.backend.sleep(level)
+        return time.perf_counter() - start
+
+    def wake(self) -> float:
+        start = time.perf_counter()
+        self.backend.wake()
+        return time.perf_counter() - start
+
     def shutdown(self) -> None:
         self.backend.shutdown()
 

@@ -183,6 +183,13 @@ class RolloutPool:
         results = self._gather(refs, self.names, self.cfg.call_timeout_s, "logprob check")
         return max(max(abs(a - b) for a, b in zip(r[0], check.logprobs)) for r in results)
 
+    def sleep(self, level: int = 1) -> float:
+        """Every engine frees its device memory (``rollout.enable_sleep_mode``); the slowest engine's seconds."""
+        return max(self._call("sleep", level, timeout=self.cfg.call_timeout_s))
+
+    def wake(self) -> float:
+        return max(self._call("wake", timeout=self.cfg.call_timeout_s))
+
     # ----------------------------------------------------------------- life cycle
 
     def shutdown(self) -> None:

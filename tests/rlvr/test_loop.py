@@ -377,3 +377,65 @@ def test_async_dead_rollout_engine_is_restarted(tmp_path, tiny_llama_dir, monkey
     assert last["rollout/engine_restarts"] == 1
     assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3
     assert [x["step"] for x in rows(tmp_path)] == [1, 2, 3]
+
+
+class TurnTakingEngines(OneRolloutPerSample):
+    """Fake engines that log what the loop asks of them, for the colocated turn order."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def generate(self, prompts, gen, n):
+        self.calls.append("generate")
+        groups = super().generate(prompts, gen, n)
+        for group in groups:
+            for r in group:  # differing answers: the vowel env's rewards differ within each group
+                r.text = r.answer = "a" * r.sample_index + "b"
+        return groups
+
+    def sleep(self):
+        self.calls.append("sleep")
+        return 0.1
+
+    def wake(self):
+        self.calls.append("wake")
+        return 0.2
+
+    def sync(self, probe=None):
+        self.calls.append("sync")
+        return None
+
+
+class TurnTrainer:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def train_step(self, batch, temperature):
+        self.calls.append("train")
+        return {"tokens/trained": float(batch.num_tokens)}
+
+    def load_optimizer(self):
+        self.calls.append("load_optimizer")
+
+    def offload_optimizer(self):
+        self.calls.append("offload_optimizer")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_colocated_engines_sleep_while_the_trainer_trains(tmp_path, offload):
+    """run.colocate: generate, engines sleep, (optimizer back), train, (optimizer out), engines wake,
+    then the weight sync -- the order that lets trainer and engines share a GPU."""
+    from posttrain.rlvr.loop import _make_sampler, rl_step
+
+    cfg = config(tmp_path, 1)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"colocate": True}),
+                                 "train": cfg.train.model_copy(update={"offload_optimizer": offload, "num_gpus": 0.5}),
+                                 "rollout": cfg.rollout.model_copy(update={"gpus_per_engine": 0.5})})
+    import toy_env
+
+    envs = {"toy_env:VowelEnv": toy_env.VowelEnv()}
+    calls: list[str] = []
+    metrics = rl_step(cfg, 0, _make_sampler(cfg, envs), envs, TurnTakingEngines(calls), TurnTrainer(calls))
+    middle = ["load_optimizer", "train", "offload_optimizer"] if offload else ["train"]
+    assert calls == ["generate", "sleep", *middle, "wake", "sync"]
+    assert (metrics["colocate/sleep_s"], metrics["colocate/wake_s"]) == (0.1, 0.2)

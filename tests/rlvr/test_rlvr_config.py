@@ -30,11 +30,21 @@ def test_presets_load(preset):
         ("algorithm.variant=ppo", "algorithm.variant = 'ppo'"),
         ("algorithm.eps_lo=0.1", "did you mean 'eps_low'"),
         ('environments=[{name: math}, {name: math}]', "distinct names"),
+        ("run.colocate=true", "set train.num_gpus and rollout.gpus_per_engine"),
+        ("train.offload_optimizer=true", "set run.colocate=true"),
     ],
 )
 def test_bad_configs(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(RLVRConfig, overrides=[override])
+
+
+def test_colocation_needs_gpus_and_no_overlap():
+    gpus = ["run.colocate=true", "train.num_gpus=0.5", "rollout.gpus_per_engine=0.5"]
+    cfg = load_config(RLVRConfig, overrides=[*gpus, "train.offload_optimizer=true"])
+    assert cfg.run.colocate and cfg.train.offload_optimizer
+    with pytest.raises(ConfigError, match="cannot overlap"):
+        load_config(RLVRConfig, overrides=[*gpus, "run.max_staleness=1"])
 
 
 def test_cli_dry_run(capsys):

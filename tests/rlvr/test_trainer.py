@@ -175,3 +175,49 @@ def test_rejected_tokens_are_out_of_the_loss_denominator(tiny_llama_dir, aggrega
     assert with_it["tokens/trained"] == without["tokens/trained"] == 9
     assert with_it["mismatch/rejected_token_share"] == pytest.approx(3 / 12)
     assert with_it["train/grad_norm"] == pytest.approx(without["train/grad_norm"], rel=1e-5)
+
+
+def _moments(trainer) -> list[torch.Tensor]:
+    return [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]
+
+
+def test_optimizer_offload_and_reload_change_no_update(tiny_llama_dir):
+    """train.offload_optimizer: AdamW's moments go to host memory between updates and come back beside
+    their parameters; the next update is exactly the one a trainer that kept them would make."""
+    def fresh():
+        train = RLTrainConfig(lr=1e-2, gradient_checkpointing=False, micro_batch_tokens=64)
+        return PolicyTrainer(ModelConfig(name="tiny-llama"), train, LoraConfig(), LossConfig(
+            importance_sampling=False, seq_error_threshold=None))
+
+    moved, kept = fresh(), fresh()
+    rs = [rollout([1, 5, 9], [100, 101, 102]), rollout([1, 5, 9], [200, 201, 202])]
+    batch = build_batch(rs, torch.tensor([1.0, -1.0]), torch.ones(2), moved.tokenizer.pad_token_id)
+    for trainer in (moved, kept):
+        torch.manual_seed(1)  # the same row shuffle for both
+        trainer.train_step(batch, 1.0)
+    moved.offload_optimizer()
+    assert _moments(moved) and all(m.device.type == "cpu" for m in _moments(moved))
+    moved.load_optimizer()
+    device = next(moved.model.parameters()).device
+    assert all(m.device == device for m in _moments(moved))
+    for trainer in (moved, kept):
+        torch.manual_seed(2)
+        trainer.train_step(batch, 1.0)
+    for a, b in zip(moved.model.parameters(), kept.model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_optimizer_offload_frees_gpu_memory(tiny_llama_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    train = RLTrainConfig(lr=1e-2, gradient_checkpointing=False, micro_batch_tokens=64)
+    trainer = PolicyTrainer(ModelConfig(name="tiny-llama"), train, LoraConfig(), LossConfig())
+    rs = [rollout([1, 5, 9], [100, 101, 102]), rollout([1, 5, 9], [200, 201, 202])]
+    batch = build_batch(rs, torch.tensor([1.0, -1.0]), torch.ones(2), trainer.tokenizer.pad_token_id)
+    trainer.train_step(batch, 1.0)
+    before = torch.cuda.memory_allocated()
+    trainer.offload_optimizer()
+    assert torch.cuda.memory_allocated() < before and all(m.device.type == "cpu" for m in _moments(trainer))
+    trainer.load_optimizer()
+    assert all(m.is_cuda for m in _moments(trainer))

@@ -198,3 +198,19 @@ def test_a_bf16_engine_takes_the_fp32_trainers_weights(ray_cluster, tiny_llama_d
             assert [g[0].token_ids for g in bf16_pool.generate(PROMPTS, greedy)] != before
         finally:
             hf_model.load_state_dict(original, strict=False)
+
+
+@pytest.mark.gpu
+def test_a_sleeping_engine_frees_the_gpu_and_wakes_with_the_same_weights(ray_cluster, tiny_llama_dir):
+    """run.colocate's engine side through the pool: sleep frees device memory, wake restores the weights."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: vLLM sleeps only on GPUs")
+    cfg = RolloutConfig(max_model_len=512, gpus_per_engine=0.5, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+    greedy = GenerationConfig(max_new_tokens=12, enable_thinking=False)
+    with RolloutPool(ModelConfig(name=str(tiny_llama_dir)), cfg, name_prefix="sleepy") as sleepy:
+        before = [g[0].token_ids for g in sleepy.generate(PROMPTS, greedy)]
+        awake = torch.cuda.mem_get_info()[0]
+        assert sleepy.sleep() >= 0
+        assert torch.cuda.mem_get_info()[0] > awake
+        assert sleepy.wake() >= 0
+        assert [g[0].token_ids for g in sleepy.generate(PROMPTS, greedy)] == before
