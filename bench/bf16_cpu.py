@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from posttrain.rollout.backend_vllm import set_cpu_env
 dtype, threads = sys.argv[1], int(sys.argv[2])
 set_cpu_env(RolloutConfig(threads_per_engine=threads, kv_cache_gib=2), 0)
 from vllm import LLM, SamplingParams
-folder = models.prepare("smollm2-135m-instruct")
+folder = str(models.prepare("smollm2-135m-instruct"))
 llm = LLM(model=folder, dtype=dtype, max_model_len=1024, seed=0, enforce_eager=True,
           enable_chunked_prefill=False, max_num_batched_tokens=8192)
 base = "Compare the two responses to the question and score each from 1 to 5. " * 3
@@ -74,7 +75,9 @@ def train_step_seconds(mixed: str, threads: int, repeats: int = 3) -> float:
 
 def vllm_figures(dtype: str, threads: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", VLLM_CHILD, dtype, str(threads)], capture_output=True, text=True,
-                         check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if out.returncode:
+        raise SystemExit(f"the vLLM {dtype} engine failed:\n{out.stderr[-3000:]}")
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
