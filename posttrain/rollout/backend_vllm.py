@@ -90,7 +90,9 @@ class VLLMBackend:
 
                 warn_if_bf16_emulated("rollout.dtype")
         if cfg.dtype != "auto":  # asked for: fp32 checkpoints and updates are cast on load, one warning per tensor
-            logging.getLogger("vllm.model_executor.models.utils").addFilter(_IntendedCast(cfg.dtype))
+            loader_log = logging.getLogger("vllm.model_executor.models.utils")
+            if not any(isinstance(f, _IntendedCast) and f.dtype == f"torch.{cfg.dtype}" for f in loader_log.filters):
+                loader_log.addFilter(_IntendedCast(cfg.dtype))  # once per process, however many engines it starts
         from vllm import LLM
 
         from posttrain.rollout.vllm_budget import CLASS_PATH
