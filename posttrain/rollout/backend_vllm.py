@@ -83,16 +83,17 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str, model: ModelConfig, cfg: RolloutConfig, rank: int = 0) -> None:
         check_supported(model_dir)
+        dtype = cfg.engine_dtype(model)
         if not on_cuda():
             set_cpu_env(cfg, rank)
-            if cfg.engine_dtype(model) == "bfloat16":
+            if dtype == "bfloat16":
                 from posttrain.models import warn_if_bf16_emulated
 
                 warn_if_bf16_emulated("rollout.dtype")
-        if cfg.dtype != "auto":  # asked for: fp32 checkpoints and updates are cast on load, one warning per tensor
+        if dtype != "auto":  # asked for: fp32 checkpoints and updates are cast on load, one warning per tensor
             loader_log = logging.getLogger("vllm.model_executor.models.utils")
-            if not any(isinstance(f, _IntendedCast) and f.dtype == f"torch.{cfg.dtype}" for f in loader_log.filters):
-                loader_log.addFilter(_IntendedCast(cfg.dtype))  # once per process, however many engines it starts
+            if not any(isinstance(f, _IntendedCast) and f.dtype == f"torch.{dtype}" for f in loader_log.filters):
+                loader_log.addFilter(_IntendedCast(dtype))  # once per process, however many engines it starts
         from vllm import LLM
 
         from posttrain.rollout.vllm_budget import CLASS_PATH
@@ -101,7 +102,7 @@ class VLLMBackend:
         self._lora: Any = None
         kw: dict[str, Any] = dict(
             model=model_dir, tokenizer=model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            dtype=_dtype(cfg.engine_dtype(model)), max_model_len=cfg.max_model_len, seed=0,
+            dtype=_dtype(dtype), max_model_len=cfg.max_model_len, seed=0,
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_cuda(),
             enable_prefix_caching=True, logits_processors=[CLASS_PATH],
             logprobs_mode="processed_logprobs" if cfg.logprobs == "processed" else "raw_logprobs",
