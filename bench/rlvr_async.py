@@ -8,7 +8,9 @@ times, each for ``--minutes`` of RL, one after another (alone on the machine):
 - ``sync-shared``: the synchronous loop, engine and trainer each given every core (they take turns);
 - ``sync-split``: the synchronous loop with half the cores each (the async runs' split);
 - ``async-k1`` / ``async-k2``: ``run.max_staleness`` 1 and 2, half the cores each (the trainer keeps
-  to the cores after the engine's).
+  to the cores after the engine's);
+- ``async-k1-inflight`` (only when named in ``--only``): k=1 with ``run.segment_tokens=16``, in-flight
+  weight updates.
 
 Each run is its own process (``posttrain rlvr``) with held-out greedy accuracy before the first step
 and after the last. Printed: steps, steps per hour over the RL wall time, the engines' and trainer's
@@ -31,7 +33,11 @@ RUNS = {  # name: overrides
     "sync-split": ["run.max_staleness=0", "rollout.threads_per_engine={half}", "train.threads={half}"],
     "async-k1": ["run.max_staleness=1", "rollout.threads_per_engine={half}", "train.threads={half}"],
     "async-k2": ["run.max_staleness=2", "rollout.threads_per_engine={half}", "train.threads={half}"],
+    # in-flight updates: the k=1 run with generations cut every 16 tokens (a sync lands inside them)
+    "async-k1-inflight": ["run.max_staleness=1", "run.segment_tokens=16", "rollout.threads_per_engine={half}",
+                          "train.threads={half}"],
 }
+DEFAULT = ["sync-shared", "sync-split", "async-k1", "async-k2"]
 
 
 def launch(name: str, args: argparse.Namespace) -> Path:
@@ -82,18 +88,18 @@ def main() -> None:
     p.add_argument("--config", default="configs/rlvr/smollm2_math.yaml")
     p.add_argument("--minutes", type=float, default=30.0, help="RL wall time of each run")
     p.add_argument("--eval-prompts", type=int, default=200)
-    p.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--only", nargs="+", choices=list(RUNS), default=DEFAULT)
     p.add_argument("--out", default="runs/bench-async")
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {name: summary(launch(name, args), args.eval_prompts) for name in args.only}
     print(f"\nRLVR sync vs async, {args.minutes:g} min of RL each, {os.cpu_count()} cores ({args.config})")
-    print(f"{'run':12} {'steps':>6} {'steps/h':>8} {'vs split':>8} {'vs shared':>9} {'engine idle':>11} "
+    print(f"{'run':17} {'steps':>6} {'steps/h':>8} {'vs split':>8} {'vs shared':>9} {'engine idle':>11} "
           f"{'trainer idle':>12} {'accuracy (before -> after +- SE)':>34}")
     for name, r in results.items():
         ups = [f"{r['steps_per_h'] / results[b]['steps_per_h']:7.2f}x" if b in results else "      -"
                for b in ("sync-split", "sync-shared")]
-        print(f"{name:12} {r['steps']:6.0f} {r['steps_per_h']:8.1f} {ups[0]:>8} {ups[1]:>9} "
+        print(f"{name:17} {r['steps']:6.0f} {r['steps_per_h']:8.1f} {ups[0]:>8} {ups[1]:>9} "
               f"{100 * r['engine_idle']:10.0f}% {100 * r['trainer_idle']:11.0f}% "
               f"{r['acc_before']:14.3f} -> {r['acc']:.3f} +- {r['acc_se']:.3f}")
 

@@ -136,6 +136,12 @@ class RolloutConfig(Config):
     enable_lora: bool = Field(False, description="accept LoRA weight updates (vLLM: enable_lora)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank the engine accepts (vLLM: max_lora_rank)")
     sync_dir: str = Field("/dev/shm", description="where weight updates are staged as safetensors")
+    sync_transport: Literal["shm", "nccl", "ipc", "gloo"] = Field("shm", description=(
+        "how full weight updates reach vLLM engines: shm (safetensors staged in sync_dir, each engine reloads; "
+        "works everywhere), nccl (the trainer broadcasts into the engines' GPUs through vLLM's weight-transfer "
+        "engines: no files, no host copy; trainer and engine workers on different GPUs), ipc (CUDA IPC: engines "
+        "sharing the trainer's GPU read its tensors in place), gloo (nccl's handshake over gloo: CPU engines). "
+        "LoRA adapters always go through shm"))
     start_timeout_s: float = Field(600.0, gt=0, description="engine start-up limit")
     call_timeout_s: float = Field(ROLLOUT_CALL_S, gt=0, description=(
         "limit of one generate/sync call; a hang becomes an error"))

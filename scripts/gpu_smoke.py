@@ -360,6 +360,30 @@ def rlvr_colocated() -> dict[str, Any]:
     return {k: round(last[k], 4) for k in keys if k in last}
 
 
+@part
+def rlvr_ipc_sync() -> dict[str, Any]:
+    """Two RLVR steps, trainer and engine on one GPU, full syncs by CUDA IPC (rollout.sync_transport=ipc)."""
+    _gpu_only()
+    _need("vllm", "ray", "pydantic", "datasets")
+    last = _rlvr_two_steps("smoke-ipc-", "rollout.sync_transport=ipc", "train.num_gpus=0.5",
+                           "rollout.gpus_per_engine=0.5", "rollout.gpu_memory_utilization=0.3")
+    return {k: round(last[k], 4) for k in ("sync/seconds", "sync/max_abs_logprob_diff") if k in last}
+
+
+@part
+def rlvr_nccl_sync() -> dict[str, Any]:
+    """Two RLVR steps, trainer and engine on their own GPUs, full syncs by NCCL broadcast."""
+    _gpu_only()
+    _need("vllm", "ray", "pydantic", "datasets")
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        raise Skip("NCCL weight transfer needs a GPU per rank: one for the trainer, one for the engine")
+    last = _rlvr_two_steps("smoke-nccl-", "rollout.sync_transport=nccl", "train.num_gpus=1",
+                           "rollout.gpus_per_engine=1")
+    return {k: round(last[k], 4) for k in ("sync/seconds", "sync/max_abs_logprob_diff") if k in last}
+
+
 # --------------------------------------------------------------------------- main
 
 

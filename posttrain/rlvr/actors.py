@@ -9,10 +9,14 @@ reservation -- also when start-up fails half-way. :class:`Engines` restarts dead
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from posttrain.config import EpisodeConfig, ModelConfig
@@ -25,6 +29,7 @@ from posttrain.rollout.pool import LogprobCheck, RolloutPool
 from posttrain.rollout.types import EngineCrashedError, Rollout
 
 log = logging.getLogger(__name__)
+_CONTINUED_SEEDS = 10**6  # seed indices of continued completions: round * this + position in the step
 
 
 class StageActors:
@@ -124,7 +129,8 @@ class Engines:
     the weights the trainer already has. Every rollout carries the ``policy_version`` of the
     weights that sampled it. Calls hold a lock, so the producer thread of an asynchronous run
     (``rlvr.async_rollouts``) and the controller never use the pool at once: a weight sync lands
-    between two generation calls.
+    between two generation calls -- and, with ``run.segment_tokens``, between two segments of one
+    (the cut completions continue under the new weights; ``Rollout.version_changes`` says where).
     """
 
     def __init__(self, model: ModelConfig, cfg: RLVRConfig, trainer: TrainerGroup,
@@ -133,10 +139,16 @@ class Engines:
         # colocated engines sleep while the trainer trains (vLLM sleep mode)
         self.rollout = cfg.rollout.model_copy(update={"enable_sleep_mode": True}) if cfg.run.colocate else cfg.rollout
         self.pool = RolloutPool(model, self.rollout, placement=placement)
+        try:
+            self._connect()
+        except BaseException:
+            self.pool.shutdown()
+            raise
         self.restarts = 0
         self._lock = threading.RLock()
         self._turn = threading.Condition()
         self._syncs_waiting = 0  # a waiting sync goes before the next generation call
+        self._local = threading.local()  # the producer thread's segment_tokens (see segmented)
 
     @property
     def version(self) -> int:
@@ -144,8 +156,47 @@ class Engines:
         return self.pool.policy_version
 
     def generate(self, prompts: list[Any], gen: Any, n: int) -> list[list[Rollout]]:
+        segment = getattr(self._local, "segment_tokens", 0)
+        first = gen.model_copy(update={"max_new_tokens": segment}) if 0 < segment < gen.max_new_tokens else gen
         self._after_syncs()
-        return self._retry(lambda: _tagged(self.pool.generate(prompts, gen, n), self.pool.policy_version), "generate")
+        groups = self._retry(lambda: _tagged(self.pool.generate(prompts, first, n), self.pool.policy_version), "generate")
+        if first is not gen:
+            flat = self._continued([r for group in groups for r in group], gen, segment)
+            groups = [flat[i : i + n] for i in range(0, len(flat), n)]
+        return groups
+
+    @contextmanager
+    def segmented(self, tokens: int) -> Iterator[None]:
+        """Inside (on this thread), generation calls stop every ``tokens`` new tokens so that a waiting
+        weight sync lands between them (``run.segment_tokens``: in-flight updates); 0 = whole completions."""
+        self._local.segment_tokens = tokens
+        try:
+            yield
+        finally:
+            self._local.segment_tokens = 0
+
+    def _continued(self, rollouts: list[Rollout], gen: Any, segment: int) -> list[Rollout]:
+        """Continue the completions a segment cut, one segment at a time, until each has stopped or
+        reached ``gen.max_new_tokens``; a sync waiting between two segments goes first."""
+        for round_ in itertools.count(1):
+            cut = [k for k, r in enumerate(rollouts) if r.finish_reason == "length" and len(r.token_ids) < gen.max_new_tokens]
+            if not cut:
+                return rollouts
+            partials = [rollouts[k] for k in cut]
+            budgets = [min(segment, gen.max_new_tokens - len(r.token_ids)) for r in partials]
+            seeds = [_CONTINUED_SEEDS * round_ + k for k in cut]  # distinct from the first segment's and each other's
+
+            def extend() -> tuple[int, list[Rollout]]:
+                return self.pool.policy_version, self.pool.extend(partials, gen, budgets, seeds)
+
+            self._after_syncs()
+            version, done = self._retry(extend, "generate")
+            for k, old, new in zip(cut, partials, done):
+                last = old.version_changes[-1][1] if old.version_changes else old.policy_version
+                if version != last:
+                    new.version_changes.append((len(old.token_ids), version))
+                rollouts[k] = new
+        raise AssertionError("unreachable")
 
     def play(self, jobs: list[EpisodeJob], gen: Any, n: int, limits: EpisodeConfig) -> list[list[list[EpisodeResult]]]:
         """Multi-turn episodes (see ``RolloutPool.play``); after an engine died, all are replayed from
@@ -194,9 +245,15 @@ class Engines:
     def restart(self) -> None:
         self.pool.shutdown()
         self.pool = RolloutPool(self.model, self.rollout, placement=self.placement)
+        self._connect()
         self.restarts += 1
         # fresh engines hold the base weights: give them the trainer's
         _sync(self.pool, self.trainer, self.cfg.rollout.sync_dir)
+
+    def _connect(self) -> None:
+        """Direct weight sync (``rollout.sync_transport`` nccl/gloo): the trainer meets these engines."""
+        if self.rollout.sync_transport != "shm":
+            self.trainer.open_transfer(self.pool, self.rollout, self.rollout.engine_dtype(self.model))
 
     def shutdown(self) -> None:
         self.pool.shutdown()
@@ -211,12 +268,14 @@ def _tagged(groups: list[list[Rollout]], version: int) -> list[list[Rollout]]:
 
 def _sync(pool: RolloutPool, trainer: TrainerGroup, sync_dir: str, probe: Rollout | None = None) -> Any:
     """New trainer weights into every engine, then (with a probe) the logprob agreement check."""
-    update = trainer.publish_weights(sync_dir)
+    started = time.perf_counter()
+    direct = pool.cfg.sync_transport != "shm"  # the trainer broadcasts into the engines: nothing staged
+    update = trainer.send_weights() if direct else trainer.publish_weights(sync_dir)
     check = None
     if probe is not None:
         ids = list(probe.prompt_ids) + list(probe.token_ids)
         logprobs = trainer.reference_logprobs(ids, len(probe.prompt_ids))
         check = LogprobCheck(ids, len(probe.prompt_ids), logprobs)
-    return pool.push(update, check, fetch=lambda: trainer.staged_files_ref(update))
+    return pool.push(update, check, started=started if direct else None, fetch=lambda: trainer.staged_files_ref(update))
 
 

@@ -10,7 +10,9 @@ Admission control: step ``t`` starts only once step ``t - k - 1`` has finished (
 weights on the engines), so its rollouts come from weights at most ``k`` updates older than the ones
 that train on them. Generation waits rather than sample from older weights; steps are trained in
 order, and a finished step is never dropped for being stale (dropping starves slow, hard prompts).
-Weight syncs land between two generation calls (``actors.Engines`` lets a waiting sync go first).
+Weight syncs land between two generation calls (``actors.Engines`` lets a waiting sync go first); with
+``run.segment_tokens`` the producer's calls stop every that many tokens, so a sync lands inside a step's
+generation and its unfinished completions continue under the new weights (in-flight updates).
 
 A run that stops (time cap, crash) loses the steps in flight: their prompts were drawn, none of their
 rollouts trained or counted; a resumed run draws the next prompts.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from posttrain.rlvr.config import RLVRConfig
+    from posttrain.rollout.types import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +123,13 @@ class RolloutProducer:
         self._thread.join()
 
 
-def staleness_metrics(versions: list[int], current: int, k: int) -> dict[str, float]:
+def staleness_metrics(rollouts: list[Rollout], current: int, k: int) -> dict[str, float]:
     """How many updates old each rollout's weights are when it trains (``current`` = the trainer's
-    updates so far): mean, max, and the share at each lag 0..k."""
-    lags = [current - v for v in versions]
-    out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
+    updates so far; a rollout that spans in-flight updates counts by its oldest tokens): mean, max, the
+    share at each lag 0..k, and the share of rollouts sampled by more than one version."""
+    lags = [current - r.policy_version for r in rollouts]
+    out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
+           "async/spanning_share": sum(bool(r.version_changes) for r in rollouts) / len(rollouts)}
     for lag in range(k + 1):
         out[f"async/staleness_{lag}"] = sum(x == lag for x in lags) / len(lags)
     return out

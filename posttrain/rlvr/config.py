@@ -196,6 +196,12 @@ class RunConfig(Config):
         "so a step's rollouts may come from weights up to k updates old (the truncated IS weight and the "
         "mismatch mask correct and bound the lag); generation waits rather than sample from older weights and "
         "no finished rollout is dropped. 0 = the synchronous loop. Give trainer and engines their own cores"))
+    segment_tokens: int = Field(0, ge=0, description=(
+        "asynchronous RL, in-flight weight updates: the producer's generation calls stop every this many new "
+        "tokens, a weight sync waiting there lands, and the unfinished completions continue under the new "
+        "weights (each token keeps the logprob of the weights that sampled it; a completion that spans an "
+        "update carries every version, Rollout.version_changes). 0 = whole completions per call (weights change "
+        "only between calls). Needs run.max_staleness >= 1"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
         "how the stage's actor bundles go onto nodes: PACK (few nodes), SPREAD / STRICT_SPREAD (one per node)"))
 
@@ -243,6 +249,15 @@ class RLVRConfig(Config):
         if len(set(names)) != len(names):
             raise ValueError(f"environments must have distinct names (got {names})")
         self._check_colocation()
+        if self.rollout.sync_transport != "shm" and self.lora.enabled:
+            raise ValueError(f"rollout.sync_transport={self.rollout.sync_transport} broadcasts full weights; a LoRA "
+                             "adapter is staged through shm: set rollout.sync_transport=shm with lora.enabled")
+        if self.rollout.sync_transport in ("nccl", "ipc") and not (self.train.num_gpus and self.rollout.gpus_per_engine):
+            raise ValueError(f"rollout.sync_transport={self.rollout.sync_transport} sends GPU to GPU: set train.num_gpus "
+                             "and rollout.gpus_per_engine (on CPUs use gloo or shm)")
+        if self.run.segment_tokens and not self.run.max_staleness:
+            raise ValueError(f"run.segment_tokens={self.run.segment_tokens} lets weight updates land inside a "
+                             "generation, which only an asynchronous run has: set run.max_staleness >= 1 (or leave it 0)")
         return self
 
     def _check_colocation(self) -> None:

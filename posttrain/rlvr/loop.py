@@ -100,8 +100,12 @@ def _run(cfg: RLVRConfig, envs: dict[str, Environment], resume: bool, stage: str
         started = time.monotonic()
         samples = SampleLog(cfg.run_dir, cfg.run.log_samples, metrics_log.log_text)
         lock = threading.Lock()  # the sampler: drawn from by an asynchronous run's producer thread
-        producer = RolloutProducer(lambda s: collect(cfg, s, sampler, envs, engines, lock), cfg.run.max_staleness,
-                                   start_step, cfg.run.steps) if cfg.run.max_staleness else None
+        def produce(s: int) -> Collected:  # on the producer's thread: in-flight updates cut its generations
+            with engines.segmented(cfg.run.segment_tokens):
+                return collect(cfg, s, sampler, envs, engines, lock)
+
+        producer = RolloutProducer(produce, cfg.run.max_staleness, start_step,
+                                   cfg.run.steps) if cfg.run.max_staleness else None
         quiet = producer.paused if producer is not None else nullcontext  # evals and checkpoints: nothing in flight
         with closing(producer) if producer is not None else nullcontext():
             for step in range(start_step, cfg.run.steps):
@@ -215,8 +219,7 @@ def learn(cfg: RLVRConfig, step: int, collected: Collected, sampler: MixedSample
     # forward and backward pass (most groups are all-0 or all-1 early and late in training).
     kept = [i for i in range(len(rollouts)) if keep[i]]
     # before the update the trainer's weights are the engines' (synced every step): the rollouts' lag
-    lag = staleness_metrics([r.policy_version for r in rollouts], engines.version, cfg.run.max_staleness) \
-        if cfg.run.max_staleness else {}
+    lag = staleness_metrics(rollouts, engines.version, cfg.run.max_staleness) if cfg.run.max_staleness else {}
     with timer("train"):
         if kept:
             batch = build_batch([rollouts[i] for i in kept], adv.advantages[kept], torch.ones(len(kept)), pad_id=0)

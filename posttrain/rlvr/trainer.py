@@ -33,6 +33,8 @@ from posttrain.training.config import LoraConfig
 from posttrain.training.model import forward_precision, prepare_for_training
 from posttrain.training.sharded_checkpoint import export_gathered, load_any_checkpoint, save_sharded_checkpoint
 
+_EMBED = "model.embed_tokens.weight"  # a tied LM head is sent as its own copy of this (weight_sync.full_state_dict)
+
 
 class PolicyTrainer:
     def __init__(self, model: ModelConfig, train: RLTrainConfig, lora: LoraConfig, loss: LossConfig,
@@ -51,6 +53,7 @@ class PolicyTrainer:
         self.optimizer = self._new_optimizer()
         self.steps_done = 0
         self._publisher: Any = None
+        self._sender: Any = None  # rollout.sync_transport nccl/gloo: the direct weight transfer (open_transfer)
         self._filler: TrainBatch | None = None  # a row for the idle passes of FSDP ranks with less work
         self.world: parallel.Parallel | None = None  # set by join_group: one of several data-parallel workers
 
@@ -264,6 +267,34 @@ class PolicyTrainer:
                 return self._publisher.publish(get_peft_model_state_dict(self.model), "lora", config)
             return self._publisher.publish(full_state_dict(self.model), "full")
 
+    def transfer_endpoint(self) -> tuple[str, int]:
+        from posttrain.rollout.transfer import endpoint
+
+        return endpoint()
+
+    def open_transfer(self, transport: str, handles: list[Any], workers_per_engine: int, where: tuple[str, int],
+                      dtype: str, timeout_s: float) -> None:
+        """Rendezvous with a (new) engine pool for direct weight sync (``rollout.sync_transport`` nccl/gloo)."""
+        from posttrain.rollout.transfer import DirectSender
+
+        if self.lora.enabled:
+            raise ValueError("direct weight transfer sends full weights; a LoRA adapter goes through shm")
+        self.close_transfer()
+        self._sender = DirectSender(transport, handles, workers_per_engine, where, self.world.rank if self.world else 0,
+                                    self._gathered_for_sync, self._sync_meta(),
+                                    None if dtype == "auto" else getattr(torch, dtype), timeout_s)
+
+    def send_weights(self) -> WeightUpdate:
+        """Broadcast the current weights into the engines (after :meth:`open_transfer`)."""
+        if self._sender is None:
+            raise RuntimeError("send_weights before open_transfer")
+        return self._sender.send(self.steps_done)
+
+    def close_transfer(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
     def offload_optimizer(self) -> None:
         """AdamW's state to host memory (``train.offload_optimizer``: colocated engines get the GPU meanwhile)."""
         self._move_optimizer("cpu")
@@ -318,8 +349,22 @@ class PolicyTrainer:
             return
         for name, tensor in gathered_weights(self.model):
             yield name, tensor
-            if name == "model.embed_tokens.weight" and getattr(self.model.config, "tie_word_embeddings", False):
+            if name == _EMBED and self._tied():
                 yield "lm_head.weight", tensor.clone()
+
+    def _sync_meta(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """``(name, dtype, shape)`` of what :meth:`_gathered_for_sync` yields for full weights, without gathering."""
+        from posttrain.training.sharded_checkpoint import weight_meta
+
+        out = []
+        for name, dtype, shape in weight_meta(self.model):
+            out.append((name, dtype, shape))
+            if name == _EMBED and self._tied():
+                out.append(("lm_head.weight", dtype, shape))
+        return out
+
+    def _tied(self) -> bool:
+        return bool(getattr(self.model.config, "tie_word_embeddings", False))
 
     def save(self, run_dir: str, step: int, state: dict[str, Any], keep_last: int) -> str:
         """A plain checkpoint (rank 0 alone: replicated weights), or with ``train.fsdp.enabled`` a sharded

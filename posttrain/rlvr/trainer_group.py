@@ -74,6 +74,20 @@ class TrainerGroup:
     def publish_weights(self, sync_dir: str) -> WeightUpdate:
         return self._weights_call("publish_weights", sync_dir, what="publish weights")
 
+    def open_transfer(self, pool: Any, rollout: Any, dtype: str) -> None:
+        """Direct weight sync into ``pool``'s engines (``rollout.sync_transport`` nccl/gloo): rank 0 listens,
+        the engines join it; a sharded trainer's other ranks join the gathers. Again after engines restart."""
+        where = self._rank0("transfer_endpoint", what="transfer endpoint")
+        workers = max(1, int(rollout.gpus_per_engine))  # vLLM workers per engine (tensor parallel)
+        args = (rollout.sync_transport, pool.actors, workers, where, dtype, rollout.call_timeout_s)
+        if self._sharded:
+            self._all("open_transfer", *args, what="weight-transfer rendezvous")
+        else:
+            self._rank0("open_transfer", *args, what="weight-transfer rendezvous")
+
+    def send_weights(self) -> WeightUpdate:
+        return self._weights_call("send_weights", what="weight transfer")
+
     def offload_optimizer(self) -> None:
         self._all("offload_optimizer", what="optimizer offload")
 

@@ -40,18 +40,21 @@ class HFBackend:
         for use_budget, max_tokens in settings:  # token-id requests may each have their own max_tokens
             idx = [p for p in range(len(prompts)) if (bool(budget_mask[p]), spec.max_tokens_of(p)) == (use_budget, max_tokens)]
             budget = spec.reasoning_budget if use_budget else None
-            part = replace(spec, max_tokens=max_tokens, first_index=spec.index(idx[0]), indices=None, max_tokens_each=None)
-            for i, samples in zip(idx, self._generate([prompts[i] for i in idx], part, budget)):
+            part = replace(spec, max_tokens=max_tokens, first_index=spec.index(idx[0]), indices=None, max_tokens_each=None,
+                           resumed_each=None)
+            resumed = [spec.resumed_of(prompts[i], i) for i in idx]
+            for i, samples in zip(idx, self._generate([prompts[i] for i in idx], part, budget, resumed)):
                 result[i] = samples
         return [r or [] for r in result]
 
-    def _generate(self, prompts: list[list[int]], spec: SamplingSpec,
-                  budget: int | None) -> list[list[GeneratedTokens]]:
+    def _generate(self, prompts: list[list[int]], spec: SamplingSpec, budget: int | None,
+                  resumed: list[list[int]]) -> list[list[GeneratedTokens]]:
         import torch
         from transformers import LogitsProcessorList
 
         ids, mask = self._left_pad([p for p in prompts for _ in range(spec.n)])  # [B*n, T]
-        processors = [HFThinkingBudget(self.tokenizer, budget, spec.budget_grace)] if budget is not None else []
+        rows = [r for r in resumed for _ in range(spec.n)]
+        processors = [HFThinkingBudget(self.tokenizer, budget, spec.budget_grace, rows)] if budget is not None else []
         sampling = (dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
                     if spec.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         torch.manual_seed(spec.seed + spec.first_index)  # per call: samples depend on the batch make-up

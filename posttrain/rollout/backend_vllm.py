@@ -124,6 +124,14 @@ class VLLMBackend:
             kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
         if cfg.enable_lora:
             kw.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
+        if cfg.sync_transport != "shm":  # the trainer broadcasts into the workers (posttrain.rollout.transfer)
+            if cfg.sync_transport == "gloo":
+                from posttrain.rollout.transfer import register_gloo
+
+                register_gloo()  # before the workers start: they build their transfer engine from the registry
+            elif not on_cuda():
+                raise RolloutError(f"rollout.sync_transport={cfg.sync_transport} needs CUDA engines; use gloo or shm here")
+            kw["weight_transfer_config"] = {"backend": cfg.sync_transport}
         if cfg.enable_sleep_mode:
             if not on_cuda():
                 raise RolloutError("rollout.enable_sleep_mode (run.colocate) needs CUDA: vLLM sleeps only on GPUs")
@@ -142,9 +150,11 @@ class VLLMBackend:
         for p, ids in enumerate(prompts):
             extra = None
             if spec.reasoning_budget is not None and budget_mask[p]:
-                from posttrain.rollout.vllm_budget import BUDGET_KEY, GRACE_KEY
+                from posttrain.rollout.vllm_budget import BUDGET_KEY, GRACE_KEY, RESUMED_KEY
 
                 extra = {BUDGET_KEY: int(spec.reasoning_budget), GRACE_KEY: float(spec.budget_grace)}
+                if resumed := spec.resumed_of(ids, p):
+                    extra[RESUMED_KEY] = resumed
             for i in range(spec.n):  # one request per sample: greedy forbids n > 1, seeds stay per sample
                 requests.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(
@@ -187,6 +197,24 @@ class VLLMBackend:
                 self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
             self._lora = LoRARequest(f"policy-v{update.version}", update.version, update.path)
         self.llm.reset_prefix_cache()
+
+    def weight_transfer(self, step: str, payload: dict[str, Any] | None) -> None:
+        """One step of vLLM's weight-transfer handshake on every worker (``rollout.sync_transport`` nccl/gloo):
+        ``init_weight_transfer_engine``, ``start_weight_update``, ``update_weights`` (blocks while the trainer
+        broadcasts), ``finish_weight_update`` (then cached prefixes are dropped: stale KV), or
+        ``shutdown_weight_transfer_engine``."""
+        if self.cfg.sync_transport == "shm":
+            raise RolloutError("this engine stages weights through shm; set rollout.sync_transport to nccl or gloo")
+        if step == "init_weight_transfer_engine":
+            self.llm.init_weight_transfer_engine({"init_info": payload})
+        elif step == "update_weights":
+            self.llm.update_weights({"update_info": payload})
+        elif step in ("start_weight_update", "finish_weight_update", "shutdown_weight_transfer_engine"):
+            getattr(self.llm, step)()
+        else:
+            raise ValueError(f"unknown weight-transfer step {step!r}")
+        if step == "finish_weight_update":
+            self.llm.reset_prefix_cache()
 
     def sleep(self, level: int) -> None:
         """Free the KV cache and offload the weights to host memory (1) or drop them (2: a full update follows)."""

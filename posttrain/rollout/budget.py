@@ -62,6 +62,19 @@ class BudgetTracker:
         if THINK_CLOSE in self.decode(self._tail):
             self.closed = True
 
+    def replay(self, token_ids: Sequence[int]) -> list[int]:
+        """Feed tokens generated earlier (by this state machine, e.g. in an earlier segment of the same
+        completion); returns the positions among them that it forced. Afterwards the state is the one
+        generation had after them, so a continuation goes on exactly as an uninterrupted run would."""
+        forced: list[int] = []
+        for position, token in enumerate(token_ids):
+            if self.closed:
+                break
+            if self.forced_token() is not None:  # advances into forcing exactly where generation did
+                forced.append(position)
+            self.observe(int(token))
+        return forced
+
     def forced_token(self) -> int | None:
         """The token that must come next, or None to let the model choose."""
         if self.closed:
@@ -80,16 +93,22 @@ class BudgetTracker:
 class HFThinkingBudget:
     """``transformers`` logits processor applying one :class:`BudgetTracker` per batch row."""
 
-    def __init__(self, tokenizer: Any, budget: int, grace_fraction: float = 0.1) -> None:
+    def __init__(self, tokenizer: Any, budget: int, grace_fraction: float = 0.1,
+                 resumed: Sequence[Sequence[int]] | None = None) -> None:
+        """``resumed``: per batch row, the tokens its completion already has (the tail of its prompt,
+        a continued completion); the row's tracker starts from the state after them."""
         self.spec = BudgetSpec.build(tokenizer, budget, grace_fraction)
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
         self.trackers: list[BudgetTracker] = []
         self._prompt_len: int | None = None
+        self._resumed = resumed
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:  # input_ids: [B, T], scores: [B, V]
         if self._prompt_len is None:
             self._prompt_len = input_ids.shape[1]
             self.trackers = [BudgetTracker(self.spec, self._decode) for _ in range(input_ids.shape[0])]
+            for tracker, earlier in zip(self.trackers, self._resumed or []):
+                tracker.replay(earlier)
         elif input_ids.shape[1] > self._prompt_len:
             for row, tracker in enumerate(self.trackers):
                 tracker.observe(int(input_ids[row, -1]))
@@ -109,8 +128,10 @@ class IncrementalBudget:
     :class:`BudgetTracker` and forces the closing tag when the tracker says so.
     """
 
-    def __init__(self, spec: BudgetSpec, decode: Any) -> None:
+    def __init__(self, spec: BudgetSpec, decode: Any, resumed: Sequence[int] = ()) -> None:
+        """``resumed``: the tokens this completion already has (a continued request's prompt tail)."""
         self.tracker = BudgetTracker(spec, decode)
+        self.tracker.replay(resumed)
         self._seen = 0
 
     def __call__(self, output_ids: list[int], logits: Any) -> Any:  # logits: [V]
@@ -136,11 +157,5 @@ def replay_budget(spec: BudgetSpec, decode: Any, token_ids: list[int]) -> tuple[
     tag the engine wrote for the policy; their behaviour logprob is not the policy's (vLLM returns the
     processed one, about 0), so they must not train."""
     tracker = BudgetTracker(spec, decode)
-    forced: list[int] = []
-    for position, token in enumerate(token_ids):
-        if tracker.closed:
-            break
-        if tracker.forced_token() is not None:  # advances into forcing exactly where generation did
-            forced.append(position)
-        tracker.observe(int(token))
+    forced = tracker.replay(token_ids)
     return tracker.reasoning_tokens, forced

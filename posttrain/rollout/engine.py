@@ -27,6 +27,7 @@ from posttrain.rollout.types import (
     GeneratedTokens,
     ModelDoesNotFitError,
     Rollout,
+    RolloutError,
     SamplingSpec,
     TokenRequest,
     TopTokens,
@@ -124,6 +125,33 @@ class RolloutEngine:
                 s.forced = tuple(forced)
         return out
 
+    def extend(self, partials: list[Rollout], gen: GenerationConfig, max_tokens: list[int],
+               indices: list[int]) -> list[Rollout]:
+        """Continue completions that were cut short (in-flight weight updates): each one's prompt and
+        tokens go in as the prompt, up to ``max_tokens[k]`` more tokens come out under the weights the
+        engine holds now, and the result is the whole completion as one :class:`Rollout` (the reasoning
+        budget resumes in the state it was in; each token keeps the logprob of the weights that sampled
+        it). ``indices``: each request's seed index, unique in the step."""
+        if not partials:
+            return []
+        prompts = [list(r.prompt_ids) + list(r.token_ids) for r in partials]
+        if any(len(p) + m > self.cfg.max_model_len for p, m in zip(prompts, max_tokens)):
+            raise ConfigError(f"a continued completion exceeds rollout.max_model_len={self.cfg.max_model_len}")
+        thinking = [r.reasoning is not None for r in partials]
+        spec = SamplingSpec(n=1, max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                            seed=gen.seed, reasoning_budget=gen.reasoning_budget, budget_grace=self.cfg.budget_grace,
+                            top_logprobs=gen.top_logprobs, indices=tuple(indices), max_tokens_each=tuple(max_tokens),
+                            resumed_each=tuple(len(r.token_ids) for r in partials))
+        out = []
+        for r, (s,), think in zip(partials, self.backend.generate(prompts, spec, thinking), thinking):
+            whole = GeneratedTokens(list(r.token_ids) + s.token_ids, list(r.logprobs) + s.logprobs, s.finish_reason)
+            new = self._rollout(r.prompt_index, r.sample_index, list(r.prompt_ids), whole, think, gen)
+            if s.top_logprobs is not None:
+                new.top_tokens = (r.top_tokens or []) + self._top_tokens(s)
+            new.policy_version, new.version_changes = r.policy_version, list(r.version_changes)
+            out.append(new)
+        return out
+
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """Teacher-forced logprobs of ``seq[start:]`` under the current weights (raw, temperature 1)."""
         return self.backend.score(sequences, starts)
@@ -148,6 +176,14 @@ class RolloutEngine:
             if update.kind == "full":
                 self._remote_copy = None
         return time.perf_counter() - start
+
+    def weight_transfer(self, step: str, payload: dict[str, Any] | None = None) -> None:
+        """A step of the direct weight sync the trainer drives (``posttrain.rollout.transfer.EngineClient``)."""
+        transfer = getattr(self.backend, "weight_transfer", None)
+        if transfer is None:
+            raise RolloutError(f"{self.name}: the {self.backend.name} backend takes weights through shm only "
+                               "(rollout.sync_transport=shm)")
+        transfer(step, payload)
 
     def sleep(self, level: int = 1) -> float:
         """Give the device's memory back between generations (``run.colocate``); seconds it took."""

@@ -70,14 +70,24 @@ class RolloutPool:
     def generate(self, prompts: list[Messages], gen: GenerationConfig, n: int | None = None) -> list[list[Rollout]]:
         """``n`` (default ``rollout.samples_per_prompt``) rollouts per prompt, in prompt order."""
         n = n or self.cfg.samples_per_prompt
-        shards = _shards(len(prompts), len(self.actors))
+        return self._sharded(len(prompts), lambda a, lo, hi: a.generate.remote(prompts[lo:hi], gen, n, lo))
+
+    def extend(self, partials: list[Rollout], gen: GenerationConfig, max_tokens: list[int],
+               indices: list[int]) -> list[Rollout]:
+        """Cut completions continued under the engines' current weights (``RolloutEngine.extend``), in order;
+        any engine can continue any of them."""
+        return self._sharded(len(partials), lambda a, lo, hi: a.extend.remote(
+            partials[lo:hi], gen, max_tokens[lo:hi], indices[lo:hi]))
+
+    def _sharded(self, n_items: int, call: Callable[[Any, int, int], Any]) -> list[Any]:
+        """``call(actor, lo, hi)`` on each engine's contiguous share of ``n_items``; the results in order."""
         refs, names = [], []
-        for actor, name, (lo, hi) in zip(self.actors, self.names, shards):
+        for actor, name, (lo, hi) in zip(self.actors, self.names, _shards(n_items, len(self.actors))):
             if hi > lo:
-                refs.append(actor.generate.remote(prompts[lo:hi], gen, n, lo))
+                refs.append(call(actor, lo, hi))
                 names.append(name)
         parts = self._gather(refs, names, self.cfg.call_timeout_s, "generate")
-        return [group for part in parts for group in part]
+        return [item for part in parts for item in part]
 
     def play(self, jobs: list[EpisodeJob], gen: GenerationConfig, n: int, limits: EpisodeConfig) -> list[list[list[EpisodeResult]]]:
         """Multi-turn episodes, ``n`` per sample of every job, ``[job][sample][episode]``; an engine takes
@@ -149,11 +159,14 @@ class RolloutPool:
         nodes than the one that staged it: Ray moves the bytes node to node, once per node.
         """
         start = started if started is not None else time.perf_counter()
-        try:
-            seconds = self.apply(update, fetch)
-        finally:
-            if update.kind == "full":
-                self.publisher.release(update)
+        if update.transport == "shm":
+            try:
+                seconds = self.apply(update, fetch)
+            finally:
+                if update.kind == "full":
+                    self.publisher.release(update)
+        else:  # broadcast into the engines already (rollout.transfer): what is left is the bookkeeping and the check
+            seconds = []
         # A LoRA folder stays while it is the live adapter (vLLM may reload it lazily); the one it
         # replaces, or any adapter after a full update, is no longer referenced by the engines.
         if self._live_lora is not None:

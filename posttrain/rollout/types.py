@@ -46,6 +46,9 @@ class SamplingSpec:
     # request's sample does not depend on how the pool batched it, and its own max_tokens.
     indices: tuple[int, ...] | None = None
     max_tokens_each: tuple[int, ...] | None = None
+    # Continued completions (in-flight weight updates): per prompt, how many of its last tokens are the
+    # completion's earlier tokens; the reasoning budget resumes from the state after them.
+    resumed_each: tuple[int, ...] | None = None
 
     def index(self, p: int) -> int:
         """Seed index of prompt ``p`` of this call."""
@@ -53,6 +56,11 @@ class SamplingSpec:
 
     def max_tokens_of(self, p: int) -> int:
         return self.max_tokens_each[p] if self.max_tokens_each is not None else self.max_tokens
+
+    def resumed_of(self, prompt: list[int], p: int) -> list[int]:
+        """The completion's earlier tokens that end prompt ``p`` (empty for a fresh request)."""
+        k = self.resumed_each[p] if self.resumed_each is not None else 0
+        return prompt[len(prompt) - k :] if k else []
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,9 @@ class Rollout:
     loss_mask: list[int] | None = None
     turns: int = 1
     policy_version: int = 0  # the trainer's updates in the weights that sampled it (WeightUpdate.policy_version)
+    # A completion continued across an in-flight weight update: (first token position, policy version) of
+    # each later version; policy_version is then the oldest. Empty: one version sampled every token.
+    version_changes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def model_tokens(self) -> int:

@@ -3,7 +3,8 @@
 vLLM builds logits processors from a class path inside its engine process, so this module is
 imported there (it needs ``vllm``); the state machine itself is the backend-independent
 :class:`posttrain.rollout.budget.BudgetTracker`, shared with the transformers backend.
-A request opts in through ``SamplingParams.extra_args``: ``{BUDGET_KEY: N, GRACE_KEY: 0.1}``.
+A request opts in through ``SamplingParams.extra_args``: ``{BUDGET_KEY: N, GRACE_KEY: 0.1}``, plus
+``RESUMED_KEY: [ids]`` when it continues a completion (those ids end its prompt and set the budget's state).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from posttrain.rollout.budget import BudgetSpec, IncrementalBudget
 
 BUDGET_KEY = "posttrain_reasoning_budget"
 GRACE_KEY = "posttrain_budget_grace"
+RESUMED_KEY = "posttrain_budget_resumed"
 CLASS_PATH = "posttrain.rollout.vllm_budget:VLLMThinkingBudget"
 
 
@@ -46,7 +48,7 @@ class VLLMThinkingBudget(AdapterLogitsProcessor):
         key = (int(budget), float(args.get(GRACE_KEY, 0.1)))
         if key not in self._specs:
             self._specs[key] = BudgetSpec.build(self._tok(), key[0], key[1])
-        return IncrementalBudget(self._specs[key], self._decode)
+        return IncrementalBudget(self._specs[key], self._decode, args.get(RESUMED_KEY, ()))
 
     def _tok(self) -> Any:
         if self._tokenizer is None:  # loaded on first use: most runs never set a budget

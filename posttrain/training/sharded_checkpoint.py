@@ -152,6 +152,13 @@ def gathered_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
         raise RuntimeError(f"LoRA modules with missing pieces: {sorted(pending)[:3]}")
 
 
+def weight_meta(model: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(HF name, dtype, full shape)`` of each tensor :func:`gathered_weights` yields for a model without
+    LoRA, in its order, read without gathering (a sharded tensor's shape is its global one)."""
+    aliases = _aliased_names(model.state_dict(keep_vars=True))
+    return [(name, t.dtype, tuple(t.shape)) for name, t in model.state_dict().items() if name not in aliases]
+
+
 def _aliased_names(state: dict[str, torch.Tensor]) -> set[str]:
     """State-dict names whose tensor is an earlier name's tensor (same object, or same local storage,
     offset, shape and strides: a truly tied weight, also after FSDP made both DTensors)."""

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from posttrain.rlvr.async_rollouts import RolloutProducer, staleness_metrics
+from posttrain.rollout.types import Rollout
 
 
 class Weights:
@@ -110,10 +111,16 @@ def test_k_zero_is_refused_it_is_the_synchronous_loop():
 
 
 def test_staleness_metrics_by_hand():
-    out = staleness_metrics([5, 4, 4, 3], current=5, k=2)
+    def made(version: int, changes: list[tuple[int, int]] | None = None) -> Rollout:
+        return Rollout(0, 0, [1], [2, 3], [-0.1, -0.2], "", "stop", None, "", True, 0, policy_version=version,
+                       version_changes=changes or [])
+
+    # the third spans an in-flight update (version 4 from its first token, 5 from its second): its lag is its oldest
+    out = staleness_metrics([made(5), made(4), made(4, [(1, 5)]), made(3)], current=5, k=2)
     assert out["async/staleness_mean"] == pytest.approx((0 + 1 + 1 + 2) / 4)
     assert out["async/staleness_max"] == 2
     assert (out["async/staleness_0"], out["async/staleness_1"], out["async/staleness_2"]) == (0.25, 0.5, 0.25)
+    assert out["async/spanning_share"] == 0.25
 
 
 def test_an_async_trainer_keeps_to_the_cores_after_the_engines(monkeypatch, caplog):

@@ -85,10 +85,27 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_llama_dir):
     assert steps == [1, 2]  # no step lost or repeated
 
 
+def test_direct_weight_sync_over_gloo(tmp_path, tiny_llama_dir):
+    """rollout.sync_transport=gloo through real actors: the trainer actor broadcasts into the engine actor
+    (vLLM's weight-transfer handshake, layerwise reload); nothing is staged, and after each step the engine
+    holds the trainer's weights."""
+    cfg = config(tmp_path, 2)
+    (tmp_path / "staged").mkdir()
+    cfg.rollout.sync_transport, cfg.rollout.sync_dir = "gloo", str(tmp_path / "staged")
+    last = main(cfg)
+    assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3
+    assert not list((tmp_path / "staged").iterdir())
+
+
 @pytest.mark.slow
-def test_dead_rollout_engine_is_restarted(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("transport", ["shm", "gloo"])  # gloo: the new engines meet the trainer again
+def test_dead_rollout_engine_is_restarted(tmp_path, tiny_llama_dir, monkeypatch, transport):
+    import toy_env
+
+    monkeypatch.setattr(toy_env.KillerVowelEnv, "killed", False)
     cfg = config(tmp_path, 2)
     cfg.environments[0].name = "toy_env:KillerVowelEnv"
+    cfg.rollout.sync_transport = transport
     last = main(cfg)
     assert last["rollout/engine_restarts"] == 1
     assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3
@@ -327,10 +344,11 @@ def rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_async_rollouts_carry_their_version_and_lag_at_most_k(tmp_path, tiny_llama_dir, k):
     """run.max_staleness=k through real actors: the engines generate ahead while the trainer trains;
-    every trained rollout's weights are at most k updates old, and the engines still hold the
+    every trained rollout's weights are at most k updates old (by its oldest tokens: k=1 also cuts
+    generations into 4-token segments, so syncs land inside them), and the engines still hold the
     trainer's weights after each sync."""
     cfg = config(tmp_path, 4)
-    cfg.run.max_staleness = k
+    cfg.run.max_staleness, cfg.run.segment_tokens = k, 4 if k == 1 else 0
     last = main(cfg)
     logged = rows(tmp_path)
     assert [x["step"] for x in logged] == [1, 2, 3, 4]
@@ -338,6 +356,7 @@ def test_async_rollouts_carry_their_version_and_lag_at_most_k(tmp_path, tiny_lla
         assert 0 <= row["async/staleness_mean"] <= row["async/staleness_max"] <= k
         assert sum(row[f"async/staleness_{lag}"] for lag in range(k + 1)) == pytest.approx(1.0)
         assert 0.0 <= row["async/trainer_idle_share"] <= 1.0 and 0.0 <= row["async/engine_idle_share"] <= 1.0
+        assert 0.0 <= row["async/spanning_share"] <= 1.0
     assert logged[0]["async/staleness_max"] == 0  # the first step is sampled by the starting weights
     assert any(row["async/staleness_max"] >= 1 for row in logged[1:])  # later ones while the trainer trained
     assert last["tokens/trained"] > 0 and 0 <= last["sync/max_abs_logprob_diff"] < 1e-3

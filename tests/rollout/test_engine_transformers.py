@@ -85,3 +85,24 @@ def test_the_budgets_forced_closing_tag_never_trains(engine):
     turn = engine.generate_ids([TokenRequest(single.prompt_ids, True, 0, 16)], gen)[0]
     assert tuple(turn.token_ids[k] for k in turn.forced) in closes and turn.reasoning_tokens >= 4
     assert not engine.generate_ids([TokenRequest(single.prompt_ids, False, 0, 16)], gen)[0].forced
+
+
+def test_a_continued_completion_equals_one_uninterrupted_call(engine):
+    """In-flight updates cut completions into segments: continued under the same weights, greedy, they are
+    the one-call completion token for token, with its logprobs and its budget's forced tag (budget 4 and
+    segments of 5 cut inside the forced tag)."""
+    gen = GenerationConfig(max_new_tokens=16, enable_thinking=True, reasoning_budget=4)
+    whole = engine.generate([PROMPT], gen)[0][0]
+    r = engine.generate([PROMPT], gen.model_copy(update={"max_new_tokens": 5}))[0][0]
+    while r.finish_reason == "length" and len(r.token_ids) < 16:
+        r = engine.extend([r], gen, [min(5, 16 - len(r.token_ids))], [7])[0]
+    assert r.token_ids == whole.token_ids and r.loss_mask == whole.loss_mask and 0 in r.loss_mask
+    assert (r.reasoning_tokens, r.text, r.finish_reason) == (whole.reasoning_tokens, whole.text, whole.finish_reason)
+    assert r.logprobs == pytest.approx(whole.logprobs, abs=1e-4)
+
+
+def test_direct_weight_transfer_is_refused_with_the_fix(engine):
+    from posttrain.rollout.types import RolloutError
+
+    with pytest.raises(RolloutError, match="sync_transport=shm"):
+        engine.weight_transfer("start_weight_update")

@@ -79,6 +79,22 @@ def test_thinking_budget_is_enforced(pool, tokenizer):
         assert r.answer.strip(), f"no answer after the forced </think>: {r.text!r}"
 
 
+def test_continued_completions_equal_uninterrupted_ones(pool):
+    """In-flight updates: completions cut every 5 tokens and continued (on any engine, under the same
+    weights) are the one-call ones, greedy: same tokens, logprobs, and the budget's forced tag in place."""
+    gen = GenerationConfig(max_new_tokens=20, temperature=0.0, reasoning_budget=6)
+    whole = [g[0] for g in pool.generate(PROMPTS, gen)]
+    cut = [g[0] for g in pool.generate(PROMPTS, gen.model_copy(update={"max_new_tokens": 5}))]
+    while open_ := [k for k, r in enumerate(cut) if r.finish_reason == "length" and len(r.token_ids) < 20]:
+        done = pool.extend([cut[k] for k in open_], gen, [min(5, 20 - len(cut[k].token_ids)) for k in open_], open_)
+        for k, r in zip(open_, done):
+            cut[k] = r
+    for r, ref in zip(cut, whole):
+        assert (r.token_ids, r.loss_mask, r.reasoning_tokens) == (ref.token_ids, ref.loss_mask, ref.reasoning_tokens)
+        assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    assert any(r.loss_mask for r in whole)  # the budget forced its tag somewhere
+
+
 def test_thinking_off_has_no_reasoning(pool):
     gen = GenerationConfig(max_new_tokens=8, enable_thinking=False, reasoning_budget=2)
     for r in pool.generate(PROMPTS[:2], gen)[0]:
