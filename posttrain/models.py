@@ -252,12 +252,15 @@ def head_is_tied(model: Any) -> bool:
     return head is not None and embed is not None and head.weight is embed.weight
 
 
+def resolved_dtype(dtype: str, cuda: bool) -> str:
+    """A config's dtype name with ``auto`` resolved as models here load: bf16 on CUDA, fp32 elsewhere."""
+    return ("bfloat16" if cuda else "float32") if dtype == "auto" else dtype
+
+
 def torch_dtype(dtype: str, device: str) -> Any:
     import torch
 
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
+    return getattr(torch, resolved_dtype(dtype, device.startswith("cuda")))
 
 
 _BF16_FLAGS = {"amx_bf16", "avx512_bf16"}

@@ -75,19 +75,12 @@ def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any]
         for title, section in (plan(cfg) if plan else [("", cfg)]):
             print(f"# {title}\n" if title else "", to_yaml(section), sep="", end="")
             if getattr(section, "environments", None):
-                from posttrain.environments.registry import check_environments
+                from posttrain.environments.registry import environment_lines, opened
 
-                print("\n".join(f"# {line}" for line in check_environments(section.environments)))
-            if hasattr(section, "rollout") and hasattr(section, "train"):  # an RL stage: placement, trainer memory
-                from posttrain.models import cache_root
-                from posttrain.rlvr.actors import placement_lines
-                from posttrain.training.memory_plan import stage_plan
-
-                print("\n".join(f"# {line}" for line in placement_lines(section)))
-                plan_text = stage_plan(section.model, section.train, section.lora, section.train.workers,
-                                       cache_root=cache_root())
-                plan_text = plan_text.replace("memory plan, per rank:", "trainer memory plan, per worker:", 1)
-                print("\n".join(f"# {line}" for line in plan_text.splitlines()))
+                with opened(section.environments) as envs:  # built once: loading one may read a dataset
+                    print("\n".join(f"# {line}" for line in environment_lines(envs)))
+                    if hasattr(section, "rollout") and hasattr(section, "train"):  # an RL stage
+                        _print_rl_plan(section, envs)
         if dry_run_extra is not None:
             print(dry_run_extra(cfg))
         return 0
@@ -95,6 +88,18 @@ def run_config_command(cls: type, args: argparse.Namespace, call: Callable[[Any]
     if result is not None:
         print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return 0
+
+
+def _print_rl_plan(section: Any, envs: dict[str, Any]) -> None:
+    """An RL stage's dry run: its placement group and its trainer's memory plan."""
+    from posttrain.models import cache_root
+    from posttrain.rlvr.actors import placement_lines
+    from posttrain.training.memory_plan import stage_plan
+
+    print("\n".join(f"# {line}" for line in placement_lines(section, envs)))
+    plan_text = stage_plan(section.model, section.train, section.lora, section.train.workers, cache_root=cache_root())
+    plan_text = plan_text.replace("memory plan, per rank:", "trainer memory plan, per worker:", 1)
+    print("\n".join(f"# {line}" for line in plan_text.splitlines()))
 
 
 def _config(args: argparse.Namespace) -> int:

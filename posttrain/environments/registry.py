@@ -194,11 +194,16 @@ def opened(cfgs: Sequence[EnvConfig | str]) -> Iterator[dict[str, Environment]]:
 def check_environments(cfgs: Sequence[EnvConfig]) -> list[str]:
     """Build every environment of ``cfgs`` and read both splits of its data, as a run would before
     its first step; one line per environment (``--dry-run``). Bad options or data raise here."""
-    lines = []
     with opened(cfgs) as envs:
-        for name, env in envs.items():
-            counts = {split: len(env.samples(split, 0)) for split in ("train", "test")}
-            if not counts["train"]:
-                raise EnvironmentLoadError(f"environment {name!r} has no train samples")
-            lines.append(f"environment {name}: ok, {counts['train']} train / {counts['test']} test samples")
+        return environment_lines(envs)
+
+
+def environment_lines(envs: dict[str, Environment]) -> list[str]:
+    """:func:`check_environments` for environments already open."""
+    lines = []
+    for name, env in envs.items():
+        counts = {split: len(env.samples(split, 0)) for split in ("train", "test")}
+        if not counts["train"]:
+            raise EnvironmentLoadError(f"environment {name!r} has no train samples")
+        lines.append(f"environment {name}: ok, {counts['train']} train / {counts['test']} test samples")
     return lines

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from posttrain.config import EpisodeConfig, ModelConfig
+from posttrain.models import resolved_dtype
 from posttrain.environments.base import Environment, StageResources
 from posttrain.orchestration.placement import StagePlacement, bundle, total
 from posttrain.rlvr.config import RLVRConfig
@@ -89,12 +90,15 @@ def stage_roles(cfg: RLVRConfig, envs: dict[str, Environment]) -> dict[str, list
     return roles
 
 
-def placement_lines(cfg: RLVRConfig) -> list[str]:
-    """What the stage asks Ray for, per role and in total (``--dry-run``): its placement group."""
-    from posttrain.environments.registry import opened
+def placement_lines(cfg: RLVRConfig, envs: dict[str, Environment] | None = None) -> list[str]:
+    """What the stage asks Ray for, per role and in total (``--dry-run``): its placement group.
+    ``envs``: the stage's environments, when already open (else they are opened here)."""
+    if envs is None:
+        from posttrain.environments.registry import opened
 
-    with opened(cfg.environments) as envs:
-        roles = stage_roles(cfg, envs)
+        with opened(cfg.environments) as opened_envs:
+            return placement_lines(cfg, opened_envs)
+    roles = stage_roles(cfg, envs)
     parts = []
     for role, bundles in roles.items():
         if bundles:
@@ -252,8 +256,9 @@ class Engines:
 
     def _connect(self) -> None:
         """Direct weight sync (``rollout.sync_transport`` nccl/gloo): the trainer meets these engines."""
-        if self.rollout.sync_transport != "shm":
-            self.trainer.open_transfer(self.pool, self.rollout, self.rollout.engine_dtype(self.model))
+        if self.rollout.sync_transport != "shm":  # the weights travel in the engines' dtype
+            wire = resolved_dtype(self.rollout.engine_dtype(self.model), cuda=self.rollout.gpus_per_engine > 0)
+            self.trainer.open_transfer(self.pool, self.rollout, wire)
 
     def shutdown(self) -> None:
         self.pool.shutdown()

@@ -96,13 +96,14 @@ class VLLMBackend:
                 loader_log.addFilter(_IntendedCast(dtype))  # once per process, however many engines it starts
         from vllm import LLM
 
+        from posttrain.models import resolved_dtype
         from posttrain.rollout.vllm_budget import CLASS_PATH
 
         self.cfg = cfg
         self._lora: Any = None
         kw: dict[str, Any] = dict(
             model=model_dir, tokenizer=model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            dtype=_dtype(dtype), max_model_len=cfg.max_model_len, seed=0,
+            dtype=resolved_dtype(dtype, on_cuda()), max_model_len=cfg.max_model_len, seed=0,
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_cuda(),
             enable_prefix_caching=True, logits_processors=[CLASS_PATH],
             logprobs_mode="processed_logprobs" if cfg.logprobs == "processed" else "raw_logprobs",
@@ -255,12 +256,6 @@ def _sample(out: Any, top_k: int = 0) -> GeneratedTokens:
     if top_k:
         top = [{a: lp.logprob for a, lp in d.items()} for d in out.logprobs or []]
     return GeneratedTokens(token_ids=ids, logprobs=logprobs, finish_reason=reason, top_logprobs=top)
-
-
-def _dtype(dtype: str) -> str:
-    if dtype == "auto":
-        return "bfloat16" if on_cuda() else "float32"
-    return dtype
 
 
 def _classify(exc: Exception, model_dir: str, cfg: RolloutConfig) -> RolloutError:

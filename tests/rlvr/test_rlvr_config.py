@@ -47,10 +47,17 @@ def test_colocation_needs_gpus_and_no_overlap():
         load_config(RLVRConfig, overrides=[*gpus, "run.max_staleness=1"])
 
 
-def test_cli_dry_run(capsys):
+def test_cli_dry_run(capsys, monkeypatch):
+    from posttrain.environments import registry
+
+    loads: list[str] = []
+    real = registry.load_environment
+    monkeypatch.setattr(registry, "load_environment", lambda cfg: loads.append(cfg.name) or real(cfg))
+    cfg = load_config(RLVRConfig, PRESETS[0])
     assert main(["rlvr", "--config", str(PRESETS[0]), "run.steps=3", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 3" in out and "variant: nano" in out
+    assert "steps: 3" in out and "variant: nano" in out and "placement total:" in out
+    assert sorted(loads) == sorted(e.name for e in cfg.environments)  # each built once, for data check and placement
 
 
 def test_algorithm_config_imports_without_torch_and_is_the_one_the_loss_uses():

@@ -35,17 +35,14 @@ def _named(model):
     return named, meta[: i + 1] + [("lm_head.weight", *meta[i][1:])] + meta[i + 1 :]
 
 
-def test_the_trainer_broadcasts_new_weights_into_a_running_engine(pool, tiny_llama_dir):
-    from posttrain import models
-
-    model = models.load_model(str(tiny_llama_dir), device="cpu")
-    assert model.config.tie_word_embeddings
+def _sends_and_engine_agrees(pool, model, transport: str) -> None:
+    """Two updates through one open transfer; after each the engine scores like the changed model."""
     before = pool.score([SEQ], [START])[0]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     named, meta = _named(model)
-    sender = DirectSender("gloo", pool.actors, 1, endpoint(), 0, named, meta, None, timeout_s=120)
+    sender = DirectSender(transport, pool.actors, 1, endpoint(), 0, named, meta, None, timeout_s=120)
     try:
         for round_ in range(2):  # the group stays open: the second update reuses it
             update = sender.send(policy_version=round_ + 1)
@@ -53,11 +50,29 @@ def test_the_trainer_broadcasts_new_weights_into_a_running_engine(pool, tiny_lla
             want = sequence_logprobs(model, SEQ, START)
             assert pool.logprob_diff(LogprobCheck(SEQ, START, want)) < 1e-4
             assert max(abs(a - b) for a, b in zip(want, before)) > 1e-2  # the weights did change
-            assert (pool.policy_version, update.num_tensors, update.transport) == (round_ + 1, len(meta), "gloo")
+            assert (pool.policy_version, update.num_tensors, update.transport) == (round_ + 1, len(meta), transport)
             with torch.no_grad():
                 model.model.norm.weight.mul_(1.5)
     finally:
         sender.close()
+
+
+def test_the_trainer_broadcasts_new_weights_into_a_running_engine(pool, tiny_llama_dir):
+    from posttrain import models
+
+    model = models.load_model(str(tiny_llama_dir), device="cpu")
+    assert model.config.tie_word_embeddings
+    _sends_and_engine_agrees(pool, model, "gloo")
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_into_an_engine_sharing_the_trainers_gpu(ray_cluster, tiny_llama_dir):
+    from posttrain import models
+
+    model = models.load_model(str(tiny_llama_dir), device="cuda")
+    cfg = RolloutConfig(max_model_len=256, sync_transport="ipc", gpus_per_engine=0.5, gpu_memory_utilization=0.3)
+    with RolloutPool(ModelConfig(name=str(tiny_llama_dir)), cfg, name_prefix="ipc") as ipc:
+        _sends_and_engine_agrees(ipc, model, "ipc")
 
 
 def test_a_bf16_engine_gets_bf16_on_the_wire(ray_cluster, tiny_llama_dir):
