@@ -17,6 +17,10 @@ What ``posttrain sft --dry-run`` prints before a launch: bytes per rank of
   runs its backward and frees its block before the first layer is recomputed, so the two never
   coexist. Without checkpointing every layer's working set stays alive next to the loss block.
 
+With ``train.mixed_precision: bf16`` over fp32 weights (``StepShape.autocast``) activations are bf16 and
+every linear's weight is cast to bf16 and kept for its backward (a bf16 copy of the linear weights, measured
+with saved-tensor hooks); FSDP on GPUs gathers the weights in bf16 already, so it makes no copies.
+
 Layer kinds: ``*`` attention, ``-`` MLP (NemotronH), ``M`` Mamba2, ``E`` MoE; a Llama-style block is
 ``*`` + a gated MLP. NemotronH's pattern comes from ``hybrid_override_pattern`` (or
 ``layers_block_type``). Per-token working sets follow the code we run: attention through SDPA's
@@ -62,6 +66,9 @@ class StepShape:
     gradient_checkpointing: bool = True
     loss_chunk: int = 2048
     fp32_master: bool = False  # AdamW with fp32 moments + fp32 master weights (bf16/fp16 parameters)
+    # train.mixed_precision: bf16 over fp32 weights (torch.autocast): activations in bf16, and each linear's
+    # weight cast to bf16 and saved for backward (the LM head stays fp32 in our chunked loss)
+    autocast: str | None = None
 
 
 @dataclass
@@ -235,22 +242,26 @@ def plan(cfg: dict[str, Any], step: StepShape) -> MemoryPlan:
     }
     if step.fsdp and shard > 1:
         rows["FSDP gathered blocks (2 x largest)"] = 2 * max(l.params for l in m.layers) * pb
+    ab = DTYPE_BYTES[step.autocast] if step.autocast else pb  # activations' bytes per element
+    if ab < pb:
+        linears = sum(i * o for layer in m.layers for i, o in layer.linears.values())
+        rows[f"autocast: {step.autocast} copies of the linear weights"] = linears * ab
     t = -(-step.tokens // step.cp)  # tokens on this rank
     chunk = min(step.loss_chunk, t)
     block = (4 + (pb if pb < 4 else 0)) * chunk * m.vocab  # fp32 logits (+ the head's own-dtype output)
     loss = (f"loss: [{chunk}, {m.vocab}] fp32 logits block", block + m.vocab * m.hidden * pb)  # + a head grad
-    rows["final hidden + its gradient"] = 2 * t * m.hidden * pb
+    rows["final hidden + its gradient"] = 2 * t * m.hidden * ab
     later = None
     if step.gradient_checkpointing:
-        rows[f"activations: saved layer inputs ({len(m.layers)} x {t} tok)"] = len(m.layers) * t * m.hidden * pb
-        working = int((1 + GRAD_SHARE) * max(l.act_per_token for l in m.layers) * t * pb)
+        rows[f"activations: saved layer inputs ({len(m.layers)} x {t} tok)"] = len(m.layers) * t * m.hidden * ab
+        working = int((1 + GRAD_SHARE) * max(l.act_per_token for l in m.layers) * t * ab)
         layer = ("activations: one layer recomputed + grads", working)
         # the loss's backward finishes (its block freed) before the first layer is recomputed
         (name, size), later = sorted([layer, loss], key=lambda row: row[1], reverse=True)
         rows[name] = size
     else:
         held = sum(l.act_per_token for l in m.layers) + GRAD_SHARE * max(l.act_per_token for l in m.layers)
-        rows[f"activations: all layers ({t} tok)"] = int(held * t * pb)
+        rows[f"activations: all layers ({t} tok)"] = int(held * t * ab)
         rows[loss[0]] = loss[1]
     notes = [f"{step.world} ranks = dp_shard {step.world // step.cp} x cp {step.cp}; {t} tokens per rank; "
              f"{'FSDP over ' + str(shard) + ' ranks' if shard > 1 else 'weights replicated'}; {step.dtype}"]
@@ -299,9 +310,12 @@ def stage_plan(model: Any, train: Any, lora: Any, world: int, device_bytes: int 
     targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (
         ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj")
         if hf.get("model_type") == "nemotron_h" else ())
-    dtype = model.dtype if model.dtype != "auto" else "float32"  # auto: float32 on CPU (bf16 on CUDA)
+    cuda = getattr(train, "num_gpus", 0) > 0
+    dtype = ("bfloat16" if cuda else "float32") if model.dtype == "auto" else model.dtype  # as models.resolved_dtype
+    # bf16 autocast casts fp32 weights; FSDP on GPUs gathers them in bf16 already (MixedPrecisionPolicy)
+    autocast = "bfloat16" if getattr(train, "mixed_precision", "none") == "bf16" and not (cuda and train.fsdp.enabled) else None
     step = StepShape(
-        tokens=train.micro_batch_tokens, dtype=dtype, world=world, cp=getattr(train, "context_parallel", 1),
+        tokens=train.micro_batch_tokens, dtype=dtype, world=world, cp=getattr(train, "context_parallel", 1), autocast=autocast,
         fsdp=train.fsdp.enabled, lora_r=lora.r if lora.enabled else 0, lora_targets=targets,
         freeze_layers=train.freeze_layers, freeze_router=train.freeze_router,
         gradient_checkpointing=train.gradient_checkpointing, loss_chunk=train.loss_chunk_size)

@@ -97,3 +97,28 @@ def test_dry_run_prints_the_nano_256k_plan(capsys, monkeypatch) -> None:
                  "--device-memory", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "parameters (31.6B)" in out and "32768 tokens per rank" in out and "fits in 74.5 GiB" in out
+
+
+def test_autocast_rows_equal_the_weight_copies_saved_for_backward(tiny_llama_dir) -> None:
+    """train.mixed_precision: bf16 over fp32 weights: the plan's copies row is the bf16 weights autograd
+    keeps for backward (each linear's, cast once), measured with saved-tensor hooks on a real forward."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = mp.load_hf_config(str(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    weights = [p.detach().to(torch.bfloat16) for p in model.model.layers.parameters() if p.dim() == 2]
+    copies: dict[int, int] = {}  # storage -> bytes of the bf16 weight casts saved for backward
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and any(
+                any(w.shape == u.shape and torch.equal(w, u) for u in (t, t.T)) for w in weights):  # linear saves W.T
+            copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.arange(1, 33)[None]
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.model(ids).last_hidden_state.float().sum().backward()
+    plan = mp.plan(cfg, mp.StepShape(tokens=32, dtype="float32", autocast="bfloat16"))
+    assert _rows(plan, "autocast: bfloat16 copies") == sum(copies.values()) > 0
+    fp32 = mp.plan(cfg, mp.StepShape(tokens=32, dtype="float32"))
+    assert _rows(plan, "activations") * 2 == _rows(fp32, "activations")  # activations in bf16: half
