@@ -127,7 +127,7 @@ class VLLMBackend:
             kw.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
         if cfg.sync_transport != "shm":  # the trainer broadcasts into the workers (posttrain.rollout.transfer)
             if cfg.sync_transport == "gloo":
-                from posttrain.rollout.transfer import register_gloo
+                from posttrain.rollout.transfer_gloo import register_gloo
 
                 register_gloo()  # before the workers start: they build their transfer engine from the registry
             elif not on_cuda():
