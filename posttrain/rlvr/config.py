@@ -200,8 +200,9 @@ class RunConfig(Config):
         "asynchronous RL, in-flight weight updates: the producer's generation calls stop every this many new "
         "tokens, a weight sync waiting there lands, and the unfinished completions continue under the new "
         "weights (each token keeps the logprob of the weights that sampled it; a completion that spans an "
-        "update carries every version, Rollout.version_changes). 0 = whole completions per call (weights change "
-        "only between calls). Needs run.max_staleness >= 1"))
+        "update carries every version, Rollout.version_changes). Single-turn generations only: multi-turn "
+        "episodes are played whole. 0 = whole completions per call (weights change only between calls). "
+        "Needs run.max_staleness >= 1"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
         "how the stage's actor bundles go onto nodes: PACK (few nodes), SPREAD / STRICT_SPREAD (one per node)"))
 
