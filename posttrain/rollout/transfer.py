@@ -29,7 +29,7 @@ from vllm.distributed.weight_transfer.base import ParamMeta, TrainerInitInfo, We
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-from posttrain.rollout.types import WeightUpdate
+from posttrain.rollout.types import EngineCrashedError, EngineTimeoutError, WeightUpdate
 
 DIRECT = ("nccl", "ipc", "gloo")  # transports that send straight into the engines (shm stages files)
 
@@ -60,10 +60,30 @@ class EngineClient:
         self.handles, self.workers, self.timeout = handles, workers_per_engine, timeout_s
 
     def _all(self, step: str, payload: list[Any] | None = None) -> None:
+        """Raises :class:`EngineCrashedError` when an engine died (the controller restarts the engines and
+        reconnects), :class:`EngineTimeoutError` past the deadline; an engine's own error as it is."""
         import ray
 
         args = payload or [None] * len(self.handles)
-        ray.get([h.weight_transfer.remote(step, a) for h, a in zip(self.handles, args)], timeout=self.timeout)
+        try:
+            ray.get([h.weight_transfer.remote(step, a) for h, a in zip(self.handles, args)], timeout=self.timeout)
+        except ray.exceptions.RayActorError as exc:
+            raise EngineCrashedError(f"a rollout engine died during the weight transfer ({step}): {exc}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise EngineTimeoutError(f"weight transfer ({step}): the engines gave no answer within "
+                                     f"{self.timeout:g} s (rollout.call_timeout_s)") from None
+
+    def dead(self) -> list[int]:
+        """Indices of engines that no longer answer (after a failed transfer: was it them?)."""
+        import ray
+
+        out = []
+        for i, h in enumerate(self.handles):
+            try:
+                ray.get(h.info.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(i)
+        return out
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         if "rank_offset" not in init_info:  # IPC: no group, nothing to number
@@ -127,13 +147,20 @@ class DirectSender:
             info = IPCTrainerInitInfo(rank=rank)
         else:
             info = NCCLTrainerInitInfo(*where, world_size, rank=rank)
-        client = EngineClient(handles, workers_per_engine, timeout_s)
-        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+        self.client = EngineClient(handles, workers_per_engine, timeout_s)
+        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=source)
         self.sends = 0
 
     def send(self, policy_version: int) -> WeightUpdate:
-        with torch.no_grad():
-            self.engine.send_weights()
+        try:
+            with torch.no_grad():
+                self.engine.send_weights()
+        except (EngineCrashedError, EngineTimeoutError):
+            raise
+        except Exception as exc:  # a broken group: an engine dying mid-broadcast shows as a gloo/NCCL error
+            if dead := self.client.dead():
+                raise EngineCrashedError(f"rollout engine(s) {dead} died during the weight transfer: {exc}") from exc
+            raise
         self.sends += 1
         return WeightUpdate(kind="full", transport=self.transport, path="", version=self.sends,
                             num_bytes=self.num_bytes, num_tensors=self.num_tensors, policy_version=policy_version)
