@@ -107,7 +107,3 @@ def test_without_a_sync_nothing_spans_and_calls_off_the_producer_thread_are_whol
     engines.generate(["b"], gen, 1)  # e.g. a held-out eval on the controller's thread
     assert engines.pool.calls == ["generate 10"]
 
-
-def test_segments_need_an_asynchronous_run():
-    with pytest.raises(ValueError, match="max_staleness"):
-        load_config(RLVRConfig, overrides=["run.segment_tokens=8"])

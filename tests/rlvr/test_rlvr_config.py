@@ -32,11 +32,21 @@ def test_presets_load(preset):
         ('environments=[{name: math}, {name: math}]', "distinct names"),
         ("run.colocate=true", "set train.num_gpus and rollout.gpus_per_engine"),
         ("train.offload_optimizer=true", "set run.colocate=true"),
+        ("rollout.sync_transport=nccl", "sends GPU to GPU"),
+        ("rollout.sync_transport=ipc", "sends GPU to GPU"),
+        ("run.segment_tokens=8", "set run.max_staleness >= 1"),
     ],
 )
 def test_bad_configs(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(RLVRConfig, overrides=[override])
+
+
+def test_direct_weight_sync_takes_full_weights_only():
+    cfg = load_config(RLVRConfig, overrides=["rollout.sync_transport=gloo"])
+    assert cfg.rollout.sync_transport == "gloo"
+    with pytest.raises(ConfigError, match="LoRA adapter is staged through shm"):
+        load_config(RLVRConfig, overrides=["rollout.sync_transport=gloo", "lora.enabled=true"])
 
 
 def test_colocation_needs_gpus_and_no_overlap():
