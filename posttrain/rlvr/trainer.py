@@ -274,7 +274,8 @@ class PolicyTrainer:
 
     def open_transfer(self, transport: str, handles: list[Any], workers_per_engine: int, where: tuple[str, int],
                       dtype: str, timeout_s: float) -> None:
-        """Rendezvous with a (new) engine pool for direct weight sync (``rollout.sync_transport`` nccl/gloo)."""
+        """Rendezvous with a (new) engine pool for direct weight sync (``rollout.sync_transport`` nccl/ipc/gloo);
+        ``dtype``: the engines' resolved dtype (``models.resolved_dtype``), the weights' wire dtype."""
         from posttrain.rollout.transfer import DirectSender
 
         if self.lora.enabled:
@@ -282,7 +283,7 @@ class PolicyTrainer:
         self.close_transfer()
         self._sender = DirectSender(transport, handles, workers_per_engine, where, self.world.rank if self.world else 0,
                                     self._gathered_for_sync, self._sync_meta(),
-                                    None if dtype == "auto" else getattr(torch, dtype), timeout_s)
+                                    getattr(torch, dtype), timeout_s)
 
     def send_weights(self) -> WeightUpdate:
         """Broadcast the current weights into the engines (after :meth:`open_transfer`)."""
