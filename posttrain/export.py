@@ -3,17 +3,20 @@
 The chosen Linear layers' weights become ``float8_e4m3fn`` with one scale per output channel
 (absmax / 448); activations are quantised per token when the model runs (FP8 "dynamic": no
 calibration data). ``compressed-tensors`` writes the checkpoint, the format vLLM loads with its FP8
-kernels on Ada/Hopper GPUs and transformers can load back (dequantised). Selective as Nemotron 3
+kernels on Ada/Hopper GPUs. Selective as Nemotron 3
 Nano did it (DESIGN.md section 1): the LM head, every attention layer's projections and, in hybrid
 models, the Mamba layer that feeds each attention layer stay in bf16; Mamba's conv1d and MoE
 routers are not Linear layers and are left alone. ``selective=False`` quantises every Linear but the
-LM head. Not built: FP8 for MoE experts that transformers keeps fused as 3-D tensors (NemotronH's
-routed experts, most of Nano's weights): they stay bf16, and the summary and a warning say how much.
+LM head. MoE experts that transformers keeps fused as 3-D tensors (NemotronH's routed experts, most
+of Nano's weights) are quantised the same way, one scale per expert and output channel, and written
+under the checkpoint's per-expert Linear names (``...experts.E.up_proj.weight`` + ``weight_scale``):
+vLLM's compressed-tensors MoE method reads them as the ``Linear`` scheme.
 
-``dequantized=DIR`` also writes the quantised weights back in bf16 as a plain model folder: on a
+``dequantized=DIR`` also writes the quantised weights back in bf16 as a plain model folder (weight x
+scale, shard by shard; our own few lines, since transformers' decompression skips fused experts): on a
 machine without FP8 kernels (this CPU box) that is how the weights' quality is measured
-(``bench/fp8_export.py``). The activations' per-token FP8 rounding happens only in vLLM on GPU and
-is not in that measurement.
+(``bench/fp8_export.py``). The activations' per-token FP8 rounding happens only in vLLM on GPU and is
+not in that measurement.
 
 The whole model is loaded once in bf16 on the CPU (62 GiB for Nano: a large host, not a GPU).
 """
@@ -31,6 +34,7 @@ from posttrain.training.memory_plan import LAYER_KINDS
 
 log = logging.getLogger(__name__)
 FP8_MAX = 448.0  # largest float8_e4m3fn value
+INDEX = "model.safetensors.index.json"
 QUANT_PARAMS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")  # compressed-tensors'
 
 
@@ -65,6 +69,7 @@ def export_fp8(model_dir: str, out: str, *, selective: bool = True, dequantized:
     import torch
     from compressed_tensors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from transformers.core_model_loading import revert_weight_conversion
 
     from posttrain import models
 
@@ -76,55 +81,90 @@ def export_fp8(model_dir: str, out: str, *, selective: bool = True, dequantized:
         log.warning("%s has no tokenizer: the FP8 folder will have none either", model_dir)
     tokenizer = None if weights_only else models.load_tokenizer(model_dir, template="model")  # its own template
     before = sum(p.numel() * p.element_size() for p in model.parameters())
-    experts = sum(p.numel() * p.element_size() for name, module in model.named_modules()
-                  if type(module).__name__.endswith("Experts") for p in module.parameters(recurse=False))
-    if experts:
-        log.warning("%.2f GiB of fused MoE expert weights stay in bf16: they are 3-D tensors, not Linear layers, "
-                    "and this export quantises Linear layers only", experts / 2**30)
     kept = kept_in_bf16(model, selective)
     scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=kept))
     quantized = [name for name, module in model.named_modules() if hasattr(module, "weight_scale")]
-    if not quantized:
-        raise ConfigError(f"{model_dir}: no Linear layer left to quantise (kept in bf16: {len(kept)})")
     with torch.no_grad():
         for name in quantized:
             module = model.get_submodule(name)
-            amax = module.weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # [out, 1]
-            module.weight_scale.copy_((amax / FP8_MAX).to(module.weight_scale.dtype))
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
+            module.weight_scale.copy_(_channel_scale(module.weight).to(module.weight_scale.dtype))
+        experts = fused_experts(model)
+        if not quantized and not experts:
+            raise ConfigError(f"{model_dir}: no Linear layer left to quantise (kept in bf16: {len(kept)})")
+        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor.compress_model(model)
+        state = model.state_dict()
+        weights, scales = {}, {}
+        for key in experts:
+            w = state.pop(key)
+            scale = _channel_scale(w)  # [experts, out, 1]
+            weights[key], scales[key] = (w.float() / scale).to(torch.float8_e4m3fn), scale.to(w.dtype)
+        # the checkpoint's own names (e.g. backbone.layers.2.mixer.experts.5.up_proj.weight): transformers
+        # splits the fused tensors back per expert, and the scales the same way
+        state = revert_weight_conversion(model, state)
+        state.update(revert_weight_conversion(model, weights))
+        state.update({k.removesuffix(".weight") + ".weight_scale": v.reshape(-1, 1)
+                      for k, v in revert_weight_conversion(model, scales).items()})
     with atomic_dir(Path(out)) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state, save_original_format=False)
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     after = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-    summary = {"quantized_layers": len(quantized), "kept_bf16_layers": len(kept),
-               "weights_gib_bf16": round(before / 2**30, 4), "checkpoint_gib_fp8": round(after / 2**30, 4),
-               "experts_left_bf16_gib": round(experts / 2**30, 4), "out": str(out)}
+    summary = {"quantized_layers": len(quantized), "quantized_expert_tensors": len(experts),
+               "kept_bf16_layers": len(kept), "weights_gib_bf16": round(before / 2**30, 4),
+               "checkpoint_gib_fp8": round(after / 2**30, 4), "out": str(out)}
     if dequantized:
         summary["dequantized"] = write_dequantized(out, dequantized)
     log.info("FP8 export: %s", json.dumps(summary))
     return summary
 
 
-def write_dequantized(fp8_dir: str, out: str) -> str:
-    """The FP8 folder's weights back in bf16 (as compressed-tensors decompresses them) as a plain folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils.quantization_config import CompressedTensorsConfig
+def fused_experts(model: Any) -> list[str]:
+    """State-dict keys of MoE expert weights kept fused as 3-D tensors [experts, out, in] (not Linear layers)."""
+    return [f"{name}.{param}" for name, module in model.named_modules() if type(module).__name__.endswith("Experts")
+            for param, tensor in module.named_parameters(recurse=False) if tensor.dim() == 3]
 
-    model = AutoModelForCausalLM.from_pretrained(fp8_dir, quantization_config=CompressedTensorsConfig(dequantize=True),
-                                                 dtype="bfloat16", device_map="cpu")
-    model.config.quantization_config = None  # set, then dropped: config.json gets no quantization_config key
-    del model.config.quantization_config
-    model.hf_quantizer, model.is_quantized = None, False
-    # decompression leaves each layer's (now unused) weight_scale: a plain folder has weights only
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(QUANT_PARAMS)}
+
+def _channel_scale(weight: Any) -> Any:
+    """One FP8 scale per output channel (per expert too, for 3-D weights): absmax / 448, in fp32."""
+    return weight.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+
+
+def write_dequantized(fp8_dir: str, out: str) -> str:
+    """The FP8 folder's weights back in bf16 (weight x scale) as a plain folder, one shard at a time."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = Path(fp8_dir)
     with atomic_dir(Path(out)) as tmp:
-        model.save_pretrained(tmp, state_dict=state)
-        if (Path(fp8_dir) / "tokenizer_config.json").is_file():
-            AutoTokenizer.from_pretrained(fp8_dir).save_pretrained(tmp)
+        for f in source.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX):
+                shutil.copy2(f, tmp / f.name)  # tokenizer, chat template, generation config
+        config = json.loads((source / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        total = 0
+        for shard in sorted(source.glob("*.safetensors")):
+            tensors = load_file(shard)
+            plain = {}
+            for key, tensor in tensors.items():
+                if key.endswith(QUANT_PARAMS):
+                    continue
+                scale = tensors.get(key.removesuffix("weight") + "weight_scale") if key.endswith("weight") else None
+                if scale is not None:
+                    tensor = (tensor.float() * scale.float()).to(torch.bfloat16)
+                plain[key] = tensor
+            save_file(plain, tmp / shard.name, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in plain.values())
+        if (source / INDEX).is_file():  # a sharded checkpoint: its map without the scales
+            index = json.loads((source / INDEX).read_text())
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.endswith(QUANT_PARAMS)}
+            index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return str(out)
 
 

@@ -10,7 +10,7 @@ Parts: the environment; the chunked LM-head loss in bf16 (values and gradients a
 logits, and its peak memory); CP attention's CUDA path (masked query blocks) against SDPA with the
 document mask; a bf16 SFT step on tiny-llama (CP loss against the plain loss, tokens/s, peak);
 HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights; an FP8 export served by
-vLLM; vLLM sleep/wake (GPU memory freed, the same output after waking); two RLVR steps with weight sync
+vLLM; tiny-nemotron-h (Mamba2/attention/MoE) on vLLM CUDA in bf16 and as its FP8 export (FP8 experts); vLLM sleep/wake (GPU memory freed, the same output after waking); two RLVR steps with weight sync
 and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray), and two colocated ones (trainer and
 engine on one GPU, the engine asleep while the trainer trains, optimizer state offloaded).
 """
@@ -188,12 +188,16 @@ def cp_attention() -> dict[str, Any]:
 
 
 def _tiny_llama(dtype: Any) -> Any:
+    from posttrain.tiny_configs import tiny_llama_config
+
+    return _tiny(tiny_llama_config(), dtype)
+
+
+def _tiny(spec: dict[str, Any], dtype: Any) -> Any:
+    """A random-init tiny model (seed 0) from one of posttrain's tiny configs, on DEVICE."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from posttrain.tiny_configs import tiny_llama_config
-
-    spec = tiny_llama_config()
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=49152, **spec)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE)
@@ -302,6 +306,39 @@ def vllm_fp8() -> dict[str, Any]:
     out = llm.generate([{"prompt_token_ids": list(range(100, 164))}],
                        SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False), use_tqdm=False)
     return {"fp8_layers": summary["quantized_layers"], "generated": len(out[0].outputs[0].token_ids)}
+
+
+@part
+def vllm_nemotron_h_fp8() -> dict[str, Any]:
+    """tiny-nemotron-h (Mamba2, attention, MoE) on vLLM CUDA in bf16, then its selective FP8 export (routed
+    experts FP8 per expert and channel) on vLLM's FP8 MoE kernels: both load and generate; greedy agreement."""
+    _gpu_only()
+    _need("vllm", "compressed_tensors")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from posttrain.export import export_fp8
+    from posttrain.tiny_configs import tiny_nemotron_h_config
+
+    folder = Path(tempfile.mkdtemp(prefix="smoke-nemotron-h-"))
+    _tiny(tiny_nemotron_h_config(), torch.bfloat16).save_pretrained(folder / "bf16")
+    summary = export_fp8(str(folder / "bf16"), str(folder / "fp8"))
+    prompts = [{"prompt_token_ids": list(range(100 + i, 164 + i))} for i in range(PROMPTS)]
+    params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False)
+    outputs, rates = {}, {}
+    for name in ("bf16", "fp8"):
+        llm = LLM(model=str(folder / name), skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.25,
+                  max_model_len=512, seed=0)
+
+        def run(llm: Any = llm) -> int:
+            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
+
+        rates[name] = _generate_tokens_per_s(run)
+        outputs[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    same = sum(a == b for x, y in zip(outputs["bf16"], outputs["fp8"]) for a, b in zip(x, y))
+    return {"bf16_tok_per_s": round(rates["bf16"]), "fp8_tok_per_s": round(rates["fp8"]),
+            "fp8_expert_tensors": summary["quantized_expert_tensors"],
+            "greedy_agreement": f"{same / sum(map(len, outputs['bf16'])):.2f}"}
 
 
 @part
