@@ -10,10 +10,11 @@ Parts: the environment; the chunked LM-head loss in bf16 (values and gradients a
 logits, and its peak memory); CP attention's CUDA path (masked query blocks) against SDPA with the
 document mask; a bf16 SFT step on tiny-llama (CP loss against the plain loss, tokens/s, peak);
 HF ``generate`` tokens/s; vLLM CUDA ``generate`` tokens/s on the same weights and on SmolLM2-135M (when its
-package is installed); an FP8 export served by
-vLLM; tiny-nemotron-h (Mamba2/attention/MoE) on vLLM CUDA in bf16 and as its FP8 export (FP8 experts); vLLM sleep/wake (GPU memory freed, the same output after waking); two RLVR steps with weight sync
-and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray), and two colocated ones (trainer and
-engine on one GPU, the engine asleep while the trainer trains, optimizer state offloaded).
+package is installed); an FP8 export served by vLLM; tiny-nemotron-h (Mamba2/attention/MoE) on vLLM CUDA in
+bf16 and as its FP8 export (FP8 experts); vLLM sleep/wake (GPU memory freed, the same output after waking);
+two RLVR steps with weight sync and the logprob check through ``posttrain rlvr`` (needs vLLM and Ray), two
+colocated ones (trainer and engine on one GPU, the engine asleep while the trainer trains, optimizer state
+offloaded), and the direct syncs (CUDA IPC on one GPU, NCCL on two).
 """
 
 from __future__ import annotations
