@@ -365,7 +365,8 @@ class PolicyTrainer:
         return out
 
     def _tied(self) -> bool:
-        return bool(getattr(self.model.config, "tie_word_embeddings", False))
+        """The head *is* the embedding (what the config says can differ: see ``models.head_is_tied``)."""
+        return models.head_is_tied(self.model)
 
     def save(self, run_dir: str, step: int, state: dict[str, Any], keep_last: int) -> str:
         """A plain checkpoint (rank 0 alone: replicated weights), or with ``train.fsdp.enabled`` a sharded

@@ -221,3 +221,16 @@ def test_optimizer_offload_frees_gpu_memory(tiny_llama_dir):
     assert torch.cuda.memory_allocated() < before and all(m.device.type == "cpu" for m in _moments(trainer))
     trainer.load_optimizer()
     assert all(m.is_cuda for m in _moments(trainer))
+
+
+def test_the_streamed_sync_sends_a_head_the_config_calls_tied_but_is_not_once(trainer):
+    """The streamed paths (FSDP shm, direct transfer) add the tied head only when it *is* the embedding:
+    a config saying ``tie_word_embeddings`` over a separate head (NemotronH in transformers 5.19) sends it once."""
+    model = trainer.model
+    tied = dict(trainer._gathered_for_sync())
+    assert torch.equal(tied["lm_head.weight"], tied["model.embed_tokens.weight"])  # really tied: sent as its own copy
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1.0)  # untied, the config unchanged
+    assert model.config.tie_word_embeddings
+    names = [name for name, _ in trainer._gathered_for_sync()]
+    assert names.count("lm_head.weight") == 1 and names == [name for name, _, _ in trainer._sync_meta()]
+    assert torch.equal(dict(trainer._gathered_for_sync())["lm_head.weight"], model.lm_head.weight)
