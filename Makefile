@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/posttrain chat --model smollm2-135m-instruct --budget 32 --max-new-tokens 96 "Write a Python function that returns the square of a number."
 
 test: install
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q --durations=20
 
 test-all: install
 	$(BIN)/python -m pytest -m "not gpu" -q
