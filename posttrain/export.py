@@ -3,11 +3,10 @@
 The chosen Linear layers' weights become ``float8_e4m3fn`` with one scale per output channel
 (absmax / 448); activations are quantised per token when the model runs (FP8 "dynamic": no
 calibration data). ``compressed-tensors`` writes the checkpoint, the format vLLM loads with its FP8
-kernels on Ada/Hopper GPUs. Selective as Nemotron 3
-Nano did it (DESIGN.md section 1): the LM head, every attention layer's projections and, in hybrid
-models, the Mamba layer that feeds each attention layer stay in bf16; Mamba's conv1d and MoE
-routers are not Linear layers and are left alone. ``selective=False`` quantises every Linear but the
-LM head. MoE experts that transformers keeps fused as 3-D tensors (NemotronH's routed experts, most
+kernels on Ada/Hopper GPUs. Selective as Nemotron 3 Nano did it (DESIGN.md section 1): the LM head,
+every attention layer's projections and, in hybrid models, the Mamba layer that feeds each attention
+layer stay in bf16; Mamba's conv1d and MoE routers are not Linear layers and are left alone.
+``selective=False`` quantises every Linear but the LM head. MoE experts that transformers keeps fused as 3-D tensors (NemotronH's routed experts, most
 of Nano's weights) are quantised the same way, one scale per expert and output channel, and written
 under the checkpoint's per-expert Linear names (``...experts.E.up_proj.weight`` + ``weight_scale``):
 vLLM's compressed-tensors MoE method reads them as the ``Linear`` scheme.
@@ -98,8 +97,8 @@ def export_fp8(model_dir: str, out: str, *, selective: bool = True, dequantized:
         weights, scales = {}, {}
         for key in experts:
             w = state.pop(key)
-            scale = _channel_scale(w)  # [experts, out, 1]
-            weights[key], scales[key] = (w.float() / scale).to(torch.float8_e4m3fn), scale.to(w.dtype)
+            scales[key] = _channel_scale(w).to(w.dtype)  # [experts, out, 1], stored as the Linear layers' are
+            weights[key] = (w.float() / scales[key].float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         # the checkpoint's own names (e.g. backbone.layers.2.mixer.experts.5.up_proj.weight): transformers
         # splits the fused tensors back per expert, and the scales the same way
         state = revert_weight_conversion(model, state)
@@ -137,6 +136,7 @@ def write_dequantized(fp8_dir: str, out: str) -> str:
     import shutil
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     source = Path(fp8_dir)
@@ -147,17 +147,19 @@ def write_dequantized(fp8_dir: str, out: str) -> str:
         config = json.loads((source / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shards = sorted(source.glob("*.safetensors"))
+        scales = {}  # small ([out, 1] per layer), and a weight's scale may sit in the next shard
+        for shard in shards:
+            with safe_open(str(shard), "pt") as f:
+                scales.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight_scale")})
         total = 0
-        for shard in sorted(source.glob("*.safetensors")):
-            tensors = load_file(shard)
+        for shard in shards:
             plain = {}
-            for key, tensor in tensors.items():
+            for key, tensor in load_file(shard).items():
                 if key.endswith(QUANT_PARAMS):
                     continue
-                scale = tensors.get(key.removesuffix("weight") + "weight_scale") if key.endswith("weight") else None
-                if scale is not None:
-                    tensor = (tensor.float() * scale.float()).to(torch.bfloat16)
-                plain[key] = tensor
+                scale = scales.get(key.removesuffix("weight") + "weight_scale") if key.endswith(".weight") else None
+                plain[key] = tensor if scale is None else (tensor.float() * scale.float()).to(torch.bfloat16)
             save_file(plain, tmp / shard.name, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in plain.values())
         if (source / INDEX).is_file():  # a sharded checkpoint: its map without the scales

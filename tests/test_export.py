@@ -129,8 +129,8 @@ def test_a_sharded_fp8_folder_dequantises_with_its_index(tmp_path, tiny_llama_di
     sharded.mkdir()
     tensors = _tensors(one)
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    cut = next(i + 1 for i, k in enumerate(names) if names[i + 1] == k + "_scale")  # a weight | its scale
+    halves = {"model-00001-of-00002.safetensors": names[:cut], "model-00002-of-00002.safetensors": names[cut:]}
     for shard, keys in halves.items():
         save_file({k: tensors[k] for k in keys}, sharded / shard, metadata={"format": "pt"})
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
@@ -142,7 +142,11 @@ def test_a_sharded_fp8_folder_dequantises_with_its_index(tmp_path, tiny_llama_di
     plain = _tensors(tmp_path / "plain")
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in plain.values())
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16)
-    assert back.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+    write_dequantized(str(one), str(tmp_path / "plain-one"))
+    assert plain.keys() == _tensors(tmp_path / "plain-one").keys()
+    for key, tensor in _tensors(tmp_path / "plain-one").items():  # the same weights, the scale a shard away too
+        assert torch.equal(plain[key], tensor) and plain[key].dtype == torch.bfloat16, key
+    assert torch.equal(back.model.layers[0].mlp.down_proj.weight, plain["model.layers.0.mlp.down_proj.weight"])
 
 
 def test_export_needs_a_format(tmp_path, capsys) -> None:
