@@ -47,6 +47,7 @@ def test_pipeline_smoke_sft_then_rlvr_resumes_by_skipping_done_stages(tmp_path, 
     assert (run / "rlvr" / "metrics.jsonl").read_text() == rlvr_rows
 
 
+@pytest.mark.slow  # 46 s; the DPO stage's own tests and the pipeline smoke stay in the fast set
 def test_an_optional_dpo_stage_starts_from_sft_and_hands_its_model_on(tmp_path, tiny_llama_dir, capsys):
     """stages=[sft, dpo]: DPO trains in the actor dpo-0 from the SFT model, with its held-out before/after
     in the report; a following stage would start from the DPO model (plan)."""

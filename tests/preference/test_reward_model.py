@@ -138,7 +138,7 @@ DPO_DDP = pytest.mark.xfail(strict=True, reason=(
     "does not (1.18 in one process, 0.0005 in two); posttrain dpo warns when launched on several processes"))
 
 
-@pytest.mark.parametrize("command", [["rm", "train"], pytest.param(["dpo"], marks=DPO_DDP)])
+@pytest.mark.parametrize("command", [["rm", "train"], pytest.param(["dpo"], marks=[DPO_DDP, pytest.mark.slow])])
 def test_two_processes_train_the_weights_of_one(tmp_path, tiny_llama_dir, command):
     """torchrun (gloo) data parallel through the HF Trainer's accelerate: the same global batch of pairs, the
     same losses and final weights as one process; rank 0 alone writes metrics and RUN/model."""

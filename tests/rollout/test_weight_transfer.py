@@ -75,6 +75,7 @@ def test_cuda_ipc_into_an_engine_sharing_the_trainers_gpu(ray_cluster, tiny_llam
         _sends_and_engine_agrees(ipc, model, "ipc")
 
 
+@pytest.mark.slow  # 24 s; the fp32 broadcast above stays in the fast set
 def test_a_bf16_engine_gets_bf16_on_the_wire(ray_cluster, tiny_llama_dir):
     from posttrain import models
 
