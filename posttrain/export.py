@@ -6,10 +6,11 @@ calibration data). ``compressed-tensors`` writes the checkpoint, the format vLLM
 kernels on Ada/Hopper GPUs. Selective as Nemotron 3 Nano did it (DESIGN.md section 1): the LM head,
 every attention layer's projections and, in hybrid models, the Mamba layer that feeds each attention
 layer stay in bf16; Mamba's conv1d and MoE routers are not Linear layers and are left alone.
-``selective=False`` quantises every Linear but the LM head. MoE experts that transformers keeps fused as 3-D tensors (NemotronH's routed experts, most
-of Nano's weights) are quantised the same way, one scale per expert and output channel, and written
-under the checkpoint's per-expert Linear names (``...experts.E.up_proj.weight`` + ``weight_scale``):
-vLLM's compressed-tensors MoE method reads them as the ``Linear`` scheme.
+``selective=False`` quantises every Linear but the LM head. MoE experts that transformers keeps fused
+as 3-D tensors (NemotronH's routed experts, most of Nano's weights) are quantised the same way, one
+scale per expert and output channel, and written under the checkpoint's per-expert Linear names
+(``...experts.E.up_proj.weight`` + ``weight_scale``): vLLM's compressed-tensors MoE method reads them
+as the ``Linear`` scheme.
 
 ``dequantized=DIR`` also writes the quantised weights back in bf16 as a plain model folder (weight x
 scale, shard by shard; our own few lines, since transformers' decompression skips fused experts): on a
